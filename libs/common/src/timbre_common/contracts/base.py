@@ -1,0 +1,92 @@
+"""The envelope and the base classes of every message on the bus."""
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REGISTRY: dict[tuple[str, int], type[Message]] = {}
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now; every timestamp on the wire is UTC."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+class Envelope(BaseModel):
+    """What travels beside every payload (as AMQP properties and headers)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    message_id: str = Field(default_factory=new_id)
+    type: str
+    version: int
+    correlation_id: str | None = None
+    account_id: str | None = None
+    occurred_at: datetime = Field(default_factory=utcnow)
+
+
+class Message(BaseModel):
+    """A versioned wire message. Changes are additive; a breaking change is a new class with VERSION + 1."""
+
+    # Unknown fields are ignored so an older consumer reads a newer producer's additive change.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    TYPE: ClassVar[str] = ""
+    VERSION: ClassVar[int] = 1
+    # True when the message carries binary data (audio) as the AMQP body, its fields in a header.
+    BINARY: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        if cls.TYPE:
+            key = (cls.TYPE, cls.VERSION)
+            if key in REGISTRY and REGISTRY[key] is not cls:
+                raise TypeError(f"two message classes claim {cls.TYPE} v{cls.VERSION}")
+            REGISTRY[key] = cls
+
+    @classmethod
+    def routing_key(cls) -> str:
+        return f"{cls.TYPE}.v{cls.VERSION}"
+
+
+class Event(Message):
+    """Something that happened; named in the past tense."""
+
+
+class Command(Message):
+    """An order to one service, sent over RPC; named as an order."""
+
+
+class Reply(Message):
+    """The answer to a command."""
+
+
+class ErrorReply(Reply):
+    """A command refused or failed: a stable code, a message for people, an HTTP status hint."""
+
+    TYPE: ClassVar[str] = "rpc.error"
+    code: str
+    message: str
+    status: int = 500
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Ack(Reply):
+    """A command done, nothing to return."""
+
+    TYPE: ClassVar[str] = "rpc.ack"
+
+
+def lookup(type_: str, version: int) -> type[Message] | None:
+    """The class registered for a wire type and version."""
+    return REGISTRY.get((type_, version))

@@ -1,0 +1,107 @@
+"""The bucket: commands to the storage service and the events it emits."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import ClassVar
+
+from pydantic import Field
+
+from .base import Command, Event, Reply
+
+
+class StoredObject(Reply):
+    TYPE: ClassVar[str] = "storage.object"
+    key: str
+    size: int
+    content_type: str = "audio/wav"
+    expires_at: datetime | None = None
+    retention: str | None = None
+
+
+class PutVoiceReference(Command):
+    """Store a voice's reference WAV (binary body); account_id None for system voices."""
+
+    TYPE: ClassVar[str] = "storage.put_voice_reference"
+    BINARY: ClassVar[bool] = True
+    account_id: str | None = None
+    voice_id: str
+
+
+class PutUpload(Command):
+    TYPE: ClassVar[str] = "storage.put_upload"
+    BINARY: ClassVar[bool] = True
+    account_id: str
+    upload_id: str
+    purpose: str | None = None
+    content_type: str = "application/octet-stream"
+    filename: str | None = None
+
+
+class UploadRecord(Reply):
+    TYPE: ClassVar[str] = "storage.upload"
+    upload_id: str
+    purpose: str
+    key: str
+    size: int
+    content_type: str
+    created_at: datetime
+    expires_at: datetime | None = None
+    url: str | None = None
+
+
+class GetUpload(Command):
+    """An upload's record; with `with_body` its bytes as the binary body of the reply."""
+
+    TYPE: ClassVar[str] = "storage.get_upload"
+    account_id: str
+    upload_id: str
+    with_body: bool = False
+
+
+class GetObject(Command):
+    """An object's bytes as the binary body of the reply (StoredObject)."""
+
+    TYPE: ClassVar[str] = "storage.get_object"
+    key: str
+
+
+class Presign(Command):
+    TYPE: ClassVar[str] = "storage.presign"
+    key: str
+    expires_in: int = 3600
+
+
+class PresignedUrl(Reply):
+    TYPE: ClassVar[str] = "storage.presigned_url"
+    url: str
+    url_expires_at: datetime
+    object_expires_at: datetime | None = None
+
+
+class DeleteObjects(Command):
+    TYPE: ClassVar[str] = "storage.delete_objects"
+    keys: list[str]
+
+
+class AudioStored(Event):
+    TYPE: ClassVar[str] = "audio.stored"
+    job_id: str
+    account_id: str
+    key: str
+    size: int
+    expires_at: datetime | None = None
+
+
+class ObjectsExpired(Event):
+    """The sweeper removed these objects; owners drop what pointed at them."""
+
+    TYPE: ClassVar[str] = "objects.expired"
+    keys: list[str]
+
+
+class ObjectsReleased(Event):
+    """An owner no longer needs these objects; storage deletes them."""
+
+    TYPE: ClassVar[str] = "objects.released"
+    account_id: str | None = None
+    keys: list[str] = Field(default_factory=list)

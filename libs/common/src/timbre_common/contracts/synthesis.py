@@ -1,0 +1,148 @@
+"""Synthesis jobs: submission, the work order to GPU workers, and job outcomes."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from .base import Command, Event, Reply
+
+
+class VoiceSnapshot(Reply):
+    """What the dispatcher needs of a voice, copied at submission time."""
+
+    TYPE: ClassVar[str] = "synthesis.voice_snapshot"
+    voice_id: str
+    backend: str
+    lang: str
+    kind: str
+    reference_key: str | None = None
+    ref_text: str | None = None
+    system_voice: str | None = None
+    profile: dict[str, Any] | None = None
+
+
+class SubmitSynthesis(Command):
+    TYPE: ClassVar[str] = "dispatch.submit"
+    account_id: str
+    voice: VoiceSnapshot
+    text: str
+    lang: str
+    backend: str
+    response_format: str = "wav"
+
+
+class SynthesisAccepted(Reply):
+    """A cache hit (binary body holds the WAV) or a new pending job."""
+
+    TYPE: ClassVar[str] = "dispatch.accepted"
+    BINARY: ClassVar[bool] = True
+    cache_hit: bool
+    job_id: str | None = None
+    status: str = "pending"
+    cache_key: str
+    synthesis_ms: int = -1
+    expires_at: datetime | None = None
+
+
+class GetJob(Command):
+    TYPE: ClassVar[str] = "dispatch.get_job"
+    account_id: str
+    job_id: str
+
+
+class JobView(Reply):
+    TYPE: ClassVar[str] = "dispatch.job"
+    job_id: str
+    voice_id: str
+    status: str  # pending | ready | failed
+    backend: str
+    lang: str
+    characters: int
+    response_format: str = "wav"
+    created_at: datetime
+    completed_at: datetime | None = None
+    audio_url: str | None = None
+    expires_at: datetime | None = None
+    error: str | None = None
+    error_code: str | None = None
+    synthesis_ms: int | None = None
+    audio_seconds: float | None = None
+
+
+class FetchJobAudio(Command):
+    """The WAV of a ready job as the binary body of the reply (JobView)."""
+
+    TYPE: ClassVar[str] = "dispatch.fetch_audio"
+    account_id: str
+    job_id: str
+
+
+class PurgeVoiceJobs(Command):
+    TYPE: ClassVar[str] = "dispatch.purge_voice"
+    account_id: str
+    voice_id: str
+
+
+class SynthesisRequested(Event):
+    """The work order for a GPU worker (consumed by the local worker or the Modal executor)."""
+
+    TYPE: ClassVar[str] = "synthesis.requested"
+    job_id: str
+    account_id: str
+    voice_id: str
+    text: str
+    lang: str
+    backend: str
+    attempt: int = 1
+    cache_key: str
+    reference_url: str | None = None
+    ref_text: str | None = None
+    system_voice: str | None = None
+    voice_profile: dict[str, Any] | None = None
+
+
+class SynthesisCompleted(Event):
+    """A worker's result: the WAV is the binary body."""
+
+    TYPE: ClassVar[str] = "synthesis.completed"
+    BINARY: ClassVar[bool] = True
+    job_id: str
+    account_id: str
+    voice_id: str
+    backend: str
+    sample_rate: int
+    audio_seconds: float
+    synthesis_ms: int
+    rtf: float
+    job_created_at: datetime | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class SynthesisFailed(Event):
+    TYPE: ClassVar[str] = "synthesis.failed"
+    job_id: str
+    account_id: str
+    code: str
+    reason: str
+    retryable: bool = False
+
+
+class JobReady(Event):
+    TYPE: ClassVar[str] = "job.ready"
+    job_id: str
+    account_id: str
+    voice_id: str
+    backend: str
+    characters: int
+    audio_key: str
+    expires_at: datetime | None = None
+
+
+class JobFailed(Event):
+    TYPE: ClassVar[str] = "job.failed"
+    job_id: str
+    account_id: str
+    code: str
+    reason: str

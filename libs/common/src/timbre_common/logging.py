@@ -1,0 +1,75 @@
+"""Structured JSON logging with the correlation id of the request in every line."""
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import structlog
+
+correlation_id_var: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+
+# Keys whose values never reach a log line, whatever the caller passes.
+_SECRET_KEYS = ("secret", "password", "api_key", "authorization", "token", "signature", "wav_b64")
+
+
+def _add_correlation_id(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    cid = correlation_id_var.get()
+    if cid and "correlation_id" not in event:
+        event["correlation_id"] = cid
+    return event
+
+
+def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    for key in list(event):
+        if any(word in key.lower() for word in _SECRET_KEYS):
+            event[key] = "[redacted]"
+    return event
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    """Route structlog and stdlib logging to one JSON line per event on stdout."""
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        _add_correlation_id,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+    ]
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                        structlog.processors.JSONRenderer()],
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").setLevel(level.upper())
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    """A structlog logger; cheap, safe at import."""
+    return structlog.get_logger(name)
+
+
+@contextmanager
+def correlation(cid: str | None) -> Iterator[None]:
+    """Bind a correlation id for the duration of a block (a request or a message)."""
+    token = correlation_id_var.set(cid)
+    try:
+        yield
+    finally:
+        correlation_id_var.reset(token)

@@ -1,0 +1,10 @@
+"""Messaging on aio-pika: topology, publishing with confirms, consuming with a policy, RPC."""
+from .bus import Bus, PgDeduper
+from .codec import UndecodableMessage, decode, encode, envelope_for
+from .consumer import Consumer, Deduper
+from .rpc import Conflict, Invalid, NotFound, RemoteError, RpcClient, RpcError, RpcServer, RpcTimeout
+from .topology import MODAL_EXECUTOR_QUEUE, QUEUES, RETRY_DELAYS, Names, QueueSpec, declare_topology
+
+__all__ = ["Bus", "PgDeduper", "UndecodableMessage", "decode", "encode", "envelope_for", "Consumer", "Deduper",
+           "Conflict", "Invalid", "NotFound", "RemoteError", "RpcClient", "RpcError", "RpcServer", "RpcTimeout",
+           "MODAL_EXECUTOR_QUEUE", "QUEUES", "RETRY_DELAYS", "Names", "QueueSpec", "declare_topology"]

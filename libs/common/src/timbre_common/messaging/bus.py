@@ -1,0 +1,115 @@
+"""One service's connection to the broker: publisher with confirms, consumers, RPC."""
+from __future__ import annotations
+
+from typing import Any
+
+import aio_pika
+
+from ..contracts import Command, Event, Message
+from ..logging import correlation_id_var, get_logger
+from .codec import encode, envelope_for
+from .consumer import Consumer, Deduper, Handler
+from .rpc import RpcClient, RpcHandler, RpcServer
+from .topology import QUEUES, Names, QueueSpec, declare_topology
+
+log = get_logger(__name__)
+
+
+class Bus:
+    """Owns the connection; everything is created in `connect`, nothing at import."""
+
+    def __init__(self, *, url: str, namespace: str, service: str, rpc_timeout: float = 30.0) -> None:
+        self.url = url
+        self.names = Names(namespace)
+        self.service = service
+        self.rpc_timeout = rpc_timeout
+        self.connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._publish_channel: aio_pika.abc.AbstractChannel | None = None
+        self._events: aio_pika.abc.AbstractExchange | None = None
+        self._rpc: RpcClient | None = None
+        self._consumers: list[Consumer] = []
+        self._servers: list[RpcServer] = []
+
+    async def connect(self, *, declare: list[QueueSpec] | None = None) -> Bus:
+        """Connect and declare the topology (every queue of QUEUES, plus `declare`)."""
+        self.connection = await aio_pika.connect_robust(self.url, client_properties={"connection_name": self.service})
+        self._publish_channel = await self.connection.channel(publisher_confirms=True)
+        await declare_topology(self._publish_channel, self.names, [*QUEUES.values(), *(declare or [])])
+        self._events = await self._publish_channel.get_exchange(self.names.events, ensure=False)
+        return self
+
+    async def close(self) -> None:
+        """Stop consuming, let in-flight handlers finish, then close the connection."""
+        for server in self._servers:
+            await server.stop()
+        for consumer in self._consumers:
+            await consumer.stop()
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+
+    async def publish(self, event: Event, *, body: bytes | None = None, account_id: str | None = None,
+                      message_id: str | None = None, correlation_id: str | None = None) -> str:
+        """Publish an event and wait for the broker's confirm; returns the message id."""
+        assert self._events is not None, "Bus.connect() first"
+        envelope = envelope_for(event, correlation_id=correlation_id or correlation_id_var.get(),
+                                account_id=account_id or getattr(event, "account_id", None), message_id=message_id)
+        await self._events.publish(encode(event, envelope, body=body), routing_key=event.routing_key())
+        log.debug("event_published", type=event.TYPE, message_id=envelope.message_id)
+        return envelope.message_id
+
+    async def consume(self, spec: QueueSpec, handlers: dict[type[Message], Handler], *,
+                      deduper: Deduper | None = None) -> Consumer:
+        """Start consuming `spec`'s queue on a channel of its own."""
+        assert self.connection is not None, "Bus.connect() first"
+        channel = await self.connection.channel(publisher_confirms=True)
+        consumer = Consumer(names=self.names, spec=spec, handlers=handlers, channel=channel, deduper=deduper)
+        await consumer.start()
+        self._consumers.append(consumer)
+        return consumer
+
+    async def serve(self, handlers: dict[type[Command], RpcHandler], *, prefetch: int = 32) -> RpcServer:
+        """Answer this service's RPC queue."""
+        assert self.connection is not None, "Bus.connect() first"
+        channel = await self.connection.channel()
+        server = RpcServer(names=self.names, service=self.service, handlers=handlers, channel=channel,
+                           prefetch=prefetch)
+        await server.start()
+        self._servers.append(server)
+        return server
+
+    @property
+    async def rpc(self) -> RpcClient:
+        """The RPC client (one channel, created on first use)."""
+        if self._rpc is None:
+            assert self.connection is not None, "Bus.connect() first"
+            channel = await self.connection.channel()
+            self._rpc = RpcClient(names=self.names, channel=channel, timeout=self.rpc_timeout)
+            await self._rpc.start()
+        return self._rpc
+
+    async def call(self, service: str, command: Command, **kwargs: Any) -> Any:
+        """Shorthand for `(await bus.rpc).call(...)`."""
+        client = await self.rpc
+        return await client.call(service, command, **kwargs)
+
+
+class PgDeduper:
+    """Message ids already handled, kept in the service's own schema (table `inbox`)."""
+
+    DDL = ("CREATE TABLE IF NOT EXISTS inbox (consumer text NOT NULL, message_id text NOT NULL, "
+           "handled_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (consumer, message_id))")
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    async def ensure(self) -> None:
+        await self.pool.execute(self.DDL)
+
+    async def seen(self, consumer: str, message_id: str) -> bool:
+        return bool(await self.pool.fetchval(
+            "SELECT 1 FROM inbox WHERE consumer = $1 AND message_id = $2", consumer, message_id))
+
+    async def remember(self, consumer: str, message_id: str) -> None:
+        await self.pool.execute(
+            "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", consumer, message_id)

@@ -1,0 +1,102 @@
+"""Message <-> AMQP: JSON body, or binary body with the fields in a header."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import aio_pika
+from pydantic import ValidationError
+
+from ..contracts import Envelope, Message, lookup
+
+META_HEADER = "x-timbre-meta"
+
+
+class UndecodableMessage(Exception):
+    """A message that no retry can ever make readable: it goes to the dead-letter queue at once."""
+
+
+def encode(msg: Message, envelope: Envelope, *, body: bytes | None = None, **props: object) -> aio_pika.Message:
+    """Build the AMQP message for `msg`; `body` is the binary payload of a BINARY message."""
+    headers: dict[str, object] = {
+        "x-version": envelope.version,
+        "x-occurred-at": envelope.occurred_at.isoformat(),
+    }
+    if envelope.account_id:
+        headers["x-account-id"] = envelope.account_id
+    fields = msg.model_dump_json().encode()
+    if msg.BINARY:
+        headers[META_HEADER] = fields.decode()
+        payload, content_type = body or b"", "application/octet-stream"
+    else:
+        if body:
+            raise ValueError(f"{msg.TYPE} carries no binary body")
+        payload, content_type = fields, "application/json"
+    extra_headers = props.pop("headers", None) or {}
+    headers.update(extra_headers)  # type: ignore[arg-type]
+    return aio_pika.Message(
+        payload,
+        message_id=envelope.message_id,
+        type=envelope.type,
+        correlation_id=envelope.correlation_id,
+        content_type=content_type,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        timestamp=envelope.occurred_at,
+        headers=headers,
+        **props,  # type: ignore[arg-type]
+    )
+
+
+def envelope_for(msg: Message, *, correlation_id: str | None, account_id: str | None,
+                 message_id: str | None = None) -> Envelope:
+    """A fresh envelope for a message about to be sent."""
+    kwargs: dict[str, object] = {}
+    if message_id:
+        kwargs["message_id"] = message_id
+    return Envelope(type=msg.TYPE, version=msg.VERSION, correlation_id=correlation_id,
+                    account_id=account_id, **kwargs)
+
+
+def decode(incoming: aio_pika.abc.AbstractIncomingMessage) -> tuple[Message, Envelope, bytes | None]:
+    """Parse and validate an incoming message; UndecodableMessage when that is impossible."""
+    headers = incoming.headers or {}
+    type_ = incoming.type
+    try:
+        version = int(headers.get("x-version", 1))  # type: ignore[arg-type]
+    except (TypeError, ValueError) as exc:
+        raise UndecodableMessage("bad x-version header") from exc
+    cls = lookup(type_ or "", version)
+    if cls is None:
+        raise UndecodableMessage(f"unknown message type {type_!r} v{version}")
+    try:
+        if cls.BINARY:
+            meta = headers.get(META_HEADER)
+            if isinstance(meta, bytes):
+                meta = meta.decode()
+            if not isinstance(meta, str):
+                raise UndecodableMessage(f"{type_} without its {META_HEADER} header")
+            msg = cls.model_validate_json(meta)
+            body: bytes | None = bytes(incoming.body)
+        else:
+            msg = cls.model_validate_json(incoming.body)
+            body = None
+    except (ValidationError, ValueError, json.JSONDecodeError) as exc:
+        raise UndecodableMessage(f"{type_} v{version} failed validation: {exc}") from exc
+    occurred = headers.get("x-occurred-at")
+    try:
+        occurred_at = datetime.fromisoformat(str(occurred)) if occurred else None
+    except ValueError:
+        occurred_at = None
+    account = headers.get("x-account-id")
+    env_kwargs: dict[str, object] = {}
+    if occurred_at:
+        env_kwargs["occurred_at"] = occurred_at
+    envelope = Envelope(
+        message_id=incoming.message_id or "",
+        type=cls.TYPE,
+        version=cls.VERSION,
+        correlation_id=incoming.correlation_id,
+        account_id=str(account) if account else None,
+        **env_kwargs,
+    )
+    return msg, envelope, body

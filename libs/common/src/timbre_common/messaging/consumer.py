@@ -1,0 +1,143 @@
+"""Consuming with an explicit policy.
+
+- success: ack (and remember the message id when a deduper is given);
+- a message that cannot be decoded: reject without requeue, so the broker dead-letters it at once;
+- a handler error: republish to the next retry tier (1 s, 5 s, 30 s) with the attempt count, then ack;
+  after `max_attempts`, publish to the dead-letter queue with the reason, then ack;
+- a consumer that dies holding a message: the broker redelivers it; a message that keeps killing its
+  consumer is dead-lettered by the quorum queue's delivery limit.
+"""
+from __future__ import annotations
+
+import asyncio
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import aio_pika
+
+from ..contracts import Envelope, Message
+from ..logging import correlation, get_logger
+from .codec import UndecodableMessage, decode
+from .topology import RETRY_DELAYS, Names, QueueSpec
+
+log = get_logger(__name__)
+
+Handler = Callable[..., Awaitable[Any]]
+ATTEMPT_HEADER = "x-attempt"
+
+
+class Deduper(Protocol):
+    """Remembers which message ids a consumer has already handled."""
+
+    async def seen(self, consumer: str, message_id: str) -> bool: ...
+
+    async def remember(self, consumer: str, message_id: str) -> None: ...
+
+
+class Consumer:
+    """Feeds one queue's messages to the handlers registered for their types."""
+
+    def __init__(self, *, names: Names, spec: QueueSpec, handlers: dict[type[Message], Handler],
+                 channel: aio_pika.abc.AbstractChannel, deduper: Deduper | None = None) -> None:
+        self.names = names
+        self.spec = spec
+        self.handlers = handlers
+        self.channel = channel
+        self.deduper = deduper
+        self._tag: str | None = None
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.channel.set_qos(prefetch_count=self.spec.prefetch)
+        self._queue = await self.channel.get_queue(self.names.queue(self.spec.name), ensure=True)
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def stop(self) -> None:
+        """Stop taking messages and let those in hand finish (unfinished ones are redelivered)."""
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except Exception:  # the channel may already be gone at shutdown
+                pass
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=30)
+
+    async def _on_message(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        try:
+            await self.handle(incoming)
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
+    async def handle(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """Apply the policy above to one delivery."""
+        with correlation(incoming.correlation_id):
+            try:
+                msg, envelope, body = decode(incoming)
+            except UndecodableMessage as exc:
+                log.error("message_undecodable", queue=self.spec.name, type=incoming.type,
+                          message_id=incoming.message_id, reason=str(exc))
+                await incoming.reject(requeue=False)
+                return
+            handler = self.handlers.get(type(msg))
+            if handler is None:
+                # Bound but unhandled (an additive new version, say): nothing to do with it.
+                log.warning("message_unhandled", queue=self.spec.name, type=envelope.type)
+                await incoming.ack()
+                return
+            consumer_name = self.names.queue(self.spec.name)
+            if self.deduper and envelope.message_id and await self.deduper.seen(consumer_name, envelope.message_id):
+                log.info("message_duplicate", queue=self.spec.name, type=envelope.type,
+                         message_id=envelope.message_id)
+                await incoming.ack()
+                return
+            try:
+                if body is None:
+                    await handler(msg, envelope=envelope)
+                else:
+                    await handler(msg, envelope=envelope, body=body)
+            except Exception as exc:  # every handler error is retried, then dead-lettered
+                await self._retry_or_dead_letter(incoming, envelope, exc)
+                return
+            if self.deduper and envelope.message_id:
+                await self.deduper.remember(consumer_name, envelope.message_id)
+            await incoming.ack()
+
+    async def _retry_or_dead_letter(self, incoming: aio_pika.abc.AbstractIncomingMessage,
+                                    envelope: Envelope, exc: Exception) -> None:
+        headers = dict(incoming.headers or {})
+        attempt = int(headers.get(ATTEMPT_HEADER, 1) or 1)  # type: ignore[arg-type]
+        reason = f"{type(exc).__name__}: {exc}"
+        copy = aio_pika.Message(
+            bytes(incoming.body),
+            message_id=incoming.message_id,
+            type=incoming.type,
+            correlation_id=incoming.correlation_id,
+            content_type=incoming.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=incoming.timestamp,
+            headers={**headers, ATTEMPT_HEADER: attempt + 1, "x-last-error": reason[:500]},
+        )
+        try:
+            if attempt < self.spec.max_attempts:
+                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS)) - 1]
+                log.warning("message_retry", queue=self.spec.name, type=envelope.type, attempt=attempt,
+                            delay_s=delay, error=reason)
+                exchange = await self.channel.get_exchange(self.names.retries, ensure=False)
+                await exchange.publish(copy, routing_key=self.names.retry_queue(self.spec.name, delay))
+            else:
+                log.error("message_dead_lettered", queue=self.spec.name, type=envelope.type, attempt=attempt,
+                          error=reason, trace="".join(traceback.format_exception(exc))[-2000:])
+                exchange = await self.channel.get_exchange(self.names.dead_letters, ensure=False)
+                await exchange.publish(copy, routing_key=self.names.queue(self.spec.name))
+        except Exception as publish_exc:
+            # Could not park it: hand it back to the broker rather than lose it.
+            log.error("message_requeued", queue=self.spec.name, error=str(publish_exc))
+            await incoming.nack(requeue=True)
+            return
+        await incoming.ack()

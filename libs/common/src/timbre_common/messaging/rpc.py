@@ -1,0 +1,173 @@
+"""Request/reply over RabbitMQ's direct reply-to, with a timeout and typed remote errors."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import aio_pika
+
+from ..contracts import Ack, Command, Envelope, ErrorReply, Message, Reply
+from ..logging import correlation, correlation_id_var, get_logger
+from .codec import UndecodableMessage, decode, encode, envelope_for
+from .topology import Names
+
+log = get_logger(__name__)
+
+REPLY_TO = "amq.rabbitmq.reply-to"
+R = TypeVar("R", bound=Reply)
+RpcHandler = Callable[..., Awaitable[Any]]
+
+
+class RpcError(Exception):
+    """A refusal a handler raises on purpose: travels to the caller as an ErrorReply."""
+
+    status = 400
+
+    def __init__(self, code: str, message: str, *, status: int | None = None, details: dict | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.details = details or {}
+
+
+class NotFound(RpcError):
+    status = 404
+
+
+class Conflict(RpcError):
+    status = 409
+
+
+class Invalid(RpcError):
+    status = 422
+
+
+class RemoteError(RpcError):
+    """The caller's side of an ErrorReply."""
+
+
+class RpcTimeout(Exception):
+    """No reply in time: the remote service is down or overloaded."""
+
+
+class RpcServer:
+    """Serves one service's commands from its RPC queue."""
+
+    def __init__(self, *, names: Names, service: str, handlers: dict[type[Command], RpcHandler],
+                 channel: aio_pika.abc.AbstractChannel, prefetch: int = 32) -> None:
+        self.names = names
+        self.service = service
+        self.handlers = handlers
+        self.channel = channel
+        self.prefetch = prefetch
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._tag: str | None = None
+
+    async def start(self) -> None:
+        await self.channel.set_qos(prefetch_count=self.prefetch)
+        # Requests nobody answers in time are worthless: they expire instead of piling up.
+        self._queue = await self.channel.declare_queue(
+            self.names.rpc_queue(self.service), durable=True, arguments={"x-message-ttl": 60_000})
+        self._tag = await self._queue.consume(self._on_request)
+
+    async def stop(self) -> None:
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except Exception:
+                pass
+
+    async def _on_request(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
+        async with incoming.process(requeue=False, ignore_processed=True):
+            with correlation(incoming.correlation_id):
+                reply, body = await self._dispatch(incoming)
+                if not incoming.reply_to:
+                    return
+                env = envelope_for(reply, correlation_id=incoming.correlation_id, account_id=None)
+                out = encode(reply, env, body=body, headers={"x-request-id": incoming.message_id or ""})
+                try:
+                    await self.channel.default_exchange.publish(out, routing_key=incoming.reply_to)
+                except Exception as exc:  # the caller went away; nothing to do
+                    log.warning("rpc_reply_undeliverable", service=self.service, error=str(exc))
+
+    async def _dispatch(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> tuple[Reply, bytes | None]:
+        try:
+            msg, envelope, body = decode(incoming)
+        except UndecodableMessage as exc:
+            return ErrorReply(code="bad_request", message=str(exc), status=400), None
+        handler = self.handlers.get(type(msg))  # type: ignore[arg-type]
+        if handler is None:
+            return ErrorReply(code="unknown_command", message=f"{envelope.type} is not served here", status=400), None
+        try:
+            result = await (handler(msg, envelope=envelope, body=body) if body is not None
+                            else handler(msg, envelope=envelope))
+        except RpcError as exc:
+            return ErrorReply(code=exc.code, message=exc.message, status=exc.status, details=exc.details), None
+        except Exception as exc:
+            log.exception("rpc_handler_failed", service=self.service, command=envelope.type)
+            return ErrorReply(code="internal_error", message=f"{self.service} failed: {type(exc).__name__}",
+                              status=500), None
+        if result is None:
+            return Ack(), None
+        if isinstance(result, tuple):
+            return result[0], result[1]
+        return result, None
+
+
+class RpcClient:
+    """Sends commands and waits for their replies on the direct reply-to pseudo-queue."""
+
+    def __init__(self, *, names: Names, channel: aio_pika.abc.AbstractChannel, timeout: float = 30.0) -> None:
+        self.names = names
+        self.channel = channel
+        self.timeout = timeout
+        self._pending: dict[str, asyncio.Future[tuple[Message, bytes | None]]] = {}
+        self._started = False
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        queue = await self.channel.get_queue(REPLY_TO, ensure=False)
+        await queue.consume(self._on_reply, no_ack=True)
+        self._started = True
+
+    async def _on_reply(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
+        request_id = (incoming.headers or {}).get("x-request-id")
+        future = self._pending.pop(str(request_id), None) if request_id else None
+        if future is None or future.done():
+            return
+        try:
+            msg, _, body = decode(incoming)
+        except UndecodableMessage as exc:
+            future.set_exception(RemoteError("bad_reply", str(exc), status=502))
+            return
+        future.set_result((msg, body))
+
+    async def call(self, service: str, command: Command, *, body: bytes | None = None,
+                   account_id: str | None = None, timeout: float | None = None,
+                   expect: type[R] | None = None) -> tuple[R, bytes | None]:
+        """Send `command` to `service`; returns (reply, binary body) or raises RemoteError / RpcTimeout."""
+        await self.start()
+        envelope = envelope_for(command, correlation_id=correlation_id_var.get(),
+                                account_id=account_id or getattr(command, "account_id", None))
+        wait = timeout or self.timeout
+        future: asyncio.Future[tuple[Message, bytes | None]] = asyncio.get_running_loop().create_future()
+        self._pending[envelope.message_id] = future
+        out = encode(command, envelope, body=body, reply_to=REPLY_TO, expiration=wait)
+        try:
+            await self.channel.default_exchange.publish(out, routing_key=self.names.rpc_queue(service))
+            reply, reply_body = await asyncio.wait_for(future, wait)
+        except TimeoutError as exc:
+            raise RpcTimeout(f"{service} did not answer {command.TYPE} within {wait:.0f}s") from exc
+        finally:
+            self._pending.pop(envelope.message_id, None)
+        if isinstance(reply, ErrorReply):
+            raise RemoteError(reply.code, reply.message, status=reply.status, details=reply.details)
+        if expect is not None and not isinstance(reply, expect):
+            raise RemoteError("bad_reply", f"{service} answered {reply.TYPE}, expected {expect.TYPE}", status=502)
+        return reply, reply_body  # type: ignore[return-value]
+
+

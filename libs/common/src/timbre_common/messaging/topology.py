@@ -1,0 +1,130 @@
+"""Exchanges and queues, declared by code. Every consumer queue is listed here, so any publisher can
+declare the whole topology before it publishes and no event is dropped for want of a queue."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aio_pika
+
+from ..contracts import accounts, billing, storage, synthesis, voices
+
+# Delays (seconds) of the retry tiers: the n-th retry waits RETRY_DELAYS[min(n, len) - 1].
+RETRY_DELAYS: tuple[int, ...] = (1, 5, 30)
+# Deliveries before the broker itself dead-letters a message that keeps crashing its consumer.
+DELIVERY_LIMIT = 5
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A durable consumer queue bound to routing keys of the events exchange."""
+
+    name: str
+    bindings: tuple[str, ...]
+    quorum: bool = True
+    max_attempts: int = 5
+    # Consumers on one queue share the work; prefetch bounds what one of them holds unacked.
+    prefetch: int = 16
+    arguments: dict[str, object] = field(default_factory=dict)
+
+
+def _keys(*classes: type) -> tuple[str, ...]:
+    return tuple(c.routing_key() for c in classes)  # type: ignore[attr-defined]
+
+
+QUEUES: dict[str, QueueSpec] = {
+    spec.name: spec
+    for spec in (
+        # The local executor's work queue: a GPU box takes one job at a time per slot.
+        QueueSpec("gpu_worker.synthesis", _keys(synthesis.SynthesisRequested), prefetch=4, max_attempts=3),
+        QueueSpec("gpu_worker.voice_profiles", _keys(voices.VoiceRegistered), prefetch=2, max_attempts=3),
+        QueueSpec("storage.events", _keys(synthesis.SynthesisCompleted, voices.VoiceDeleted,
+                                          storage.ObjectsReleased, accounts.AccountPurgeRequested)),
+        QueueSpec("dispatcher.events", _keys(storage.AudioStored, synthesis.SynthesisFailed, storage.ObjectsExpired,
+                                             voices.VoiceDeleted, accounts.AccountPurgeRequested)),
+        QueueSpec("voices.events", _keys(voices.VoiceProfiled, accounts.AccountPurgeRequested)),
+        QueueSpec("billing.events", _keys(synthesis.JobReady, accounts.AccountPurgeRequested)),
+        QueueSpec("gateway.events", _keys(accounts.AccountPurged, billing.AccountProvisioningRequested,
+                                          billing.AccountKeysRevoked, billing.AccountKeysRestored,
+                                          accounts.AccountPurgeRequested)),
+    )
+}
+# The Modal executor replaces the local worker's queue when EXECUTOR=modal.
+MODAL_EXECUTOR_QUEUE = QueueSpec("dispatcher.modal_executor", _keys(synthesis.SynthesisRequested),
+                                 prefetch=8, max_attempts=5)
+
+
+class Names:
+    """Broker names under one namespace (a deployment, or one test run)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.ns = namespace
+
+    @property
+    def events(self) -> str:
+        return f"{self.ns}.events"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.ns}.dlx"
+
+    @property
+    def retries(self) -> str:
+        return f"{self.ns}.retry"
+
+    def queue(self, name: str) -> str:
+        return f"{self.ns}.{name}"
+
+    def dlq(self, name: str) -> str:
+        return f"{self.ns}.{name}.dlq"
+
+    def retry_queue(self, name: str, delay: int) -> str:
+        return f"{self.ns}.{name}.retry.{delay}s"
+
+    def rpc_queue(self, service: str) -> str:
+        return f"{self.ns}.rpc.{service}"
+
+
+async def declare_exchanges(channel: aio_pika.abc.AbstractChannel, names: Names) -> aio_pika.abc.AbstractExchange:
+    """The events (topic), dead-letter (direct) and retry (direct) exchanges; returns events."""
+    events = await channel.declare_exchange(names.events, aio_pika.ExchangeType.TOPIC, durable=True)
+    await channel.declare_exchange(names.dead_letters, aio_pika.ExchangeType.DIRECT, durable=True)
+    await channel.declare_exchange(names.retries, aio_pika.ExchangeType.DIRECT, durable=True)
+    return events
+
+
+async def declare_queue(channel: aio_pika.abc.AbstractChannel, names: Names,
+                        spec: QueueSpec) -> aio_pika.abc.AbstractQueue:
+    """A consumer queue with its dead-letter queue and its retry tiers."""
+    qname = names.queue(spec.name)
+    args: dict[str, object] = {
+        "x-dead-letter-exchange": names.dead_letters,
+        "x-dead-letter-routing-key": qname,
+        **spec.arguments,
+    }
+    if spec.quorum:
+        args["x-queue-type"] = "quorum"
+        # Set explicitly: newer brokers default to 20, and a crash loop must end sooner.
+        args["x-delivery-limit"] = DELIVERY_LIMIT
+    queue = await channel.declare_queue(qname, durable=True, arguments=args)
+    for key in spec.bindings:
+        await queue.bind(names.events, routing_key=key)
+    dlq = await channel.declare_queue(names.dlq(spec.name), durable=True, arguments={"x-queue-type": "quorum"})
+    await dlq.bind(names.dead_letters, routing_key=qname)
+    for delay in RETRY_DELAYS:
+        rq_name = names.retry_queue(spec.name, delay)
+        # A message waits here `delay` seconds, then dead-letters back to its queue by the default exchange.
+        rq = await channel.declare_queue(rq_name, durable=True, arguments={
+            "x-message-ttl": delay * 1000,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": qname,
+        })
+        await rq.bind(names.retries, routing_key=rq_name)
+    return queue
+
+
+async def declare_topology(channel: aio_pika.abc.AbstractChannel, names: Names,
+                           specs: list[QueueSpec] | None = None) -> None:
+    """Everything: exchanges and every consumer queue (idempotent)."""
+    await declare_exchanges(channel, names)
+    for spec in specs if specs is not None else QUEUES.values():
+        await declare_queue(channel, names, spec)
