@@ -101,7 +101,8 @@ class SpeakerEmbedder:
     def embed(self, samples: np.ndarray, sample_rate: int) -> np.ndarray:
         """L2-normalised d-vector of a mono signal (mean of per-window embeddings)."""
         self.load()
-        feat = self.log_mel(resample(np.asarray(samples, dtype=np.float32).reshape(-1), sample_rate, EMBEDDER_RATE))
+        mono = np.asarray(samples, dtype=np.float32).reshape(-1)
+        feat = self.log_mel(resample(mono, sample_rate, EMBEDDER_RATE))
         if feat.shape[0] < self.window:
             feat = np.concatenate([feat, np.zeros((self.window - feat.shape[0], self.n_mels), np.float32)])
         n_win = 1 + (feat.shape[0] - self.window) // self.stride

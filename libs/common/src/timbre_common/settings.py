@@ -21,7 +21,7 @@ class CommonSettings(BaseSettings):
 
     timbre_env: str = Field(default="dev", description="dev | test | prod")
     amqp_url: SecretStr = SecretStr("amqp://guest:guest@127.0.0.1:5672/")
-    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/postgres")
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/timbre")
     # Prefix of every exchange and queue: lets several deployments (or test runs) share a broker.
     bus_namespace: str = "timbre"
     rpc_timeout_s: float = 30.0

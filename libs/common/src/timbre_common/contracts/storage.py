@@ -90,6 +90,8 @@ class AudioStored(Event):
     key: str
     size: int
     expires_at: datetime | None = None
+    synthesis_ms: int | None = None
+    audio_seconds: float | None = None
 
 
 class ObjectsExpired(Event):

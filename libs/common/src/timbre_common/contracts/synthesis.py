@@ -79,6 +79,23 @@ class FetchJobAudio(Command):
     job_id: str
 
 
+class LookupJob(Command):
+    """Internal (the completion callback): a job by id alone, whoever owns it."""
+
+    TYPE: ClassVar[str] = "dispatch.lookup_job"
+    job_id: str
+
+
+class JobOwner(Reply):
+    TYPE: ClassVar[str] = "dispatch.job_owner"
+    job_id: str
+    account_id: str
+    voice_id: str
+    backend: str
+    status: str
+    created_at: datetime
+
+
 class PurgeVoiceJobs(Command):
     TYPE: ClassVar[str] = "dispatch.purge_voice"
     account_id: str
@@ -97,6 +114,7 @@ class SynthesisRequested(Event):
     backend: str
     attempt: int = 1
     cache_key: str
+    job_created_at: datetime | None = None
     reference_url: str | None = None
     ref_text: str | None = None
     system_voice: str | None = None
@@ -146,3 +164,13 @@ class JobFailed(Event):
     account_id: str
     code: str
     reason: str
+
+
+class WorkerHeartbeat(Event):
+    """A worker (or the Modal executor) says which backends it can run right now."""
+
+    TYPE: ClassVar[str] = "worker.heartbeat"
+    worker_id: str
+    backends: list[str]
+    executor: str = "local"
+    interval_s: float = 10.0

@@ -7,7 +7,7 @@ import aio_pika
 
 from ..contracts import Command, Event, Message
 from ..logging import correlation_id_var, get_logger
-from .codec import encode, envelope_for
+from .codec import decode, encode, envelope_for
 from .consumer import Consumer, Deduper, Handler
 from .rpc import RpcClient, RpcHandler, RpcServer
 from .topology import QUEUES, Names, QueueSpec, declare_topology
@@ -49,12 +49,13 @@ class Bus:
             self.connection = None
 
     async def publish(self, event: Event, *, body: bytes | None = None, account_id: str | None = None,
-                      message_id: str | None = None, correlation_id: str | None = None) -> str:
+                      message_id: str | None = None, correlation_id: str | None = None,
+                      routing_key: str | None = None) -> str:
         """Publish an event and wait for the broker's confirm; returns the message id."""
         assert self._events is not None, "Bus.connect() first"
         envelope = envelope_for(event, correlation_id=correlation_id or correlation_id_var.get(),
                                 account_id=account_id or getattr(event, "account_id", None), message_id=message_id)
-        await self._events.publish(encode(event, envelope, body=body), routing_key=event.routing_key())
+        await self._events.publish(encode(event, envelope, body=body), routing_key=routing_key or event.routing_key())
         log.debug("event_published", type=event.TYPE, message_id=envelope.message_id)
         return envelope.message_id
 
@@ -77,6 +78,23 @@ class Bus:
         await server.start()
         self._servers.append(server)
         return server
+
+    async def subscribe(self, event_types: list[type[Event]], handler: Handler) -> None:
+        """Fan-out for live state (heartbeats): a private queue that dies with the connection, no retries."""
+        assert self.connection is not None, "Bus.connect() first"
+        channel = await self.connection.channel()
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True, arguments={"x-message-ttl": 60_000})
+        for cls in event_types:
+            await queue.bind(self.names.events, routing_key=cls.routing_key())
+
+        async def on_message(incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
+            try:
+                msg, envelope, _ = decode(incoming)
+                await handler(msg, envelope=envelope)
+            except Exception as exc:  # live state: a bad beat is dropped, the next one will do
+                log.warning("subscription_message_dropped", error=str(exc))
+
+        await queue.consume(on_message, no_ack=True)
 
     @property
     async def rpc(self) -> RpcClient:

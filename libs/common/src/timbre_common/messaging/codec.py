@@ -25,12 +25,11 @@ def encode(msg: Message, envelope: Envelope, *, body: bytes | None = None, **pro
     if envelope.account_id:
         headers["x-account-id"] = envelope.account_id
     fields = msg.model_dump_json().encode()
-    if msg.BINARY:
+    # A binary message (or any reply that carries bytes, e.g. an object's content) moves its fields to a header.
+    if msg.BINARY or body is not None:
         headers[META_HEADER] = fields.decode()
         payload, content_type = body or b"", "application/octet-stream"
     else:
-        if body:
-            raise ValueError(f"{msg.TYPE} carries no binary body")
         payload, content_type = fields, "application/json"
     extra_headers = props.pop("headers", None) or {}
     headers.update(extra_headers)  # type: ignore[arg-type]
@@ -69,8 +68,8 @@ def decode(incoming: aio_pika.abc.AbstractIncomingMessage) -> tuple[Message, Env
     if cls is None:
         raise UndecodableMessage(f"unknown message type {type_!r} v{version}")
     try:
-        if cls.BINARY:
-            meta = headers.get(META_HEADER)
+        meta = headers.get(META_HEADER)
+        if cls.BINARY or meta is not None:
             if isinstance(meta, bytes):
                 meta = meta.decode()
             if not isinstance(meta, str):

@@ -87,7 +87,13 @@ class RpcServer:
                 if not incoming.reply_to:
                     return
                 env = envelope_for(reply, correlation_id=incoming.correlation_id, account_id=None)
-                out = encode(reply, env, body=body, headers={"x-request-id": incoming.message_id or ""})
+                try:
+                    out = encode(reply, env, body=body, headers={"x-request-id": incoming.message_id or ""})
+                except Exception as exc:  # a reply that cannot be encoded still gets an answer
+                    log.exception("rpc_reply_unencodable", service=self.service)
+                    error = ErrorReply(code="internal_error", message=f"{self.service}: {type(exc).__name__}")
+                    out = encode(error, envelope_for(error, correlation_id=incoming.correlation_id, account_id=None),
+                                 headers={"x-request-id": incoming.message_id or ""})
                 try:
                     await self.channel.default_exchange.publish(out, routing_key=incoming.reply_to)
                 except Exception as exc:  # the caller went away; nothing to do

@@ -34,8 +34,6 @@ def _keys(*classes: type) -> tuple[str, ...]:
 QUEUES: dict[str, QueueSpec] = {
     spec.name: spec
     for spec in (
-        # The local executor's work queue: a GPU box takes one job at a time per slot.
-        QueueSpec("gpu_worker.synthesis", _keys(synthesis.SynthesisRequested), prefetch=4, max_attempts=3),
         QueueSpec("gpu_worker.voice_profiles", _keys(voices.VoiceRegistered), prefetch=2, max_attempts=3),
         QueueSpec("storage.events", _keys(synthesis.SynthesisCompleted, voices.VoiceDeleted,
                                           storage.ObjectsReleased, accounts.AccountPurgeRequested)),
@@ -48,9 +46,20 @@ QUEUES: dict[str, QueueSpec] = {
                                           accounts.AccountPurgeRequested)),
     )
 }
-# The Modal executor replaces the local worker's queue when EXECUTOR=modal.
-MODAL_EXECUTOR_QUEUE = QueueSpec("dispatcher.modal_executor", _keys(synthesis.SynthesisRequested),
-                                 prefetch=8, max_attempts=5)
+def work_routing_key(backend: str) -> str:
+    """Work orders are routed by backend, so a worker only ever receives jobs it can run."""
+    return f"{synthesis.SynthesisRequested.routing_key()}.{backend}"
+
+
+def local_work_queue(backend: str) -> QueueSpec:
+    """The queue local GPU workers running `backend` share."""
+    return QueueSpec(f"gpu_worker.synthesis.{backend}", (work_routing_key(backend),), prefetch=8, max_attempts=3)
+
+
+def modal_executor_queue(backends: list[str] | tuple[str, ...]) -> QueueSpec:
+    """The queue the dispatcher drains to spawn Modal calls for the backends routed to Modal."""
+    return QueueSpec("dispatcher.modal_executor", tuple(work_routing_key(b) for b in backends), prefetch=8,
+                     max_attempts=5)
 
 
 class Names:
@@ -128,3 +137,18 @@ async def declare_topology(channel: aio_pika.abc.AbstractChannel, names: Names,
     await declare_exchanges(channel, names)
     for spec in specs if specs is not None else QUEUES.values():
         await declare_queue(channel, names, spec)
+
+
+async def delete_topology(channel: aio_pika.abc.AbstractChannel, names: Names,
+                          services: tuple[str, ...] = ("gateway", "voices", "dispatcher", "storage", "billing")) -> None:
+    """Remove every queue and exchange of a namespace (test runs clean up after themselves)."""
+    from ..catalogue import KNOWN_BACKENDS
+
+    for spec in [*QUEUES.values(), *(local_work_queue(b) for b in KNOWN_BACKENDS), modal_executor_queue(())]:
+        for queue in (names.queue(spec.name), names.dlq(spec.name),
+                      *(names.retry_queue(spec.name, d) for d in RETRY_DELAYS)):
+            await channel.queue_delete(queue)
+    for service in services:
+        await channel.queue_delete(names.rpc_queue(service))
+    for exchange in (names.events, names.dead_letters, names.retries):
+        await channel.exchange_delete(exchange)

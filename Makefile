@@ -1,0 +1,42 @@
+# Timbre: `make up` runs the whole platform locally, `make test` runs every test.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+# Embedded defaults for `make up`; every one can be overridden from the environment.
+export TIMBRE_ENV ?= dev
+export ADMIN_SECRET ?= dev-admin-secret
+export DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/timbre
+export AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/
+export STORAGE_BACKEND ?= fs
+export STORAGE_ROOT ?= $(CURDIR)/var/blobs
+export BILLING ?= off
+export BACKENDS ?= embedded,qwen3-1.7b,qwen3-0.6b
+
+.PHONY: install up test test-fast bench services lint clean
+
+install: $(STAMP)
+
+$(STAMP): requirements/*.txt scripts/install.sh
+	./scripts/install.sh
+	touch $(STAMP)
+
+services:
+	./scripts/ensure_services.sh
+
+up: install services
+	$(PY) -m timbre_common.supervisor
+
+test: install services
+	$(PY) -m pytest -q
+
+# Everything but the end-to-end suite.
+test-fast: install services
+	$(PY) -m pytest -q --ignore=tests/e2e
+
+bench: install services
+	$(PY) bench/tts_speed.py --backend embedded
+	$(PY) bench/tts_quality.py --backend embedded
+
+clean:
+	rm -rf var $(VENV)

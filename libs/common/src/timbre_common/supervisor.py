@@ -1,0 +1,155 @@
+"""Runs the whole platform as local processes (`make up`), and lets tests start, kill and restart them.
+
+`python -m timbre_common.supervisor` starts every service in the foreground; Ctrl-C stops them all
+cleanly. If one dies, the others are stopped and the exit status says so.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+from urllib.parse import urlparse, urlunparse
+
+SERVICES: dict[str, str] = {
+    "storage": "timbre_storage",
+    "voices": "timbre_voices",
+    "dispatcher": "timbre_dispatcher",
+    "billing": "timbre_billing",
+    "gpu_worker": "timbre_gpu_worker",
+    "gateway": "timbre_gateway",
+}
+
+
+async def ensure_database(database_url: str) -> None:
+    """Create the database named in the URL when the server lacks it."""
+    import asyncpg
+
+    parsed = urlparse(database_url)
+    name = parsed.path.lstrip("/") or "postgres"
+    maintenance = urlunparse(parsed._replace(path="/postgres"))
+    conn = await asyncpg.connect(maintenance)
+    try:
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    except asyncpg.DuplicateDatabaseError:
+        pass
+    finally:
+        await conn.close()
+
+
+async def drop_database(database_url: str) -> None:
+    import asyncpg
+
+    parsed = urlparse(database_url)
+    name = parsed.path.lstrip("/")
+    conn = await asyncpg.connect(urlunparse(parsed._replace(path="/postgres")))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@dataclass
+class Platform:
+    """A set of service processes sharing one environment."""
+
+    env: Mapping[str, str]
+    log_dir: Path | None = None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _logs: dict[str, IO[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        """Start (or restart) one service."""
+        out: IO[bytes] | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = self._logs.get(name) or open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
+            self._logs[name] = out
+        proc = subprocess.Popen([sys.executable, "-m", SERVICES[name]], env={**os.environ, **self.env},
+                                stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def start_all(self) -> None:
+        for name in SERVICES:
+            self.start(name)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL: the process gets no chance to ack, nack or finish anything."""
+        proc = self.processes[name]
+        proc.kill()
+        proc.wait(10)
+
+    def stop(self, name: str, timeout: float = 20.0) -> int | None:
+        proc = self.processes.get(name)
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc else None
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait(5)
+
+    def stop_all(self) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in self.processes.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for log in self._logs.values():
+            log.close()
+
+    def exited(self) -> dict[str, int]:
+        return {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
+
+    def log(self, name: str) -> str:
+        if self.log_dir is None:
+            return ""
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def main() -> int:
+    from .settings import CommonSettings
+
+    settings = CommonSettings()
+    asyncio.run(ensure_database(settings.database_url.get_secret_value()))
+    platform = Platform(env={})
+    stop = {"signal": None}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["signal"] = signum  # type: ignore[assignment]
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    platform.start_all()
+    print(f"timbre: {len(SERVICES)} services starting; gateway on http://127.0.0.1:{os.environ.get('PORT', '8000')}"
+          " (Ctrl-C stops everything)", file=sys.stderr, flush=True)
+    status = 0
+    while stop["signal"] is None:
+        dead = platform.exited()
+        if dead:
+            print(f"timbre: service(s) exited: {dead}; stopping the rest", file=sys.stderr, flush=True)
+            status = 1
+            break
+        time.sleep(0.5)
+    platform.stop_all()
+    print("timbre: stopped", file=sys.stderr, flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Billing: Stripe Checkout and webhooks, character usage per billing period, quota answers."""

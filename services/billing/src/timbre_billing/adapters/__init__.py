@@ -1,0 +1,1 @@
+"""Billing I/O: PostgreSQL repository, Stripe API gateway, webhook signature verification."""

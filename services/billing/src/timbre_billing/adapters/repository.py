@@ -1,0 +1,273 @@
+"""Billing persistence on asyncpg; tables are unqualified and the pool's search_path picks the schema."""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from ..domain import StoredSubscription, StripeEvent, SubscriptionSnapshot
+
+# Served statuses first, then the latest period: the subscription that governs an account.
+_GOVERNING_ORDER = (
+    "ORDER BY (s.status IN ('active', 'trialing', 'past_due')) DESC,"
+    " s.current_period_end DESC NULLS LAST, s.updated_at DESC LIMIT 1"
+)
+
+
+def _stored(row: asyncpg.Record | None) -> StoredSubscription | None:
+    if row is None:
+        return None
+    return StoredSubscription(
+        subscription_id=row["subscription_id"],
+        customer_id=row["customer_id"],
+        status=row["status"],
+        current_period_start=row["current_period_start"],
+        current_period_end=row["current_period_end"],
+        last_event_created=row["last_event_created"],
+    )
+
+
+class BillingTransaction:
+    """Statements that run inside one webhook transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def claim_event(self, event: StripeEvent) -> bool:
+        """Record the event id; False when it was already recorded (the apply-once guard)."""
+        row = await self._conn.fetchrow(
+            "INSERT INTO stripe_events (event_id, type, created) VALUES ($1, $2, $3)"
+            " ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            event.id,
+            event.type,
+            event.created,
+        )
+        return row is not None
+
+    async def stored_outcome(self, event_id: str) -> tuple[str, dict[str, Any]]:
+        """The outcome and actions recorded for an event."""
+        row = await self._conn.fetchrow(
+            "SELECT outcome, actions::text AS actions FROM stripe_events WHERE event_id = $1", event_id
+        )
+        return (row["outcome"], json.loads(row["actions"])) if row else ("ignored", {})
+
+    async def finish_event(self, event_id: str, outcome: str, actions: Mapping[str, Any]) -> None:
+        """Store what the event did, for redeliveries."""
+        await self._conn.execute(
+            "UPDATE stripe_events SET outcome = $2, actions = $3::text::jsonb WHERE event_id = $1",
+            event_id,
+            outcome,
+            json.dumps(actions),
+        )
+
+    async def upsert_customer(self, customer_id: str, email: str | None) -> str | None:
+        """Create or refresh a customer; returns its account id when already provisioned."""
+        row = await self._conn.fetchrow(
+            "INSERT INTO customers (customer_id, email) VALUES ($1, coalesce($2, ''))"
+            " ON CONFLICT (customer_id) DO UPDATE"
+            " SET email = coalesce($2, customers.email), updated_at = now()"
+            " RETURNING account_id",
+            customer_id,
+            email.lower() if email else None,
+        )
+        return row["account_id"] if row else None
+
+    async def assign_account(self, customer_id: str, account_id: str) -> str:
+        """Give the customer `account_id` unless it has one; returns the account it ends up with."""
+        return await self._conn.fetchval(
+            "UPDATE customers SET account_id = coalesce(account_id, $2), updated_at = now()"
+            " WHERE customer_id = $1 RETURNING account_id",
+            customer_id,
+            account_id,
+        )
+
+    async def account_of_customer(self, customer_id: str) -> str | None:
+        """The gateway account of a customer, when provisioned."""
+        return await self._conn.fetchval(
+            "SELECT account_id FROM customers WHERE customer_id = $1", customer_id
+        )
+
+    async def lock_subscription(self, subscription_id: str) -> StoredSubscription | None:
+        """The stored subscription, locked until the transaction ends."""
+        row = await self._conn.fetchrow(
+            "SELECT * FROM subscriptions WHERE subscription_id = $1 FOR UPDATE", subscription_id
+        )
+        return _stored(row)
+
+    async def save_subscription(self, snap: SubscriptionSnapshot, event_created: int) -> None:
+        """Write the subscription as of an event; the caller has checked ordering under the row lock."""
+        await self._conn.execute(
+            "INSERT INTO subscriptions (subscription_id, customer_id, status, current_period_start,"
+            " current_period_end, last_event_created, canceled_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT (subscription_id) DO UPDATE SET customer_id = $2, status = $3,"
+            " current_period_start = coalesce($4, subscriptions.current_period_start),"
+            " current_period_end = coalesce($5, subscriptions.current_period_end),"
+            " last_event_created = greatest(subscriptions.last_event_created, $6),"
+            " canceled_at = coalesce($7, subscriptions.canceled_at), updated_at = now()",
+            snap.subscription_id,
+            snap.customer_id,
+            snap.status,
+            snap.current_period_start,
+            snap.current_period_end,
+            event_created,
+            snap.canceled_at,
+        )
+
+    async def mark_token_paid(
+        self, token: str, email: str, session_id: str | None, customer_id: str, account_id: str
+    ) -> None:
+        """The checkout behind `token` was paid; a token unknown here (created elsewhere) is recorded."""
+        await self._conn.execute(
+            "INSERT INTO checkout_tokens (token, email, session_id, status, customer_id, account_id, paid_at)"
+            " VALUES ($1, $2, $3, 'paid', $4, $5, now())"
+            " ON CONFLICT (token) DO UPDATE"
+            " SET status = 'paid', customer_id = $4, account_id = $5, paid_at = now(),"
+            " session_id = coalesce(checkout_tokens.session_id, $3)"
+            " WHERE checkout_tokens.status = 'open'",
+            token,
+            email,
+            session_id,
+            customer_id,
+            account_id,
+        )
+
+
+class BillingRepository:
+    """Customers, checkout tokens, subscriptions, the Stripe event log and the usage ledger."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[BillingTransaction]:
+        """One connection and one transaction for a webhook event."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield BillingTransaction(conn)
+
+    async def event_seen(self, event_id: str) -> bool:
+        """Whether a Stripe event was already recorded."""
+        return bool(await self._pool.fetchval("SELECT 1 FROM stripe_events WHERE event_id = $1", event_id))
+
+    async def subscription(self, subscription_id: str) -> StoredSubscription | None:
+        """One stored subscription."""
+        sql = "SELECT * FROM subscriptions WHERE subscription_id = $1"
+        row = await self._pool.fetchrow(sql, subscription_id)
+        return _stored(row)
+
+    async def served_subscription_for_email(self, email: str) -> StoredSubscription | None:
+        """A locally known active/trialing/past_due subscription of this email."""
+        row = await self._pool.fetchrow(
+            "SELECT s.* FROM customers c JOIN subscriptions s USING (customer_id)"
+            " WHERE c.email = $1 AND s.status IN ('active', 'trialing', 'past_due') " + _GOVERNING_ORDER,
+            email,
+        )
+        return _stored(row)
+
+    async def customer_id_for_email(self, email: str) -> str | None:
+        """The most recent Stripe customer with this email."""
+        return await self._pool.fetchval(
+            "SELECT customer_id FROM customers WHERE email = $1 ORDER BY created_at DESC LIMIT 1", email
+        )
+
+    async def subscription_for_account(self, account_id: str) -> StoredSubscription | None:
+        """The subscription governing an account's quota."""
+        row = await self._pool.fetchrow(
+            "SELECT s.* FROM customers c JOIN subscriptions s USING (customer_id) WHERE c.account_id = $1 "
+            + _GOVERNING_ORDER,
+            account_id,
+        )
+        return _stored(row)
+
+    async def create_checkout_token(self, token: str, email: str) -> None:
+        """Store a fresh one-time checkout token."""
+        await self._pool.execute("INSERT INTO checkout_tokens (token, email) VALUES ($1, $2)", token, email)
+
+    async def attach_session(self, token: str, session_id: str) -> None:
+        """Link a token to its Stripe Checkout Session."""
+        await self._pool.execute(
+            "UPDATE checkout_tokens SET session_id = $2 WHERE token = $1", token, session_id
+        )
+
+    async def store_provisioned_key(self, token: str, account_id: str, api_key: str) -> bool:
+        """Park a minted key's plaintext for one read; False if the token is not paid for that account."""
+        row = await self._pool.fetchrow(
+            "UPDATE checkout_tokens SET status = 'ready', api_key = $3, ready_at = now()"
+            " WHERE token = $1 AND account_id = $2 AND status = 'paid' RETURNING token",
+            token,
+            account_id,
+            api_key,
+        )
+        return row is not None
+
+    async def take_api_key(self, token: str, *, not_before: datetime) -> asyncpg.Record | None:
+        """The token's row with the key as it was; the same statement nulls the key, so it is read once."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            # A key parked before `not_before` was never collected: drop it rather than keep a plaintext.
+            await conn.execute(
+                "UPDATE checkout_tokens SET status = 'expired', api_key = NULL"
+                " WHERE token = $1 AND status = 'ready' AND ready_at < $2",
+                token,
+                not_before,
+            )
+            return await conn.fetchrow(
+                "WITH taken AS (SELECT token, api_key FROM checkout_tokens WHERE token = $1 FOR UPDATE)"
+                " UPDATE checkout_tokens c SET api_key = NULL,"
+                " status = CASE WHEN c.status = 'ready' THEN 'delivered' ELSE c.status END,"
+                " delivered_at = CASE WHEN c.status = 'ready' THEN now() ELSE c.delivered_at END"
+                " FROM taken WHERE c.token = taken.token"
+                " RETURNING c.status, taken.api_key, c.account_id, c.customer_id, c.email",
+                token,
+            )
+
+    async def purge_undelivered_keys(self, older_than: datetime) -> int:
+        """Drop key plaintexts nobody came to read; returns how many."""
+        result = await self._pool.execute(
+            "UPDATE checkout_tokens SET status = 'expired', api_key = NULL"
+            " WHERE status = 'ready' AND ready_at < $1",
+            older_than,
+        )
+        return int(result.split()[-1])
+
+    async def record_usage(
+        self, job_id: str, account_id: str, characters: int, occurred_at: datetime, period_start: datetime
+    ) -> bool:
+        """Add a job's characters once; False when the job was already recorded."""
+        row = await self._pool.fetchrow(
+            "INSERT INTO usage_ledger (job_id, account_id, characters, occurred_at, period_start)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
+            job_id,
+            account_id,
+            characters,
+            occurred_at,
+            period_start,
+        )
+        return row is not None
+
+    async def characters_between(self, account_id: str, start: datetime, end: datetime) -> int:
+        """Characters of an account's jobs that occurred in [start, end)."""
+        value = await self._pool.fetchval(
+            "SELECT coalesce(sum(characters), 0) FROM usage_ledger"
+            " WHERE account_id = $1 AND occurred_at >= $2 AND occurred_at < $3",
+            account_id,
+            start,
+            end,
+        )
+        return int(value)
+
+    async def delete_account(self, account_id: str) -> int:
+        """Every row of the account: usage, checkouts, subscriptions and the customer record."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            usage = await conn.execute("DELETE FROM usage_ledger WHERE account_id = $1", account_id)
+            await conn.execute("DELETE FROM checkout_tokens WHERE account_id = $1", account_id)
+            customers = await conn.fetch("DELETE FROM customers WHERE account_id = $1 RETURNING customer_id",
+                                         account_id)
+            ids = [r["customer_id"] for r in customers]
+            if ids:
+                await conn.execute("DELETE FROM subscriptions WHERE customer_id = ANY($1::text[])", ids)
+                await conn.execute("DELETE FROM checkout_tokens WHERE customer_id = ANY($1::text[])", ids)
+        return int(usage.split()[-1]) + len(ids)

@@ -1,0 +1,91 @@
+"""Builds billing's dependencies from settings; tests pass overrides through the same function."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import asyncpg
+from timbre_common.db import create_pool, migrate
+from timbre_common.messaging import QUEUES, Bus, PgDeduper
+
+from .adapters.repository import BillingRepository
+from .adapters.stripe_gateway import StripeGateway
+from .handlers import StripeApi
+from .settings import BillingSettings
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+SCHEMA = "billing"
+
+
+@dataclass
+class BillingDependencies:
+    """What the handlers take by keyword; `stripe` is None with BILLING=off."""
+
+    settings: BillingSettings
+    pool: asyncpg.Pool
+    repository: BillingRepository
+    stripe: StripeApi | None
+
+    async def aclose(self) -> None:
+        """Close the Stripe client and the pool."""
+        if isinstance(self.stripe, StripeGateway):
+            await self.stripe.aclose()
+        await self.pool.close()
+
+
+async def build(
+    settings: BillingSettings,
+    *,
+    pool: asyncpg.Pool | None = None,
+    stripe: StripeApi | None = None,
+    schema: str = SCHEMA,
+) -> BillingDependencies:
+    """Pool (migrated), repository and Stripe gateway for billing."""
+    if pool is None:
+        pool = await create_pool(settings.database_url.get_secret_value(), schema=schema)
+    await migrate(pool, schema, MIGRATIONS_DIR)
+    if stripe is None and settings.enabled:
+        stripe = StripeGateway.from_settings(settings)
+    return BillingDependencies(settings, pool, BillingRepository(pool), stripe)
+
+
+class BillingService:
+    """The billing process: RPC for the gateway, usage from job.ready."""
+
+    def __init__(self, deps: BillingDependencies, bus: Bus) -> None:
+        self.deps, self.bus = deps, bus
+
+    async def start(self) -> None:
+        from timbre_common.contracts import billing as c
+        from timbre_common.contracts.accounts import AccountPurgeRequested
+        from timbre_common.contracts.synthesis import JobReady
+
+        from . import bus_adapters as a
+
+        d = {"deps": self.deps}
+        await self.bus.serve({
+            c.CheckQuota: partial(a.check_quota, **d),
+            c.GetUsage: partial(a.get_usage, **d),
+            c.StartCheckout: partial(a.start_checkout, **d),
+            c.GetCheckoutStatus: partial(a.checkout_status, **d),
+            c.HandleStripeWebhook: partial(a.stripe_webhook, bus=self.bus, **d),
+        })
+        deduper = PgDeduper(self.deps.pool)
+        await deduper.ensure()
+        await self.bus.consume(QUEUES["billing.events"], {
+            JobReady: partial(a.on_job_ready, **d),
+            AccountPurgeRequested: partial(a.on_account_purge, bus=self.bus, **d),
+        }, deduper=deduper)
+
+    async def stop(self) -> None:
+        await self.bus.close()
+        await self.deps.aclose()
+
+
+async def build_service(settings: BillingSettings | None = None) -> BillingService:
+    settings = settings or BillingSettings()
+    deps = await build(settings)
+    bus = await Bus(url=settings.amqp_url.get_secret_value(), namespace=settings.bus_namespace,
+                    service="billing", rpc_timeout=settings.rpc_timeout_s).connect()
+    return BillingService(deps, bus)

@@ -1,0 +1,303 @@
+"""Billing handlers: plain async functions, dependencies by keyword, no broker or HTTP knowledge.
+
+Consumes:
+  - Stripe webhooks (POST /v1/webhooks/stripe, raw body + Stripe-Signature) -> handle_stripe_webhook
+  - AccountProvisioned (the gateway minted the key for a checkout's account) -> handle_account_provisioned
+  - job.ready (characters of a finished job) -> record_usage
+  - RPC from the gateway: start_checkout, checkout_status, usage, check_quota
+Emits (returned to the caller, who publishes; a redelivered webhook returns the same requests again):
+  - WebhookOutcome.provision -> ProvisionAccount (contract AccountProvisioningRequested: the gateway creates
+    account `account_id`, assigned here, or reuses it, and mints an API key)
+  - WebhookOutcome.revoke -> RevokeAccess (AccountKeysRevoked; reason unpaid | canceled)
+  - WebhookOutcome.restore -> RestoreAccess (AccountKeysRestored: unpaid -> served again)
+"""
+from __future__ import annotations
+
+import secrets
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+from urllib.parse import quote
+
+from timbre_common.logging import get_logger
+
+from .adapters.repository import BillingRepository, BillingTransaction
+from .adapters.webhooks import verify_event
+from .domain import (
+    CANCELED,
+    REVOKING_STATUSES,
+    SERVED_STATUSES,
+    BillingDisabled,
+    CheckoutStart,
+    CheckoutStatus,
+    ProvisionAccount,
+    QuotaDecision,
+    RestoreAccess,
+    RevokeAccess,
+    StripeEvent,
+    SubscriptionSnapshot,
+    UnknownCheckoutToken,
+    UsageReport,
+    WebhookOutcome,
+    checkout_session_fields,
+    current_period,
+    decide_quota,
+    normalize_email,
+    outcome_actions,
+    outcome_from_actions,
+    subscription_from_stripe,
+    subscription_update_verdict,
+)
+from .settings import BillingSettings
+
+log = get_logger(__name__)
+
+_CHECKOUT_DONE = ("checkout.session.completed", "checkout.session.async_payment_succeeded")
+_SUBSCRIPTION_CHANGED = ("customer.subscription.created", "customer.subscription.updated")
+
+
+class StripeApi(Protocol):
+    """What the handlers need of Stripe (StripeGateway, or a fake in unit tests)."""
+
+    async def create_checkout_session(
+        self,
+        customer_email: str,
+        token: str,
+        success_url: str,
+        cancel_url: str,
+        *,
+        customer_id: str | None = None,
+    ) -> tuple[str, str]: ...
+
+    async def retrieve_subscription(self, subscription_id: str) -> SubscriptionSnapshot: ...
+
+    async def find_active_subscription(self, email: str) -> SubscriptionSnapshot | None: ...
+
+
+def _require_enabled(settings: BillingSettings) -> None:
+    if not settings.enabled:
+        raise BillingDisabled("billing is off")
+
+
+async def start_checkout(
+    email: str, *, repository: BillingRepository, stripe: StripeApi, settings: BillingSettings
+) -> CheckoutStart:
+    """A Checkout Session URL for a new subscriber, or the already-subscribed page for a served one."""
+    _require_enabled(settings)
+    address = normalize_email(email)
+    base = settings.app_base_url
+    already = f"{base}/v1/checkout/already-subscribed"
+    if await repository.served_subscription_for_email(address) is not None:
+        return CheckoutStart(url=already, already_subscribed=True)
+    # Stripe may know a subscription whose webhook has not landed yet (or one made outside this flow).
+    if await stripe.find_active_subscription(address) is not None:
+        return CheckoutStart(url=already, already_subscribed=True)
+    token = secrets.token_urlsafe(32)
+    await repository.create_checkout_token(token, address)
+    session_id, url = await stripe.create_checkout_session(
+        address,
+        token,
+        success_url=f"{base}/v1/checkout/success?token={quote(token)}",
+        cancel_url=f"{base}/v1/signup",
+        customer_id=await repository.customer_id_for_email(address),
+    )
+    await repository.attach_session(token, session_id)
+    log.info("checkout_started", session_id=session_id)
+    return CheckoutStart(url=url, already_subscribed=False, session_id=session_id)
+
+
+async def handle_stripe_webhook(
+    payload: bytes,
+    sig_header: str,
+    *,
+    repository: BillingRepository,
+    stripe: StripeApi,
+    settings: BillingSettings,
+    now: float | None = None,
+) -> WebhookOutcome:
+    """Verify a Stripe delivery and apply its event exactly once, in one transaction."""
+    _require_enabled(settings)
+    event = verify_event(
+        payload, sig_header, settings.webhook_secrets(), tolerance_s=settings.webhook_tolerance_s, now=now
+    )
+    # Stripe I/O stays outside the transaction: fetch the subscription a checkout created first.
+    fetched: SubscriptionSnapshot | None = None
+    if event.type in _CHECKOUT_DONE and not await repository.event_seen(event.id):
+        _, _, _, subscription_id, paid = checkout_session_fields(event.object)
+        if subscription_id and paid:
+            fetched = await stripe.retrieve_subscription(subscription_id)
+    async with repository.transaction() as tx:
+        if not await tx.claim_event(event):
+            outcome, actions = await tx.stored_outcome(event.id)
+            log.info("stripe_event_duplicate", event_id=event.id, event_type=event.type)
+            return outcome_from_actions(event, outcome, actions)
+        result = await _apply(event, tx, fetched)
+        await tx.finish_event(event.id, result.outcome, outcome_actions(result))
+    log.info("stripe_event_applied", event_id=event.id, event_type=event.type, outcome=result.outcome)
+    return result
+
+
+async def _apply(
+    event: StripeEvent, tx: BillingTransaction, fetched: SubscriptionSnapshot | None
+) -> WebhookOutcome:
+    if event.type in _CHECKOUT_DONE:
+        return await _apply_checkout(event, tx, fetched)
+    if event.type in _SUBSCRIPTION_CHANGED:
+        return await _apply_subscription_change(event, tx)
+    if event.type == "customer.subscription.deleted":
+        return await _apply_subscription_deleted(event, tx)
+    return WebhookOutcome(event.id, event.type, "ignored")
+
+
+async def _apply_checkout(
+    event: StripeEvent, tx: BillingTransaction, fetched: SubscriptionSnapshot | None
+) -> WebhookOutcome:
+    customer_id, email, token, subscription_id, paid = checkout_session_fields(event.object)
+    if event.object.get("mode") != "subscription" or not customer_id or not paid:
+        return WebhookOutcome(event.id, event.type, "ignored")
+    existing = await tx.upsert_customer(customer_id, email)
+    # Billing names the account so the provisioning request, the token and the quota agree on it.
+    account_id = existing or await tx.assign_account(customer_id, str(uuid.uuid4()))
+    if fetched is not None:
+        stored = await tx.lock_subscription(fetched.subscription_id)
+        if subscription_update_verdict(stored, event.created) == "apply":
+            await tx.save_subscription(fetched, event.created)
+    if token:
+        session_id = str(event.object.get("id") or "") or None
+        await tx.mark_token_paid(token, (email or "").lower(), session_id, customer_id, account_id)
+    provision = ProvisionAccount(
+        account_id=account_id,
+        customer_id=customer_id,
+        email=(email or "").lower(),
+        checkout_token=token,
+        subscription_id=subscription_id,
+        new_account=existing is None,
+    )
+    return WebhookOutcome(event.id, event.type, "applied", provision=provision)
+
+
+async def _apply_subscription_change(event: StripeEvent, tx: BillingTransaction) -> WebhookOutcome:
+    snap = subscription_from_stripe(event.object)
+    stored = await tx.lock_subscription(snap.subscription_id)
+    verdict = subscription_update_verdict(stored, event.created)
+    if verdict != "apply":
+        log.info("stripe_event_not_applied", event_id=event.id, verdict=verdict)
+        return WebhookOutcome(event.id, event.type, "stale")
+    if snap.status == CANCELED:
+        # An `updated` to canceled ends it like a deletion would; nothing later resurrects it.
+        return await _apply_subscription_deleted(event, tx)
+    await tx.upsert_customer(snap.customer_id, None)
+    await tx.save_subscription(snap, event.created)
+    was_revoked = stored is not None and stored.status in REVOKING_STATUSES
+    revoke, restore = None, None
+    # Only transitions ask anything of the gateway; a repeated `unpaid` is already handled.
+    if snap.status in REVOKING_STATUSES and not was_revoked:
+        account_id = await tx.account_of_customer(snap.customer_id)
+        revoke = RevokeAccess(snap.customer_id, account_id, snap.subscription_id, "unpaid")
+    elif snap.status in SERVED_STATUSES and was_revoked:
+        account_id = await tx.account_of_customer(snap.customer_id)
+        restore = RestoreAccess(snap.customer_id, account_id, snap.subscription_id)
+    return WebhookOutcome(event.id, event.type, "applied", revoke=revoke, restore=restore)
+
+
+async def _apply_subscription_deleted(event: StripeEvent, tx: BillingTransaction) -> WebhookOutcome:
+    snap = subscription_from_stripe(event.object)
+    stored = await tx.lock_subscription(snap.subscription_id)
+    ended = SubscriptionSnapshot(
+        subscription_id=snap.subscription_id,
+        customer_id=snap.customer_id,
+        status=CANCELED,
+        current_period_start=snap.current_period_start,
+        current_period_end=snap.current_period_end,
+        canceled_at=snap.canceled_at or datetime.fromtimestamp(event.created, tz=UTC),
+    )
+    await tx.upsert_customer(snap.customer_id, None)
+    # Deletion is terminal, so it applies whatever order it arrives in.
+    await tx.save_subscription(ended, event.created)
+    if stored is not None and stored.status == CANCELED:
+        return WebhookOutcome(event.id, event.type, "stale")
+    revoke = RevokeAccess(
+        customer_id=snap.customer_id,
+        account_id=await tx.account_of_customer(snap.customer_id),
+        subscription_id=snap.subscription_id,
+        reason="canceled",
+    )
+    return WebhookOutcome(event.id, event.type, "applied", revoke=revoke)
+
+
+async def handle_account_provisioned(
+    checkout_token: str, account_id: str, api_key: str, *, repository: BillingRepository
+) -> bool:
+    """Park the key minted for a paid checkout until its first read; False unless paid for that account."""
+    return await repository.store_provisioned_key(checkout_token, account_id, api_key)
+
+
+async def checkout_status(
+    token: str, *, repository: BillingRepository, settings: BillingSettings, now: datetime | None = None
+) -> CheckoutStatus:
+    """Not ready until the key is parked; then the key, once; later reads say it was already shown."""
+    moment = now or datetime.now(UTC)
+    not_before = moment - timedelta(seconds=settings.checkout_key_ttl_s)
+    row = await repository.take_api_key(token, not_before=not_before)
+    if row is None:
+        raise UnknownCheckoutToken("unknown checkout token")
+    status, api_key = row["status"], row["api_key"]
+    ids = {"account_id": row["account_id"], "customer_id": row["customer_id"], "email": row["email"]}
+    if status == "open":
+        return CheckoutStatus(ready=False)
+    if status == "paid":
+        return CheckoutStatus(ready=False, paid=True, **ids)
+    if api_key is not None:
+        return CheckoutStatus(ready=True, paid=True, api_key=api_key, **ids)
+    return CheckoutStatus(ready=True, paid=True, already_shown=True, **ids)
+
+
+async def record_usage(
+    job_id: str,
+    account_id: str,
+    characters: int,
+    occurred_at: datetime,
+    *,
+    repository: BillingRepository,
+    settings: BillingSettings,
+) -> bool:
+    """Count a finished job's characters once per job; False for a repeat."""
+    if characters < 0:
+        raise ValueError("characters must be >= 0")
+    subscription = await repository.subscription_for_account(account_id)
+    period = current_period(subscription, occurred_at, billing_enabled=settings.enabled)
+    return await repository.record_usage(job_id, account_id, characters, occurred_at, period.start)
+
+
+async def usage(
+    account_id: str, now: datetime, *, repository: BillingRepository, settings: BillingSettings
+) -> UsageReport:
+    """Characters used in the account's current Stripe period (calendar month without one)."""
+    subscription = await repository.subscription_for_account(account_id)
+    period = current_period(subscription, now, billing_enabled=settings.enabled)
+    used = await repository.characters_between(account_id, period.start, period.end)
+    quota = settings.plan_character_quota
+    return UsageReport(period.start, period.end, used, quota, max(quota - used, 0))
+
+
+async def check_quota(
+    account_id: str,
+    characters: int,
+    *,
+    repository: BillingRepository,
+    settings: BillingSettings,
+    now: datetime | None = None,
+) -> QuotaDecision:
+    """Whether `characters` more fit the account's quota this period (always with BILLING=off)."""
+    moment = now or datetime.now(UTC)
+    subscription = await repository.subscription_for_account(account_id)
+    period = current_period(subscription, moment, billing_enabled=settings.enabled)
+    used = await repository.characters_between(account_id, period.start, period.end)
+    decision = decide_quota(
+        used=used,
+        requested=characters,
+        quota=settings.plan_character_quota,
+        billing_enabled=settings.enabled,
+        subscription_status=subscription.status if subscription else None,
+    )
+    return QuotaDecision(decision.allowed, decision.remaining, decision.reason, period)

@@ -1,0 +1,91 @@
+"""Billing settings from the environment; with BILLING=on, missing or placeholder secrets fail at start."""
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import SecretStr, field_validator, model_validator
+from timbre_common.settings import CommonSettings
+
+# Values copied from docs and templates that must never reach Stripe.
+_PLACEHOLDER_WORDS = frozenset(
+    {"", "changeme", "change-me", "change_me", "secret", "placeholder", "xxx", "todo", "none", "null",
+     "dummy"}
+)
+_PLACEHOLDER_RE = re.compile(
+    r"^(?:(?:sk|rk|pk)_(?:test|live)_|whsec_|price_)?(?:x+|\.\.\.|changeme|placeholder|your[_-].*|<.*>|\*+)$",
+    re.IGNORECASE,
+)
+
+
+def is_placeholder(value: str) -> bool:
+    """True for an empty value or one that only looks like a secret (`sk_test_xxx`, `changeme`...)."""
+    v = value.strip()
+    return v.lower() in _PLACEHOLDER_WORDS or bool(_PLACEHOLDER_RE.match(v)) or "changeme" in v.lower()
+
+
+class BillingSettings(CommonSettings):
+    """What the billing service reads from the environment."""
+
+    billing: Literal["on", "off"] = "off"
+    stripe_secret_key: SecretStr = SecretStr("")
+    # Comma-separated: during a rotation Stripe signs with one secret while the other is still configured.
+    stripe_webhook_secrets: SecretStr = SecretStr("")
+    stripe_price_id: str = ""
+    stripe_api_base: str | None = None
+    app_base_url: str = "http://127.0.0.1:8000"
+    plan_character_quota: int = 500_000
+    webhook_tolerance_s: int = 300
+    # An undelivered API key plaintext is dropped after this long.
+    checkout_key_ttl_s: int = 86_400
+
+    @field_validator("billing", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("app_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("APP_BASE_URL must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("stripe_api_base")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else None
+
+    @field_validator("plan_character_quota", "webhook_tolerance_s", "checkout_key_ttl_s")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+    @model_validator(mode="after")
+    def _secrets_when_on(self) -> BillingSettings:
+        if not self.enabled:
+            return self
+        problems: list[str] = []
+        if is_placeholder(self.stripe_secret_key.get_secret_value()):
+            problems.append("STRIPE_SECRET_KEY is missing or a placeholder")
+        secrets = self.webhook_secrets()
+        if not secrets or any(is_placeholder(s) for s in secrets):
+            problems.append("STRIPE_WEBHOOK_SECRETS is missing or holds a placeholder")
+        if is_placeholder(self.stripe_price_id):
+            problems.append("STRIPE_PRICE_ID is missing or a placeholder")
+        if problems:
+            # Names only: a ValueError text ends up in logs, so no value is ever quoted.
+            raise ValueError("BILLING=on but " + "; ".join(problems))
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether Stripe billing and quota enforcement are on."""
+        return self.billing == "on"
+
+    def webhook_secrets(self) -> list[str]:
+        """The accepted webhook signing secrets, in configured order."""
+        raw = self.stripe_webhook_secrets.get_secret_value()
+        return [s.strip() for s in raw.split(",") if s.strip()]

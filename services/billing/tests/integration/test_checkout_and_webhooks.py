@@ -1,0 +1,254 @@
+"""Checkout and webhooks through the official stripe SDK against the fake Stripe API and real PostgreSQL."""
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import asyncpg
+import pytest
+from timbre_billing import handlers
+from timbre_billing.adapters.repository import BillingRepository
+from timbre_billing.adapters.stripe_gateway import StripeGateway, StripeUnavailable
+from timbre_billing.adapters.webhooks import SignatureExpired, SignatureInvalid
+from timbre_billing.domain import BillingDisabled, UnknownCheckoutToken
+from timbre_billing.settings import BillingSettings
+
+
+async def _tables(pool: asyncpg.Pool) -> dict[str, list[Any]]:
+    out = {}
+    for table in ("customers", "checkout_tokens", "subscriptions", "stripe_events", "usage_ledger"):
+        rows = await pool.fetch(f"SELECT * FROM {table} ORDER BY 1")  # noqa: S608 - fixed table names
+        out[table] = [tuple(r.values()) for r in rows]
+    return out
+
+
+async def _webhook(fake: Any, repo: BillingRepository, gw: StripeGateway, settings: BillingSettings,
+                   event_type: str, obj: dict[str, Any], **kw: Any) -> Any:
+    body, header = fake.signed(event_type, obj, **kw)
+    return await handlers.handle_stripe_webhook(body, header, repository=repo, stripe=gw, settings=settings)
+
+
+async def _paid_checkout(fake: Any, repo: BillingRepository, gw: StripeGateway, settings: BillingSettings,
+                         email: str = "ada@example.com") -> tuple[str, Any]:
+    start = await handlers.start_checkout(email, repository=repo, stripe=gw, settings=settings)
+    session = fake.state.complete_session(start.session_id)
+    outcome = await _webhook(fake, repo, gw, settings, "checkout.session.completed", session)
+    return session["client_reference_id"], outcome
+
+
+async def test_checkout_session_created_with_token_and_urls(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
+) -> None:
+    start = await handlers.start_checkout(" Ada@Example.com ", repository=repository, stripe=gateway,
+                                          settings=settings_on)
+    assert not start.already_subscribed and start.url.startswith("https://checkout.stripe.test/")
+    session = stripe_fake.state.sessions[start.session_id]
+    token = session["client_reference_id"]
+    assert len(token) >= 40 and session["customer_email"] == "ada@example.com"
+    assert session["_price"] == "price_hobby" and session["mode"] == "subscription"
+    success = urlparse(session["success_url"])
+    assert success.netloc == "timbre.test" and parse_qs(success.query)["token"] == [token]
+    assert session["_idempotency_key"] == f"checkout-{token}"
+    status = await handlers.checkout_status(token, repository=repository, settings=settings_on)
+    assert not status.ready and status.api_key is None
+
+
+async def test_active_subscriber_gets_already_subscribed_url(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
+) -> None:
+    # Known to Stripe only (the webhook has not landed).
+    customer = stripe_fake.state.create_customer("grace@example.com")
+    stripe_fake.state.create_subscription(customer["id"], "price_hobby")
+    start = await handlers.start_checkout("grace@example.com", repository=repository, stripe=gateway,
+                                          settings=settings_on)
+    assert start.already_subscribed and start.url == "https://timbre.test/v1/checkout/already-subscribed"
+    # Known locally after a completed checkout.
+    await _paid_checkout(stripe_fake, repository, gateway, settings_on, "alan@example.com")
+    sessions_before = len(stripe_fake.state.sessions)
+    again = await handlers.start_checkout("alan@example.com", repository=repository, stripe=gateway,
+                                          settings=settings_on)
+    assert again.already_subscribed and len(stripe_fake.state.sessions) == sessions_before
+
+
+async def test_full_signup_shows_the_key_once(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any,
+    pool: asyncpg.Pool
+) -> None:
+    token, outcome = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
+    provision = outcome.provision
+    assert outcome.outcome == "applied" and provision is not None and provision.new_account
+    assert provision.checkout_token == token and provision.email == "ada@example.com"
+    account_id = str(uuid.UUID(provision.account_id))
+    paid = await handlers.checkout_status(token, repository=repository, settings=settings_on)
+    assert (paid.ready, paid.paid, paid.account_id, paid.api_key) == (False, True, account_id, None)
+    provisioned = functools.partial(handlers.handle_account_provisioned, repository=repository)
+    assert not await provisioned(token, "other-account", "tk_x")
+    assert await provisioned(token, account_id, "tk_live_secretkey")
+    first = await handlers.checkout_status(token, repository=repository, settings=settings_on)
+    second = await handlers.checkout_status(token, repository=repository, settings=settings_on)
+    assert (first.ready, first.api_key, first.account_id) == (True, "tk_live_secretkey", account_id)
+    assert (second.ready, second.api_key, second.already_shown) == (True, None, True)
+    # A redelivered AccountProvisioned cannot park the key again.
+    assert not await handlers.handle_account_provisioned(token, account_id, "tk_live_secretkey",
+                                                         repository=repository)
+    assert await pool.fetchval("SELECT count(*) FROM checkout_tokens WHERE api_key IS NOT NULL") == 0
+    with pytest.raises(UnknownCheckoutToken):
+        await handlers.checkout_status("nope", repository=repository, settings=settings_on)
+
+
+async def test_uncollected_key_expires(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
+) -> None:
+    token, outcome = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
+    account_id = outcome.provision.account_id
+    await handlers.handle_account_provisioned(token, account_id, "tk_old", repository=repository)
+    later = datetime.now(UTC) + timedelta(seconds=settings_on.checkout_key_ttl_s + 60)
+    status = await handlers.checkout_status(token, repository=repository, settings=settings_on, now=later)
+    assert status.api_key is None
+
+
+async def test_resubscribing_customer_keeps_its_account(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
+) -> None:
+    _, first = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
+    sub = stripe_fake.state.subscriptions[first.provision.subscription_id]
+    sub["status"] = "canceled"
+    await _webhook(stripe_fake, repository, gateway, settings_on, "customer.subscription.deleted", sub,
+                   created=int(time.time()) + 5)
+    _, second = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
+    assert second.provision.account_id == first.provision.account_id and not second.provision.new_account
+    assert second.provision.customer_id == first.provision.customer_id  # the checkout reused the Customer
+    decision = await handlers.check_quota(first.provision.account_id, 1, repository=repository,
+                                          settings=settings_on)
+    assert decision.allowed
+
+
+async def test_webhook_signatures(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any,
+    pool: asyncpg.Pool
+) -> None:
+    obj = {"id": "cus_x", "object": "customer"}
+    kw = {"repository": repository, "stripe": gateway, "settings": settings_on}
+    body, header = stripe_fake.signed("customer.created", obj)
+    with pytest.raises(SignatureInvalid):
+        await handlers.handle_stripe_webhook(body.replace(b"cus_x", b"cus_y"), header, **kw)
+    body, header = stripe_fake.signed("customer.created", obj, secret="whsec_wrong")
+    with pytest.raises(SignatureInvalid):
+        await handlers.handle_stripe_webhook(body, header, **kw)
+    body, header = stripe_fake.signed("customer.created", obj, timestamp=int(time.time()) - 600)
+    with pytest.raises(SignatureExpired):
+        await handlers.handle_stripe_webhook(body, header, **kw)
+    assert await pool.fetchval("SELECT count(*) FROM stripe_events") == 0
+    # The good one and one signed with the previous (rotated) secret are accepted; unknown types are no-ops.
+    for secret in ("whsec_current_a1b2c3", "whsec_previous_d4e5f6"):
+        body, header = stripe_fake.signed("customer.created", obj, secret=secret)
+        outcome = await handlers.handle_stripe_webhook(body, header, **kw)
+        assert outcome.outcome == "ignored" and not outcome.duplicate
+    assert await pool.fetchval("SELECT count(*) FROM stripe_events WHERE outcome = 'ignored'") == 2
+
+
+async def test_resent_event_changes_nothing(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any,
+    pool: asyncpg.Pool
+) -> None:
+    start = await handlers.start_checkout("ada@example.com", repository=repository, stripe=gateway,
+                                          settings=settings_on)
+    session = stripe_fake.state.complete_session(start.session_id)
+    body, header = stripe_fake.signed("checkout.session.completed", session)
+    kw = {"repository": repository, "stripe": gateway, "settings": settings_on}
+    first = await handlers.handle_stripe_webhook(body, header, **kw)
+    before = await _tables(pool)
+    calls_before = len(stripe_fake.state.requests)
+    again = await handlers.handle_stripe_webhook(body, header, **kw)
+    assert await _tables(pool) == before
+    assert len(stripe_fake.state.requests) == calls_before  # no second subscription fetch
+    # The same request comes back so a caller whose publish failed can publish it again.
+    assert again.duplicate and again.provision == first.provision and again.outcome == "applied"
+
+
+async def test_out_of_order_events_do_not_resurrect(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
+) -> None:
+    _, outcome = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
+    sub_id = outcome.provision.subscription_id
+    sub = stripe_fake.state.subscriptions[sub_id]
+    t = int(time.time())
+    canceled = {**sub, "status": "canceled", "ended_at": t}
+    deleted = await _webhook(stripe_fake, repository, gateway, settings_on, "customer.subscription.deleted",
+                             canceled, created=t + 20)
+    assert deleted.revoke is not None and deleted.revoke.reason == "canceled"
+    # An update sent before the deletion, delivered after it, and even one stamped later.
+    for created in (t + 10, t + 30):
+        late = await _webhook(stripe_fake, repository, gateway, settings_on, "customer.subscription.updated",
+                              {**sub, "status": "active"}, created=created)
+        assert late.outcome == "stale" and late.revoke is None
+    assert (await repository.subscription(sub_id)).status == "canceled"
+
+
+async def test_older_update_does_not_overwrite_newer(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
+) -> None:
+    _, outcome = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
+    sub = stripe_fake.state.subscriptions[outcome.provision.subscription_id]
+    t = int(time.time())
+    await _webhook(stripe_fake, repository, gateway, settings_on, "customer.subscription.updated",
+                   {**sub, "status": "past_due"}, created=t + 50)
+    old = await _webhook(stripe_fake, repository, gateway, settings_on, "customer.subscription.updated",
+                         {**sub, "status": "active"}, created=t + 40)
+    assert old.outcome == "stale"
+    assert (await repository.subscription(sub["id"])).status == "past_due"
+
+
+async def test_unpaid_yields_revoke_once(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
+) -> None:
+    _, outcome = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
+    account_id = outcome.provision.account_id
+    sub = stripe_fake.state.subscriptions[outcome.provision.subscription_id]
+    t = int(time.time())
+    unpaid = await _webhook(stripe_fake, repository, gateway, settings_on, "customer.subscription.updated",
+                            {**sub, "status": "unpaid"}, created=t + 5)
+    assert unpaid.revoke is not None
+    assert (unpaid.revoke.account_id, unpaid.revoke.reason) == (account_id, "unpaid")
+    again = await _webhook(stripe_fake, repository, gateway, settings_on, "customer.subscription.updated",
+                           {**sub, "status": "unpaid"}, created=t + 6)
+    assert again.outcome == "applied" and again.revoke is None
+    decision = await handlers.check_quota(account_id, 1, repository=repository, settings=settings_on)
+    assert (decision.allowed, decision.reason) == (False, "subscription_unpaid")
+    # Paid after all: the keys come back.
+    paid = await _webhook(stripe_fake, repository, gateway, settings_on, "customer.subscription.updated",
+                          {**sub, "status": "active"}, created=t + 7)
+    assert paid.restore is not None and paid.restore.account_id == account_id and paid.revoke is None
+
+
+async def test_period_synced_from_update(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
+) -> None:
+    _, outcome = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
+    sub = stripe_fake.state.subscriptions[outcome.provision.subscription_id]
+    item = sub["items"]["data"][0]
+    renewed = {**sub, "items": {**sub["items"], "data": [{**item, "current_period_start": 1_900_000_000,
+                                                           "current_period_end": 1_902_592_000}]}}
+    await _webhook(stripe_fake, repository, gateway, settings_on, "customer.subscription.updated", renewed,
+                   created=int(time.time()) + 1)
+    stored = await repository.subscription(sub["id"])
+    assert int(stored.current_period_start.timestamp()) == 1_900_000_000
+    assert int(stored.current_period_end.timestamp()) == 1_902_592_000
+
+
+async def test_sdk_errors_map_to_stripe_unavailable(gateway: StripeGateway, stripe_fake: Any) -> None:
+    with pytest.raises(StripeUnavailable):
+        await gateway.retrieve_subscription("sub_missing")
+    assert await gateway.find_active_subscription("nobody@example.com") is None
+
+
+async def test_billing_off_refuses_stripe_operations(
+    repository: BillingRepository, gateway: StripeGateway, settings_off: BillingSettings
+) -> None:
+    with pytest.raises(BillingDisabled):
+        await handlers.start_checkout("ada@example.com", repository=repository, stripe=gateway,
+                                      settings=settings_off)

@@ -1,0 +1,51 @@
+"""Gateway event handlers.
+
+Consumes: account.purge_requested (delete keys and accounts), account.purged (record confirmations),
+billing.account_provisioning_requested (mint a key after a checkout), billing.account_keys_revoked /
+restored (suspend or reactivate an account).
+Emits: account.purged.
+"""
+from __future__ import annotations
+
+from timbre_common.contracts import Envelope
+from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurged, AccountPurgeRequested
+from timbre_common.contracts.billing import AccountKeysRestored, AccountKeysRevoked, AccountProvisioningRequested
+from timbre_common.logging import get_logger
+from timbre_common.ports import MessageBus
+
+from .adapters.repository import AccountRepository
+
+log = get_logger(__name__)
+
+
+async def on_purge_requested(event: AccountPurgeRequested, *, envelope: Envelope, accounts: AccountRepository,
+                             bus: MessageBus) -> None:
+    removed = await accounts.delete_account(event.account_id)
+    await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="gateway",
+                                    removed=removed))
+
+
+async def on_purged(event: AccountPurged, *, envelope: Envelope, accounts: AccountRepository) -> None:
+    await accounts.confirm_purge(event.purge_id, event.service, event.removed, PURGING_SERVICES)
+    log.info("purge_confirmed", purge_id=event.purge_id, service=event.service, removed=event.removed)
+
+
+async def on_provisioning_requested(event: AccountProvisioningRequested, *, envelope: Envelope,
+                                    accounts: AccountRepository) -> None:
+    """A paid checkout: create the account and a key, kept for one read by the success page."""
+    if await accounts.account_exists(event.account_id):
+        await accounts.restore_account(event.account_id)
+        return
+    key, _ = await accounts.create_key(label="checkout", account_id=event.account_id, email=event.email)
+    if event.checkout_token:
+        await accounts.store_checkout_key(event.checkout_token, event.account_id, key)
+    log.info("account_provisioned", account=event.account_id)
+
+
+async def on_keys_revoked(event: AccountKeysRevoked, *, envelope: Envelope, accounts: AccountRepository) -> None:
+    await accounts.revoke_account_keys(event.account_id)
+    log.info("account_suspended", account=event.account_id, reason=event.reason)
+
+
+async def on_keys_restored(event: AccountKeysRestored, *, envelope: Envelope, accounts: AccountRepository) -> None:
+    await accounts.restore_account(event.account_id)

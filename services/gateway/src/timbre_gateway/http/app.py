@@ -1,0 +1,68 @@
+"""The FastAPI application: routes, error bodies, correlation ids, OpenAPI."""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from timbre_common.logging import correlation_id_var, get_logger
+
+from .errors import install_error_handlers
+from .routes import router
+
+log = get_logger("timbre_gateway.access")
+_CID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+DESCRIPTION = """Timbre: hosted voice-cloning text-to-speech.
+
+Authenticate with `Authorization: Bearer tb_...`. Every error answers
+`{"error": {"code": "...", "message": "..."}}` with a stable code.
+Synthesis answers `200 audio/*` from the cache (`X-Cache: HIT`) or `202` with a job to poll (`X-Cache: MISS`).
+"""
+
+
+class CorrelationMiddleware:
+    """Takes X-Request-Id (or makes one), binds it for logs and messages, echoes it back; logs each request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        cid = given if _CID_RE.match(given) else str(uuid.uuid4())
+        token = correlation_id_var.set(cid)
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", cid.encode()))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            log.info("http_request", method=scope["method"], path=scope["path"], status=status["code"],
+                     ms=round((time.perf_counter() - started) * 1000, 2))
+            correlation_id_var.reset(token)
+
+
+def create_app(ctx: Any, *, extra_routers: list[Any] | None = None) -> FastAPI:
+    """The gateway app over a built context (settings, bus, repositories)."""
+    app = FastAPI(title="Timbre API", version="1.0.0", description=DESCRIPTION, openapi_url="/openapi.json",
+                  docs_url="/docs", redoc_url=None)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.include_router(router)
+    for extra in extra_routers or []:
+        app.include_router(extra)
+    app.add_middleware(CorrelationMiddleware)
+    return app

@@ -1,0 +1,58 @@
+"""Request-scoped dependencies: the gateway context, the caller's key, the admin check."""
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from ..domain import looks_like_key
+from .errors import ApiError
+
+bearer = HTTPBearer(auto_error=False, description="An API key (tb_...) or, for admin routes, the admin secret")
+
+
+@dataclass(frozen=True)
+class Caller:
+    account_id: str
+    key_id: str
+    rate_per_minute: int | None
+    max_concurrent: int | None
+
+
+def get_ctx(request: Request) -> Any:
+    return request.app.state.ctx
+
+
+Ctx = Annotated[Any, Depends(get_ctx)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+_UNAUTHORIZED = {"WWW-Authenticate": "Bearer"}
+
+
+async def require_key(ctx: Ctx, credentials: Credentials) -> Caller:
+    """The account behind `Authorization: Bearer tb_...`; 401 otherwise."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise ApiError(401, "missing_api_key", "send Authorization: Bearer <api key>", headers=_UNAUTHORIZED)
+    token = credentials.credentials
+    row = await ctx.accounts.authenticate(token) if looks_like_key(token) else None
+    if row is None:
+        raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked", headers=_UNAUTHORIZED)
+    if row["account_status"] != "active":
+        raise ApiError(403, "account_suspended", "this account's subscription is not active")
+    return Caller(account_id=str(row["account_id"]), key_id=str(row["key_id"]),
+                  rate_per_minute=row["rate_per_minute"], max_concurrent=row["max_concurrent"])
+
+
+async def require_admin(ctx: Ctx, credentials: Credentials) -> None:
+    """The admin secret, compared in constant time."""
+    expected = ctx.settings.admin_secret.get_secret_value().encode()
+    given = (credentials.credentials if credentials else "").encode()
+    if not expected or not hmac.compare_digest(given, expected):
+        raise ApiError(401, "invalid_admin_secret", "wrong or missing admin secret", headers=_UNAUTHORIZED)
+
+
+CallerDep = Annotated[Caller, Depends(require_key)]
+AdminDep = Annotated[None, Depends(require_admin)]

@@ -1,0 +1,105 @@
+"""One error body everywhere: {"error": {"code": "...", "message": "..."}} with a stable code."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from timbre_common.logging import get_logger
+from timbre_common.messaging import RemoteError, RpcTimeout
+
+log = get_logger(__name__)
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    error: ErrorDetail
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None,
+                 details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+        self.details = details
+
+
+def error_response(status: int, code: str, message: str, *, headers: dict[str, str] | None = None,
+                   details: dict[str, Any] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "payload_too_large",
+               415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited"}
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    missing = [".".join(str(p) for p in e["loc"][1:]) for e in errors if e.get("type") == "missing"]
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "invalid_json", "the request body is not valid JSON")
+    if any(e.get("type") in ("model_attributes_type", "dict_type") and len(e["loc"]) <= 1 for e in errors):
+        return error_response(400, "invalid_body", "the request body must be a JSON object")
+    if missing:
+        return error_response(400, "missing_field", f"missing required field(s): {', '.join(missing)}",
+                              details={"fields": missing})
+    fields = [{"field": ".".join(str(p) for p in e["loc"][1:]), "problem": e.get("msg", "")} for e in errors]
+    return error_response(422, "invalid_request", "; ".join(f"{f['field']}: {f['problem']}" for f in fields),
+                          details={"fields": fields})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, headers=exc.headers, details=exc.details)
+
+    @app.exception_handler(RemoteError)
+    async def _remote_error(_: Request, exc: RemoteError) -> JSONResponse:
+        status = exc.status if 400 <= exc.status < 600 else 502
+        return error_response(status, exc.code, exc.message)
+
+    @app.exception_handler(RpcTimeout)
+    async def _timeout(_: Request, exc: RpcTimeout) -> JSONResponse:
+        log.error("rpc_timeout", error=str(exc))
+        return error_response(503, "service_unavailable", "a backing service did not answer in time; retry shortly",
+                              headers={"Retry-After": "5"})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else code
+        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error", error=type(exc).__name__)
+        return error_response(500, "internal_error", "an unexpected error occurred")
+
+
+# For the OpenAPI document: what each error status looks like.
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {400: "Missing or malformed field", 401: "Missing or wrong credentials",
+                    402: "Plan quota used up", 403: "Not allowed", 404: "Not found, or owned by another key",
+                    409: "Conflict", 413: "Body too large", 422: "Invalid value", 429: "Rate or concurrency limit",
+                    500: "Internal error", 503: "A backing service is unavailable"}
+    return {s: {"model": ErrorBody, "description": descriptions.get(s, "Error")} for s in statuses}

@@ -1,0 +1,113 @@
+"""A streaming multipart/form-data reader that refuses an oversized file while it arrives."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from .errors import ApiError
+
+MAX_FIELD_BYTES = 64 * 1024
+MAX_PARTS = 32
+
+
+@dataclass
+class FilePart:
+    filename: str | None
+    content_type: str | None
+    data: bytes
+
+
+@dataclass
+class Form:
+    fields: dict[str, str] = field(default_factory=dict)
+    files: dict[str, FilePart] = field(default_factory=dict)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def read_form(request: Request, *, file_fields: set[str], max_file_bytes: int) -> Form:
+    """Parse the body part by part; stop reading as soon as a file passes `max_file_bytes`."""
+    content_type = request.headers.get("content-type", "")
+    ctype, params = parse_options_header(content_type)
+    if ctype != b"multipart/form-data" or b"boundary" not in params:
+        raise ApiError(422, "unsupported_media_type", "send the request as multipart/form-data")
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_file_bytes + MAX_PARTS * MAX_FIELD_BYTES:
+        raise ApiError(422, "file_too_large", f"the upload exceeds {max_file_bytes // (1024 * 1024)} MB")
+    form = Form()
+    state: dict[str, object] = {"name": None, "filename": None, "ctype": None, "buf": bytearray(),
+                                "header": b"", "headers": {}, "parts": 0}
+
+    def on_part_begin() -> None:
+        state.update(name=None, filename=None, ctype=None, buf=bytearray(), headers={})
+        state["parts"] = int(state["parts"]) + 1  # type: ignore[arg-type]
+        if int(state["parts"]) > MAX_PARTS:  # type: ignore[arg-type]
+            raise ApiError(400, "too_many_parts", f"at most {MAX_PARTS} form parts")
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["header"] = bytes(state["header"]) + data[start:end]  # type: ignore[arg-type]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        headers = state["headers"]
+        name = bytes(state["header"]).lower()  # type: ignore[arg-type]
+        headers[name] = headers.get(name, b"") + data[start:end]  # type: ignore[union-attr,index]
+
+    def on_header_end() -> None:
+        state["header"] = b""
+
+    def on_headers_finished() -> None:
+        headers: dict[bytes, bytes] = state["headers"]  # type: ignore[assignment]
+        _, disp = parse_options_header(headers.get(b"content-disposition", b""))
+        name = disp.get(b"name")
+        state["name"] = name.decode("utf-8", "replace") if name is not None else None
+        filename = disp.get(b"filename")
+        state["filename"] = filename.decode("utf-8", "replace") if filename is not None else None
+        ctype = headers.get(b"content-type")
+        state["ctype"] = ctype.decode("latin-1") if ctype else None
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        buf: bytearray = state["buf"]  # type: ignore[assignment]
+        buf.extend(data[start:end])
+        is_file = state["name"] in file_fields or state["filename"] is not None
+        limit = max_file_bytes if is_file else MAX_FIELD_BYTES
+        if len(buf) > limit:
+            raise _TooLarge(state["name"])
+
+    def on_part_end() -> None:
+        name = state["name"]
+        if not isinstance(name, str):
+            return
+        buf = bytes(state["buf"])  # type: ignore[arg-type]
+        if name in file_fields or state["filename"] is not None:
+            if name in form.files:
+                raise ApiError(400, "duplicate_field", f"{name} was sent twice")
+            form.files[name] = FilePart(state["filename"], state["ctype"], buf)  # type: ignore[arg-type]
+        else:
+            try:
+                form.fields[name] = buf.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ApiError(400, "invalid_field", f"field {name} is not UTF-8 text") from exc
+
+    parser = MultipartParser(params[b"boundary"], callbacks={  # type: ignore[arg-type]
+        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished})
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except _TooLarge as exc:
+        field_name = exc.args[0]
+        if field_name in file_fields:
+            raise ApiError(422, "file_too_large",
+                           f"{field_name} exceeds {max_file_bytes // (1024 * 1024)} MB") from None
+        raise ApiError(422, "field_too_large", f"field {field_name} is too large") from None
+    except ApiError:
+        raise
+    except Exception as exc:  # the multipart parser's own errors on a malformed body
+        raise ApiError(400, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
+    return form

@@ -1,0 +1,358 @@
+"""The public API of seeds/002 (billing routes live in routes_billing)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import uuid
+
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from timbre_common.audio import AudioError, parse_wav, transcode
+from timbre_common.catalogue import BACKEND_LANGUAGES, KNOWN_BACKENDS
+from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurgeRequested
+from timbre_common.contracts.billing import CheckQuota, GetUsage, QuotaDecision, UsageReport
+from timbre_common.contracts.storage import PutUpload, UploadRecord
+from timbre_common.contracts.synthesis import (FetchJobAudio, GetJob, JobView, LookupJob, PurgeVoiceJobs,
+                                               SubmitSynthesis, SynthesisAccepted, SynthesisCompleted,
+                                               SynthesisFailed, VoiceSnapshot)
+from timbre_common.contracts.voices import DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceList, VoiceRecord
+from timbre_common.logging import get_logger
+from timbre_common.text import SUPPORTED_LANGUAGES
+
+from .deps import AdminDep, CallerDep, Credentials, Ctx
+from .errors import ApiError, error_responses
+from .multipart import read_form
+from .schemas import (CallbackOutcome, CompletionCallback, CreateKey, Health, JobAccepted, JobOut, KeyCreated,
+                      KeyInfo, PurgeOut, SynthesizeRequest, UploadOut, VoiceOut, VoiceSummary)
+
+log = get_logger(__name__)
+router = APIRouter(prefix="/v1")
+
+UPLOAD_PURPOSES = ("voice_clone", "stt_input", "watermark_input", "audio_job_input")
+AUDIO_CONTENT = {"audio/wav": {}, "audio/mpeg": {}, "audio/ogg": {}, "audio/flac": {}, "audio/L16": {}}
+
+
+def _audio(wav: bytes, fmt: str, headers: dict[str, str], status: int = 200) -> Response:
+    body, content_type = transcode(wav, fmt)
+    return Response(body, status_code=status, media_type=content_type, headers=headers)
+
+
+def _voice_out(v: VoiceRecord) -> VoiceOut:
+    return VoiceOut.model_validate(v.model_dump(exclude={"reference_key", "system_voice"}))
+
+
+# Health and keys -------------------------------------------------------------------------------------
+@router.get("/health", response_model=Health, tags=["health"], summary="Liveness and the runnable backends")
+async def health(ctx: Ctx) -> Health:
+    backends = ctx.backends.available()
+    return Health(status="ok" if backends else "degraded", backends=backends)
+
+
+@router.post("/keys", status_code=201, response_model=KeyCreated, tags=["keys"],
+             summary="Create an API key (admin)", responses=error_responses(400, 401, 404, 422))
+async def create_key(ctx: Ctx, _: AdminDep, body: CreateKey | None = None) -> KeyCreated:
+    body = body or CreateKey()
+    if body.account_id is not None:
+        try:
+            uuid.UUID(body.account_id)
+        except ValueError:
+            raise ApiError(404, "account_not_found", "no such account") from None
+        if not await ctx.accounts.account_exists(body.account_id):
+            raise ApiError(404, "account_not_found", "no such account")
+    key, row = await ctx.accounts.create_key(label=body.label, account_id=body.account_id,
+                                             rate_per_minute=body.rate_per_minute,
+                                             max_concurrent=body.max_concurrent)
+    log.info("api_key_created", key_id=str(row["key_id"]), account=str(row["account_id"]))
+    return KeyCreated(api_key=key, key_id=str(row["key_id"]), account_id=str(row["account_id"]),
+                      label=row["label"], created_at=row["created_at"])
+
+
+def _key_info(row) -> KeyInfo:  # type: ignore[no-untyped-def]
+    return KeyInfo(key_id=str(row["key_id"]), account_id=str(row["account_id"]), key_prefix=row["key_prefix"],
+                   label=row["label"], created_at=row["created_at"], revoked_at=row["revoked_at"],
+                   rate_per_minute=row["rate_per_minute"], max_concurrent=row["max_concurrent"])
+
+
+@router.get("/keys", response_model=list[KeyInfo], tags=["keys"], summary="List API keys (admin)",
+            responses=error_responses(401))
+async def list_keys(ctx: Ctx, _: AdminDep, account_id: str | None = None) -> list[KeyInfo]:
+    if account_id is not None:
+        try:
+            uuid.UUID(account_id)
+        except ValueError:
+            return []
+    return [_key_info(r) for r in await ctx.accounts.list_keys(account_id)]
+
+
+@router.delete("/keys/{key_id}", status_code=204, tags=["keys"], summary="Revoke an API key (admin)",
+               responses=error_responses(401, 404))
+async def revoke_key(ctx: Ctx, _: AdminDep, key_id: str) -> Response:
+    try:
+        uuid.UUID(key_id)
+    except ValueError:
+        raise ApiError(404, "key_not_found", "no such key") from None
+    if await ctx.accounts.revoke_key(key_id) is None:
+        raise ApiError(404, "key_not_found", "no such key")
+    return Response(status_code=204)
+
+
+# Voices ---------------------------------------------------------------------------------------------
+VOICE_FORM = {
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["name"],
+        "properties": {
+            "name": {"type": "string", "maxLength": 200},
+            "ref_audio": {"type": "string", "format": "binary", "description": "PCM WAV, 5-60 s, at most 20 MB"},
+            "upload_id": {"type": "string", "description": "An earlier upload, instead of ref_audio"},
+            "ref_text": {"type": "string", "description": "Transcript of the reference"},
+            "backend": {"type": "string", "enum": list(KNOWN_BACKENDS)},
+            "lang": {"type": "string", "enum": list(SUPPORTED_LANGUAGES)},
+            "family": {"type": "string"},
+        }}}}},
+}
+
+
+@router.post("/voices", status_code=201, response_model=VoiceOut, tags=["voices"], summary="Register a cloned voice",
+             openapi_extra=VOICE_FORM, responses=error_responses(400, 401, 404, 422, 429))
+async def create_voice(request: Request, ctx: Ctx, caller: CallerDep) -> VoiceOut:
+    form = await read_form(request, file_fields={"ref_audio"}, max_file_bytes=ctx.settings.max_upload_bytes)
+    name = form.fields.get("name", "").strip()
+    audio = form.files.get("ref_audio")
+    upload_id = form.fields.get("upload_id") or None
+    if not name:
+        raise ApiError(400, "missing_field", "name is required", details={"fields": ["name"]})
+    if (audio is None or not audio.data) and not upload_id:
+        raise ApiError(400, "missing_field", "ref_audio is required", details={"fields": ["ref_audio"]})
+    if audio is not None and audio.content_type and audio.content_type.split(";")[0].strip().lower() not in (
+            "audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "application/octet-stream"):
+        raise ApiError(422, "not_wav", f"ref_audio must be a WAV file, not {audio.content_type}")
+    backend = form.fields.get("backend") or ctx.backends.default_backend("embedded")
+    lang = form.fields.get("lang") or "en"
+    _check_backend_lang(backend, lang, ctx)
+    command = RegisterVoice(account_id=caller.account_id, name=name, backend=backend, lang=lang,
+                            ref_text=form.fields.get("ref_text") or None, family=form.fields.get("family") or None,
+                            upload_id=upload_id)
+    record, _ = await ctx.bus.call("voices", command, body=audio.data if audio else None, expect=VoiceRecord)
+    return _voice_out(record)
+
+
+@router.get("/voices", response_model=list[VoiceSummary], tags=["voices"],
+            summary="System voices and the voices of this key's account", responses=error_responses(401))
+async def list_voices(ctx: Ctx, caller: CallerDep) -> list[VoiceSummary]:
+    reply, _ = await ctx.bus.call("voices", ListVoices(account_id=caller.account_id), expect=VoiceList)
+    return [VoiceSummary.model_validate(v.model_dump()) for v in reply.voices]
+
+
+async def _get_voice(ctx, account_id: str, voice_id: str) -> VoiceRecord:  # type: ignore[no-untyped-def]
+    record, _ = await ctx.bus.call("voices", GetVoice(account_id=account_id, voice_id=voice_id), expect=VoiceRecord)
+    return record
+
+
+@router.get("/voices/{voice_id}", response_model=VoiceOut, tags=["voices"], summary="A voice's full record",
+            responses=error_responses(401, 404))
+async def get_voice(ctx: Ctx, caller: CallerDep, voice_id: str) -> VoiceOut:
+    return _voice_out(await _get_voice(ctx, caller.account_id, voice_id))
+
+
+@router.delete("/voices/{voice_id}", status_code=204, tags=["voices"],
+               summary="Delete a voice, its reference, its cached audio, and all its jobs and their audio",
+               responses=error_responses(401, 403, 404))
+async def delete_voice(ctx: Ctx, caller: CallerDep, voice_id: str) -> Response:
+    await ctx.bus.call("voices", DeleteVoice(account_id=caller.account_id, voice_id=voice_id))
+    # Done now so the client sees no job of the voice after the 204; the voice.deleted event repeats it.
+    await ctx.bus.call("dispatcher", PurgeVoiceJobs(account_id=caller.account_id, voice_id=voice_id))
+    return Response(status_code=204)
+
+
+# Synthesis ------------------------------------------------------------------------------------------
+def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ignore[no-untyped-def]
+    if backend not in KNOWN_BACKENDS:
+        raise ApiError(422, "invalid_backend", f"backend must be one of {', '.join(KNOWN_BACKENDS)}")
+    if ctx is not None and ctx.backends.known_unavailable(backend):
+        raise ApiError(422, "backend_unavailable",
+                       f"backend {backend} is not running on this deployment; available: "
+                       f"{', '.join(ctx.backends.available()) or 'none'}")
+    if lang not in SUPPORTED_LANGUAGES:
+        raise ApiError(422, "unsupported_language", f"lang must be one of {' '.join(SUPPORTED_LANGUAGES)}")
+    if lang not in BACKEND_LANGUAGES[backend]:
+        raise ApiError(422, "unsupported_language",
+                       f"backend {backend} speaks {' '.join(BACKEND_LANGUAGES[backend])}, not {lang}")
+
+
+@router.post("/synthesize", tags=["synthesis"], status_code=202, summary="Synthesize text in a voice",
+             response_model=JobAccepted,
+             responses={200: {"content": AUDIO_CONTENT, "description": "Cache hit: the audio (X-Cache: HIT)"},
+                        202: {"description": "Cache miss: a pending job (X-Cache: MISS)"},
+                        **error_responses(400, 401, 402, 404, 422, 429, 500, 503)})
+async def synthesize(ctx: Ctx, caller: CallerDep, body: SynthesizeRequest) -> Response:
+    text = body.text
+    if not text.strip():
+        raise ApiError(400, "missing_field", "text is required", details={"fields": ["text"]})
+    if len(text) > ctx.settings.max_text_chars:
+        raise ApiError(422, "text_too_long", f"text is longer than {ctx.settings.max_text_chars} characters")
+    if body.backend is not None and body.backend not in KNOWN_BACKENDS:
+        raise ApiError(422, "invalid_backend", f"backend must be one of {', '.join(KNOWN_BACKENDS)}")
+    if body.lang is not None and body.lang not in SUPPORTED_LANGUAGES:
+        raise ApiError(422, "unsupported_language", f"lang must be one of {' '.join(SUPPORTED_LANGUAGES)}")
+    voice = await _get_voice(ctx, caller.account_id, body.voice_id)
+    backend = body.backend or voice.backend
+    lang = body.lang or voice.lang
+    _check_backend_lang(backend, lang, ctx)
+    quota, _ = await ctx.bus.call("billing", CheckQuota(account_id=caller.account_id, characters=len(text)),
+                                  expect=QuotaDecision)
+    if not quota.allowed:
+        raise ApiError(402, "quota_exceeded", quota.reason or "the plan's character quota is used up",
+                       details={"remaining": quota.remaining})
+    snapshot = VoiceSnapshot(voice_id=voice.voice_id, backend=voice.backend, lang=voice.lang, kind=voice.kind,
+                             reference_key=voice.reference_key, ref_text=voice.ref_text,
+                             system_voice=voice.system_voice, profile=voice.profile)
+    accepted, audio = await ctx.bus.call(
+        "dispatcher", SubmitSynthesis(account_id=caller.account_id, voice=snapshot, text=text, lang=lang,
+                                      backend=backend, response_format=body.response_format),
+        expect=SynthesisAccepted)
+    headers = {"X-Voice-Id": voice.voice_id, "X-Backend": backend}
+    if accepted.cache_hit:
+        headers |= {"X-Cache": "HIT", "X-Synthesis-Time-Ms": str(accepted.synthesis_ms),
+                    "X-Job-Id": accepted.job_id or ""}
+        if accepted.expires_at:
+            headers["X-Expires-At"] = accepted.expires_at.isoformat()
+        return _audio(audio or b"", body.response_format, headers)
+    headers |= {"X-Cache": "MISS", "X-Synthesis-Time-Ms": "-1", "Location": f"/v1/jobs/{accepted.job_id}"}
+    return JSONResponse({"job_id": accepted.job_id, "status": "pending"}, status_code=202, headers=headers)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, response_model_exclude_none=True, tags=["synthesis"],
+            summary="Poll a synthesis job", responses=error_responses(401, 404))
+async def get_job(ctx: Ctx, caller: CallerDep, job_id: str) -> JobOut:
+    view, _ = await ctx.bus.call("dispatcher", GetJob(account_id=caller.account_id, job_id=job_id), expect=JobView)
+    return JobOut.model_validate(view.model_dump())
+
+
+@router.get("/jobs/{job_id}/audio", tags=["synthesis"], summary="Download a ready job's audio",
+            response_class=Response, responses={200: {"content": AUDIO_CONTENT, "description": "The audio"},
+                                                **error_responses(401, 404, 500)})
+async def get_job_audio(ctx: Ctx, caller: CallerDep, job_id: str) -> Response:
+    view, audio = await ctx.bus.call("dispatcher", FetchJobAudio(account_id=caller.account_id, job_id=job_id),
+                                     expect=JobView)
+    headers = {"X-Job-Id": view.job_id, "X-Voice-Id": view.voice_id, "X-Backend": view.backend}
+    if view.expires_at:
+        headers["X-Expires-At"] = view.expires_at.isoformat()
+    return _audio(audio or b"", view.response_format, headers)
+
+
+@router.post("/jobs/{job_id}/complete", response_model=CallbackOutcome, tags=["internal"],
+             summary="Completion callback of remote GPU workers (bearer: the callback secret)",
+             responses=error_responses(400, 401, 404, 422))
+async def complete_job(ctx: Ctx, credentials: Credentials, job_id: str, body: CompletionCallback) -> CallbackOutcome:
+    expected = ctx.settings.modal_callback_secret.get_secret_value().encode()
+    given = (credentials.credentials if credentials else "").encode()
+    if not expected or not hmac.compare_digest(given, expected):
+        raise ApiError(401, "invalid_callback_secret", "wrong or missing callback secret")
+    if body.job_id != job_id:
+        raise ApiError(400, "job_id_mismatch", "job_id in the body differs from the path")
+    owner, _ = await ctx.bus.call("dispatcher", LookupJob(job_id=job_id))
+    if owner.status != "pending":
+        log.info("callback_replay_ignored", job_id=job_id, status=owner.status)
+        return CallbackOutcome(status="ignored")
+    if body.wav_b64:
+        try:
+            wav = base64.b64decode(body.wav_b64, validate=True)
+            info = parse_wav(wav)
+        except (binascii.Error, ValueError, AudioError) as exc:
+            raise ApiError(422, "invalid_audio", f"wav_b64 is not a valid base64 WAV: {exc}") from None
+        seconds = body.audio_seconds or info.duration_s
+        synthesis_ms = body.synthesis_ms or 0
+        await ctx.bus.publish(SynthesisCompleted(
+            job_id=job_id, account_id=owner.account_id, voice_id=owner.voice_id, backend=owner.backend,
+            sample_rate=info.sample_rate, audio_seconds=round(seconds, 3), synthesis_ms=synthesis_ms,
+            rtf=body.rtf if body.rtf is not None else (synthesis_ms / 1000 / seconds if seconds else 0.0),
+            job_created_at=owner.created_at, details={"executor": "modal"}), body=wav)
+    else:
+        await ctx.bus.publish(SynthesisFailed(job_id=job_id, account_id=owner.account_id,
+                                              code=body.error_code or "synthesis_failed",
+                                              reason=(body.error or "the GPU worker reported no audio")[:2000]))
+    return CallbackOutcome(status="accepted")
+
+
+# Uploads, usage, account ----------------------------------------------------------------------------
+UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary"},
+        "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)}}}}}}}
+
+
+@router.post("/uploads", status_code=201, response_model=UploadOut, tags=["uploads"], openapi_extra=UPLOAD_FORM,
+             summary="Upload a file with a retention purpose", responses=error_responses(400, 401, 422, 429))
+async def create_upload(request: Request, ctx: Ctx, caller: CallerDep) -> UploadOut:
+    form = await read_form(request, file_fields={"file"}, max_file_bytes=ctx.settings.max_upload_bytes)
+    part = form.files.get("file")
+    if part is None or not part.data:
+        raise ApiError(400, "missing_field", "file is required", details={"fields": ["file"]})
+    purpose = form.fields.get("purpose") or None
+    if purpose is not None and purpose not in UPLOAD_PURPOSES:
+        raise ApiError(422, "invalid_purpose", f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}")
+    content_type = (part.content_type or "application/octet-stream").split(";")[0].strip()[:100]
+    record, _ = await ctx.bus.call("storage", PutUpload(account_id=caller.account_id, upload_id=str(uuid.uuid4()),
+                                                        purpose=purpose, content_type=content_type,
+                                                        filename=(part.filename or None)),
+                                   body=part.data, expect=UploadRecord)
+    return UploadOut.model_validate(record.model_dump())
+
+
+@router.get("/usage", response_model=UsageReport, tags=["billing"], summary="Character usage this billing period",
+            responses=error_responses(401))
+async def usage(ctx: Ctx, caller: CallerDep) -> UsageReport:
+    report, _ = await ctx.bus.call("billing", GetUsage(account_id=caller.account_id), expect=UsageReport)
+    return report
+
+
+async def _purge(ctx, account_id: str) -> PurgeOut:  # type: ignore[no-untyped-def]
+    purge_id = await ctx.accounts.start_purge(account_id)
+    await ctx.bus.publish(AccountPurgeRequested(account_id=account_id, purge_id=purge_id))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ctx.settings.purge_wait_s
+    row = await ctx.accounts.get_purge(purge_id)
+    while row["completed_at"] is None and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+        row = await ctx.accounts.get_purge(purge_id)
+    return PurgeOut(purge_id=purge_id, account_id=account_id,
+                    status="completed" if row["completed_at"] else "pending", confirmed=row["confirmed"])
+
+
+@router.delete("/account", response_model=PurgeOut, tags=["account"],
+               summary="Delete the caller's account: every object and every row, in every service",
+               responses={202: {"model": PurgeOut, "description": "Purge still running"}, **error_responses(401)})
+async def delete_account(ctx: Ctx, caller: CallerDep) -> Response:
+    out = await _purge(ctx, caller.account_id)
+    return JSONResponse(out.model_dump(), status_code=200 if out.status == "completed" else 202)
+
+
+@router.delete("/admin/accounts/{account_id}", response_model=PurgeOut, tags=["account"],
+               summary="Purge any account (admin)", responses=error_responses(401, 404))
+async def purge_account(ctx: Ctx, _: AdminDep, account_id: str) -> Response:
+    try:
+        uuid.UUID(account_id)
+    except ValueError:
+        raise ApiError(404, "account_not_found", "no such account") from None
+    out = await _purge(ctx, account_id)
+    return JSONResponse(out.model_dump(), status_code=200 if out.status == "completed" else 202)
+
+
+@router.get("/admin/purges/{purge_id}", response_model=PurgeOut, tags=["account"], summary="A purge's progress (admin)",
+            responses=error_responses(401, 404))
+async def get_purge(ctx: Ctx, _: AdminDep, purge_id: str) -> PurgeOut:
+    try:
+        uuid.UUID(purge_id)
+    except ValueError:
+        raise ApiError(404, "purge_not_found", "no such purge") from None
+    row = await ctx.accounts.get_purge(purge_id)
+    if row is None:
+        raise ApiError(404, "purge_not_found", "no such purge")
+    return PurgeOut(purge_id=purge_id, account_id=row["account_id"],
+                    status="completed" if row["completed_at"] else "pending", confirmed=row["confirmed"])
+
+

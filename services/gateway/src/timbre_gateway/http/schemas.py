@@ -1,0 +1,130 @@
+"""Bodies of the public API, as the OpenAPI document shows them."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from timbre_common.audio import RESPONSE_FORMATS
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    backends: list[str] = Field(description="Backends this deployment can run right now")
+
+
+class CreateKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str | None = Field(default=None, max_length=200)
+    account_id: str | None = Field(default=None, description="Add the key to this existing account")
+    rate_per_minute: int | None = Field(default=None, ge=1, le=100_000)
+    max_concurrent: int | None = Field(default=None, ge=1, le=1000)
+
+
+class KeyCreated(BaseModel):
+    api_key: str = Field(description="Shown once; only its hash is kept")
+    key_id: str
+    account_id: str
+    label: str | None
+    created_at: datetime
+
+
+class KeyInfo(BaseModel):
+    key_id: str
+    account_id: str
+    key_prefix: str
+    label: str | None
+    created_at: datetime
+    revoked_at: datetime | None
+    rate_per_minute: int | None
+    max_concurrent: int | None
+
+
+class VoiceOut(BaseModel):
+    voice_id: str
+    name: str
+    backend: str
+    lang: str
+    kind: Literal["system", "custom"]
+    created_at: datetime
+    ref_text: str | None = None
+    family: str | None = None
+    description: str | None = None
+    quality: dict[str, Any] | None = Field(default=None, description="Reference-audio quality report")
+    profile: dict[str, Any] | None = Field(default=None, description="Per-backend profile, e.g. the nearest bundled voice")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class VoiceSummary(BaseModel):
+    voice_id: str
+    name: str
+    backend: str
+    lang: str
+    kind: Literal["system", "custom"]
+    created_at: datetime
+
+
+class SynthesizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    voice_id: str = Field(max_length=100)
+    text: str
+    lang: str | None = Field(default=None, description="Defaults to the voice's language")
+    backend: str | None = Field(default=None, description="Defaults to the voice's backend")
+    response_format: Literal[tuple(RESPONSE_FORMATS)] = "wav"  # type: ignore[valid-type]
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status: Literal["pending"]
+
+
+class JobOut(BaseModel):
+    job_id: str
+    status: Literal["pending", "ready", "failed"]
+    voice_id: str
+    backend: str
+    lang: str
+    characters: int
+    response_format: str
+    created_at: datetime
+    completed_at: datetime | None = None
+    audio_url: str | None = Field(default=None, description="Presigned, valid 1 hour; only when ready")
+    expires_at: datetime | None = Field(default=None, description="When the audio is deleted")
+    error: str | None = None
+    error_code: str | None = None
+    synthesis_ms: int | None = None
+    audio_seconds: float | None = None
+
+
+class CompletionCallback(BaseModel):
+    job_id: str
+    voice_id: str | None = None
+    cache_key: str | None = None
+    wav_b64: str | None = None
+    error: str | None = None
+    error_code: str | None = None
+    synthesis_ms: int | None = None
+    audio_seconds: float | None = None
+    rtf: float | None = None
+
+
+class CallbackOutcome(BaseModel):
+    status: Literal["accepted", "ignored"]
+
+
+class UploadOut(BaseModel):
+    upload_id: str
+    purpose: str
+    size: int
+    content_type: str
+    created_at: datetime
+    expires_at: datetime | None
+    url: str | None
+
+
+class PurgeOut(BaseModel):
+    purge_id: str
+    account_id: str
+    status: Literal["completed", "pending"]
+    confirmed: dict[str, int]

@@ -1,0 +1,34 @@
+"""Settings of the gateway."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import SecretStr, model_validator
+
+from timbre_common.settings import CommonSettings, require_real_secret
+
+
+class GatewaySettings(CommonSettings):
+    db_schema: ClassVar[str] = "gateway"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Gates POST/GET/DELETE /v1/keys and the admin routes.
+    admin_secret: SecretStr = SecretStr("")
+    # Authenticates remote GPU workers (Modal) on POST /v1/jobs/{id}/complete.
+    modal_callback_secret: SecretStr = SecretStr("")
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    max_text_chars: int = 5000
+    max_upload_bytes: int = 20 * 1024 * 1024
+    # Per-key defaults; a key may carry its own.
+    rate_limit_per_minute: int = 120
+    max_concurrent_requests: int = 16
+    idempotency_ttl_s: int = 24 * 3600
+    # How long DELETE /v1/account waits for every service to confirm before answering 202.
+    purge_wait_s: float = 10.0
+    # A backend is advertised while a worker's heartbeat is younger than this many intervals.
+    heartbeat_grace: float = 3.0
+
+    @model_validator(mode="after")
+    def _secrets(self) -> GatewaySettings:
+        require_real_secret("ADMIN_SECRET", self.admin_secret, env=self.timbre_env)
+        return self

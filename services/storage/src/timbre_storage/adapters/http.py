@@ -1,0 +1,46 @@
+"""HTTP app of the fs backend: serves presigned /blobs URLs and a health check."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from timbre_storage.adapters.blob import FsBlobStore, SignatureInvalid, UrlExpired
+from timbre_storage.domain import InvalidId, ObjectMissing
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def build_http_app(store: FsBlobStore, *, title: str = "timbre-storage") -> FastAPI:
+    """FastAPI app: GET /blobs/{key}?expires=&signature= and GET /healthz."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/blobs/{key:path}")
+    async def get_blob(key: str, request: Request) -> Response:
+        expires = request.query_params.get("expires")
+        signature = request.query_params.get("signature")
+        try:
+            store.verify(key, expires, signature)
+        except SignatureInvalid:
+            return _error(403, "signature_invalid", "The URL signature is invalid.")
+        except UrlExpired:
+            return _error(403, "url_expired", "The URL has expired; request a new one.")
+        try:
+            data = await store.get(key)
+            content_type = await store.content_type(key)
+        except (ObjectMissing, InvalidId):
+            return _error(404, "object_not_found", "The object does not exist.")
+        max_age = max(0, int(expires or 0) - int(store.now()))
+        return Response(
+            content=data,
+            media_type=content_type,
+            headers={"Cache-Control": f"private, max-age={max_age}", "X-Content-Type-Options": "nosniff"},
+        )
+
+    return app

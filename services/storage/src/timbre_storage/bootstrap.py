@@ -1,0 +1,102 @@
+"""Wiring of the storage service: pool, migrations, bucket, bus, sweeper, and the fs URL server."""
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+import uvicorn
+
+from timbre_common.contracts import storage as c
+from timbre_common.contracts.accounts import AccountPurgeRequested
+from timbre_common.contracts.synthesis import SynthesisCompleted
+from timbre_common.contracts.voices import VoiceDeleted
+from timbre_common.db import create_pool, migrate
+from timbre_common.logging import get_logger
+from timbre_common.messaging import QUEUES, Bus, PgDeduper
+
+from . import bus_adapters as a
+from .adapters.blob import BlobStore, FsBlobStore, build_blob_store
+from .adapters.http import build_http_app
+from .adapters.repository import MIGRATIONS_DIR, ObjectRepository
+from .settings import StorageSettings
+
+SCHEMA = "storage"
+log = get_logger(__name__)
+
+
+class StorageService:
+    def __init__(self, settings: StorageSettings, bus: Bus, pool: Any, store: BlobStore) -> None:
+        self.settings, self.bus, self.pool, self.store = settings, bus, pool, store
+        self.repo = ObjectRepository(pool)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._server: uvicorn.Server | None = None
+        self._serve_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        d = {"repo": self.repo, "store": self.store}
+        await self.bus.serve({
+            c.PutVoiceReference: partial(a.put_voice_reference, **d),
+            c.PutUpload: partial(a.put_upload, **d),
+            c.GetUpload: partial(a.get_upload, **d),
+            c.GetObject: partial(a.get_object, **d),
+            c.Presign: partial(a.presign, **d),
+            c.DeleteObjects: partial(a.delete_objects, **d),
+        })
+        deduper = PgDeduper(self.pool)
+        await deduper.ensure()
+        await self.bus.consume(QUEUES["storage.events"], {
+            SynthesisCompleted: partial(a.on_synthesis_completed, bus=self.bus, **d),
+            VoiceDeleted: partial(a.on_voice_deleted, **d),
+            c.ObjectsReleased: partial(a.on_objects_released, **d),
+            AccountPurgeRequested: partial(a.on_account_purge, bus=self.bus, **d),
+        }, deduper=deduper)
+        self._tasks.append(asyncio.create_task(self._sweep_forever()))
+        if isinstance(self.store, FsBlobStore):
+            await self._serve_http(self.store)
+
+    async def _serve_http(self, store: FsBlobStore) -> None:
+        """Signed URLs of the fs backend are served here."""
+        from urllib.parse import urlparse
+
+        url = urlparse(self.settings.storage_public_url)
+        config = uvicorn.Config(build_http_app(store), host=self.settings.storage_http_host,
+                                port=url.port or 8001, log_config=None, access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._serve_task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._serve_task.done():
+                self._serve_task.result()
+            await asyncio.sleep(0.02)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                swept = await a.sweep(repo=self.repo, store=self.store, bus=self.bus)
+                if swept:
+                    log.info("expired_objects_swept", objects=swept)
+            except Exception:
+                log.exception("expiry_sweep_failed")
+            await asyncio.sleep(self.settings.sweep_interval_s)
+
+    async def stop(self) -> None:
+        if self._server is not None and self._serve_task is not None:
+            self._server.should_exit = True
+            await self._serve_task
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.bus.close()
+        await self.store.close()
+        await self.pool.close()
+
+
+async def build(settings: StorageSettings | None = None) -> StorageService:
+    settings = settings or StorageSettings()
+    pool = await create_pool(settings.database_url.get_secret_value(), schema=SCHEMA)
+    await migrate(pool, SCHEMA, MIGRATIONS_DIR)
+    store = await build_blob_store(settings)
+    bus = await Bus(url=settings.amqp_url.get_secret_value(), namespace=settings.bus_namespace,
+                    service="storage", rpc_timeout=settings.rpc_timeout_s).connect()
+    return StorageService(settings, bus, pool, store)

@@ -1,0 +1,253 @@
+"""Storage service layer: the only writer of the bucket and its object index.
+
+Consumes:
+  synthesis.completed.v1  -> store_generated_audio   (emits audio.stored.v1: key, size, expires_at)
+  voice reference writes  -> store_voice_reference   (RPC from voices)
+  client uploads          -> store_upload            (RPC from gateway)
+  object reads / URLs     -> get_object, get_upload, presign  (RPC from gateway, dispatcher, voices)
+  objects.released.v1     -> delete_objects          (voice deleted, job purged)
+  account.purge.v1        -> purge_account           (emits account.purged.v1: account_id, count)
+  sweeper timer           -> sweep_expired           (emits objects.expired.v1 per object: key, account_id, kind, owner_ref)
+
+Every write is idempotent: a redelivered message writes the same key and answers the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
+
+from timbre_storage.adapters.blob import BlobStore
+from timbre_storage.adapters.repository import ObjectRepository, Upload
+from timbre_storage.domain import (
+    InvalidId,
+    ObjectKind,
+    ObjectMissing,
+    RetentionClass,
+    StoredObject,
+    UploadPurpose,
+    account_prefixes,
+    check_ext,
+    check_id,
+    check_key,
+    expires_at,
+    ext_for_content_type,
+    generation_key,
+    upload_key,
+    voice_key,
+)
+
+DEFAULT_URL_SECONDS = 3600
+
+
+class PresignedGet(NamedTuple):
+    """A download URL, when it stops working, and when the object itself expires."""
+
+    url: str
+    url_expires_at: datetime
+    object_expires_at: datetime | None
+
+
+def _now(now: datetime | None) -> datetime:
+    return now if now is not None else datetime.now(timezone.utc)
+
+
+async def _write(obj: StoredObject, data: bytes, *, repo: ObjectRepository, store: BlobStore) -> StoredObject:
+    # Index first: every byte in the bucket is then known to the sweeper and the purge.
+    recorded = await repo.record(obj)
+    await store.put(obj.key, data, obj.content_type)
+    return recorded
+
+
+async def store_generated_audio(
+    *,
+    job_id: str,
+    account_id: str,
+    created_at: datetime,
+    wav: bytes,
+    repo: ObjectRepository,
+    store: BlobStore,
+    content_type: str = "audio/wav",
+    ext: str = "wav",
+    now: datetime | None = None,
+) -> StoredObject:
+    """Store a job's audio under the account's generations/ prefix with the 7-day TTS retention."""
+    key = generation_key(account_id, job_id, created_at, check_ext(ext))
+    existing = await repo.get(key)
+    if existing is not None and await store.exists(key):
+        return existing  # redelivered completion: first write wins
+    moment = _now(now)
+    obj = StoredObject(
+        key=key,
+        size=len(wav),
+        expires_at=expires_at(RetentionClass.TTS_AUDIO, moment),
+        account_id=account_id,
+        kind=ObjectKind.GENERATION,
+        retention=RetentionClass.TTS_AUDIO,
+        content_type=content_type,
+        created_at=moment,
+        owner_ref=job_id,
+    )
+    return await _write(obj, wav, repo=repo, store=store)
+
+
+async def store_voice_reference(
+    *,
+    account_id: str | None,
+    voice_id: str,
+    wav: bytes,
+    repo: ObjectRepository,
+    store: BlobStore,
+    retention: RetentionClass = RetentionClass.VOICE_REFERENCE,
+    now: datetime | None = None,
+) -> StoredObject:
+    """Store a voice's reference audio (system when account_id is None); permanent; rewrite replaces."""
+    if retention not in (RetentionClass.VOICE_REFERENCE, RetentionClass.BUILT_VOICE):
+        raise ValueError(f"a voice reference cannot have retention {retention}")
+    obj = StoredObject(
+        key=voice_key(account_id, voice_id),
+        size=len(wav),
+        expires_at=None,
+        account_id=account_id,
+        kind=ObjectKind.SYSTEM_VOICE if account_id is None else ObjectKind.CUSTOM_VOICE,
+        retention=retention,
+        content_type="audio/wav",
+        created_at=_now(now),
+        owner_ref=voice_id,
+    )
+    return await _write(obj, wav, repo=repo, store=store)
+
+
+async def store_upload(
+    *,
+    account_id: str,
+    upload_id: str,
+    purpose: UploadPurpose | str | None,
+    data: bytes,
+    content_type: str,
+    repo: ObjectRepository,
+    store: BlobStore,
+    filename: str | None = None,
+    now: datetime | None = None,
+) -> StoredObject:
+    """Store a client upload: voice_clone under voice-recordings/ (permanent), others under uploads/ (30 days)."""
+    purpose = UploadPurpose.parse(purpose)
+    check_id(account_id, "account_id")
+    check_id(upload_id, "upload_id")
+    previous = await repo.get_upload(upload_id)
+    if previous is not None:
+        if previous.account_id != account_id:
+            raise InvalidId(f"upload_id {upload_id!r} belongs to another account")
+        existing = await repo.get(previous.key)
+        if existing is not None and await store.exists(previous.key):
+            return existing
+    moment = previous.created_at if previous is not None else _now(now)
+    retention = purpose.retention
+    key = previous.key if previous is not None else upload_key(
+        account_id, upload_id, purpose, moment, ext_for_content_type(content_type, filename)
+    )
+    obj = StoredObject(
+        key=key,
+        size=len(data),
+        expires_at=expires_at(retention, moment),
+        account_id=account_id,
+        kind=ObjectKind.VOICE_RECORDING if purpose is UploadPurpose.VOICE_CLONE else ObjectKind.UPLOAD,
+        retention=retention,
+        content_type=content_type,
+        created_at=moment,
+        owner_ref=upload_id,
+    )
+    await repo.record_upload(obj, upload_id=upload_id, purpose=purpose)
+    await store.put(key, data, content_type)
+    recorded = await repo.get(key)
+    assert recorded is not None
+    return recorded
+
+
+async def _live(key: str, repo: ObjectRepository, now: datetime) -> StoredObject:
+    obj = await repo.get(check_key(key))
+    if obj is None or (obj.expires_at is not None and obj.expires_at <= now):
+        raise ObjectMissing(key)
+    return obj
+
+
+async def get_object(
+    *, key: str, repo: ObjectRepository, store: BlobStore, now: datetime | None = None
+) -> bytes:
+    """The object's bytes; ObjectMissing when unindexed, expired, or indexed but gone from the bucket."""
+    await _live(key, repo, _now(now))
+    return await store.get(key)
+
+
+async def get_upload(
+    *, account_id: str, upload_id: str, repo: ObjectRepository, now: datetime | None = None
+) -> tuple[Upload, StoredObject]:
+    """An upload of the account and its object; ObjectMissing if unknown, another account's, or expired."""
+    upload = await repo.get_upload(check_id(upload_id, "upload_id"))
+    if upload is None or upload.account_id != account_id:
+        raise ObjectMissing(upload_id)
+    return upload, await _live(upload.key, repo, _now(now))
+
+
+async def presign(
+    *,
+    key: str,
+    repo: ObjectRepository,
+    store: BlobStore,
+    expires_in: int = DEFAULT_URL_SECONDS,
+    now: datetime | None = None,
+) -> PresignedGet:
+    """A download URL and when it stops working (never after the object itself expires)."""
+    moment = _now(now)
+    obj = await _live(key, repo, moment)
+    if not await store.exists(key):
+        raise ObjectMissing(key)
+    if obj.expires_at is not None:
+        expires_in = min(expires_in, max(1, int((obj.expires_at - moment).total_seconds())))
+    url = await store.presign_get(key, expires_in)
+    return PresignedGet(url, moment + timedelta(seconds=expires_in), obj.expires_at)
+
+
+async def _owned_by(key: str, account_id: str, repo: ObjectRepository) -> bool:
+    obj = await repo.get(key)
+    if obj is not None:
+        return obj.account_id == account_id
+    return key.startswith(tuple(account_prefixes(account_id)))
+
+
+async def delete_objects(
+    *, keys: Iterable[str], repo: ObjectRepository, store: BlobStore, account_id: str | None = None
+) -> int:
+    """Delete objects from the bucket, then their index rows; with account_id, only that account's keys."""
+    removed = 0
+    for key in keys:
+        check_key(key)
+        if account_id is not None and not await _owned_by(key, account_id, repo):
+            continue  # an owner may only release its own objects
+        await store.delete(key)
+        removed += await repo.delete(key)
+    return removed
+
+
+async def sweep_expired(
+    *, now: datetime | None = None, batch: int = 200, repo: ObjectRepository, store: BlobStore
+) -> list[StoredObject]:
+    """Delete one batch of expired objects (bucket first, index row committed after); returns them."""
+    async with repo.claim_expired(_now(now), batch) as claimed:
+        for obj in claimed:
+            await store.delete(obj.key)
+    return claimed
+
+
+async def purge_account(*, account_id: str, repo: ObjectRepository, store: BlobStore) -> int:
+    """Delete every object under the account's prefixes and every index row of the account."""
+    deleted = 0
+    for prefix in account_prefixes(account_id):
+        deleted += await store.delete_prefix(prefix)
+    prefixes = tuple(account_prefixes(account_id))
+    for key in await repo.delete_account(account_id):
+        if not key.startswith(prefixes):  # defensive: a row outside the account's prefixes
+            await store.delete(key)
+            deleted += 1
+    return deleted

@@ -1,0 +1,56 @@
+"""The `modal` executor: drains the work orders and spawns the Modal GPU function for each.
+
+A work order is acknowledged only once its spawn is accepted, so a dispatcher that dies mid-way leaves
+the order in the queue for the next one; a job spawned twice is harmless (the replay guard keeps the
+first result), and one whose call is lost is re-sent by the deadline sweep.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from timbre_common.contracts import Envelope
+from timbre_common.contracts.synthesis import SynthesisRequested
+from timbre_common.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class Spawner(Protocol):
+    async def spawn(self, payload: dict[str, Any]) -> str:
+        """Start the remote call; returns its id."""
+        ...
+
+
+class ModalSpawner:
+    """Spawns `Synthesizer.synthesize` of the deployed Modal app (modal is imported only here)."""
+
+    def __init__(self, app_name: str, class_name: str) -> None:
+        self.app_name, self.class_name = app_name, class_name
+        self._method: Any = None
+
+    async def spawn(self, payload: dict[str, Any]) -> str:
+        if self._method is None:
+            import modal  # only deployments with EXECUTOR=modal install it
+
+            cls = modal.Cls.from_name(self.app_name, self.class_name)
+            self._method = cls().synthesize
+        call = await self._method.spawn.aio(payload)
+        return str(call.object_id)
+
+
+def payload_for(order: SynthesisRequested, *, callback_url: str, callback_secret: str) -> dict[str, Any]:
+    """What the Modal function receives: the work order plus where and how to report."""
+    return {**order.model_dump(mode="json"), "callback_url": callback_url, "callback_secret": callback_secret}
+
+
+async def spawn_work_order(order: SynthesisRequested, *, envelope: Envelope, spawner: Spawner, jobs: Any,
+                           public_base_url: str, callback_secret: str) -> None:
+    """Handler of the Modal executor's queue."""
+    row = await jobs.get(order.job_id)
+    if row is None or row["status"] != "pending":
+        log.info("work_order_skipped", job_id=order.job_id, reason="job no longer pending")
+        return
+    callback_url = f"{public_base_url.rstrip('/')}/v1/jobs/{order.job_id}/complete"
+    call_id = await spawner.spawn(payload_for(order, callback_url=callback_url, callback_secret=callback_secret))
+    await jobs.set_executor_ref(order.job_id, call_id)
+    log.info("modal_call_spawned", job_id=order.job_id, call_id=call_id, attempt=order.attempt)

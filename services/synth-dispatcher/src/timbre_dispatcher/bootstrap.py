@@ -1,0 +1,106 @@
+"""Wiring of the dispatcher: pool, migrations, bus, handler table, deadline sweeper, executor."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from timbre_common.contracts.accounts import AccountPurgeRequested
+from timbre_common.contracts.storage import AudioStored, ObjectsExpired
+from timbre_common.contracts.synthesis import (FetchJobAudio, GetJob, LookupJob, PurgeVoiceJobs, SubmitSynthesis,
+                                               SynthesisFailed, SynthesisRequested, WorkerHeartbeat)
+from timbre_common.contracts.voices import VoiceDeleted
+from timbre_common.db import create_pool, migrate
+from timbre_common.logging import get_logger
+from timbre_common.catalogue import KNOWN_BACKENDS
+from timbre_common.messaging import QUEUES, Bus, PgDeduper, QueueSpec, local_work_queue, modal_executor_queue
+
+from . import handlers
+from .adapters.modal_executor import ModalSpawner, Spawner, spawn_work_order
+from .adapters.repository import CacheIndex, JobRepository
+from .settings import DispatcherSettings
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+log = get_logger(__name__)
+
+
+def work_queues(settings: DispatcherSettings) -> list[QueueSpec]:
+    """Every backend's work orders have a queue before the first is published: Modal's or the local one."""
+    modal = settings.modal_backend_names if settings.executor == "modal" else []
+    queues = [local_work_queue(b) for b in KNOWN_BACKENDS if b not in modal]
+    if modal:
+        queues.append(modal_executor_queue(modal))
+    return queues
+
+
+class DispatcherService:
+    def __init__(self, settings: DispatcherSettings, bus: Bus, pool: Any, spawner: Spawner | None = None) -> None:
+        self.settings, self.bus, self.pool = settings, bus, pool
+        self.jobs = JobRepository(pool)
+        self.cache = CacheIndex(pool)
+        self.policy = handlers.JobPolicy(deadline_s=settings.job_deadline_s, max_attempts=settings.job_max_attempts,
+                                         reference_url_ttl_s=settings.reference_url_ttl_s)
+        self.spawner = spawner
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        d = {"jobs": self.jobs, "bus": self.bus}
+        await self.bus.serve({
+            SubmitSynthesis: partial(handlers.submit, cache=self.cache, policy=self.policy, **d),
+            GetJob: partial(handlers.get_job, **d),
+            FetchJobAudio: partial(handlers.fetch_audio, cache=self.cache, **d),
+            LookupJob: partial(handlers.lookup_job, jobs=self.jobs),
+            PurgeVoiceJobs: partial(handlers.purge_voice, cache=self.cache, **d),
+        })
+        deduper = PgDeduper(self.pool)
+        await deduper.ensure()
+        await self.bus.consume(QUEUES["dispatcher.events"], {
+            AudioStored: partial(handlers.on_audio_stored, cache=self.cache, **d),
+            SynthesisFailed: partial(handlers.on_synthesis_failed, policy=self.policy, **d),
+            ObjectsExpired: partial(handlers.on_objects_expired, jobs=self.jobs, cache=self.cache),
+            VoiceDeleted: partial(handlers.on_voice_deleted, cache=self.cache, **d),
+            AccountPurgeRequested: partial(handlers.on_account_purge, cache=self.cache, **d),
+        }, deduper=deduper)
+        if self.settings.executor == "modal":
+            spawner = self.spawner or ModalSpawner(self.settings.modal_app_name, self.settings.modal_class_name)
+            await self.bus.consume(modal_executor_queue(self.settings.modal_backend_names),
+                                   {SynthesisRequested: partial(
+                spawn_work_order, spawner=spawner, jobs=self.jobs, public_base_url=self.settings.public_base_url,
+                callback_secret=self.settings.modal_callback_secret.get_secret_value())})
+            self._tasks.append(asyncio.create_task(self._advertise_modal()))
+        self._tasks.append(asyncio.create_task(self._sweep_forever()))
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                swept = await handlers.sweep_overdue(jobs=self.jobs, bus=self.bus, policy=self.policy)
+                if swept:
+                    log.info("overdue_jobs_swept", jobs=swept)
+            except Exception:
+                log.exception("deadline_sweep_failed")
+
+    async def _advertise_modal(self) -> None:
+        backends = self.settings.modal_backend_names
+        while True:
+            with contextlib.suppress(Exception):
+                await self.bus.publish(WorkerHeartbeat(worker_id="modal", backends=backends, executor="modal"))
+            await asyncio.sleep(10)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.bus.close()
+        await self.pool.close()
+
+
+async def build(settings: DispatcherSettings | None = None, *, spawner: Spawner | None = None) -> DispatcherService:
+    settings = settings or DispatcherSettings()
+    pool = await create_pool(settings.database_url.get_secret_value(), schema=settings.db_schema)
+    await migrate(pool, settings.db_schema, MIGRATIONS)
+    bus = await Bus(url=settings.amqp_url.get_secret_value(), namespace=settings.bus_namespace,
+                    service="dispatcher", rpc_timeout=settings.rpc_timeout_s).connect(declare=work_queues(settings))
+    return DispatcherService(settings, bus, pool, spawner)

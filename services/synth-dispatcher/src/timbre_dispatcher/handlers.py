@@ -1,0 +1,263 @@
+"""Synthesis dispatcher handlers.
+
+Serves (RPC): SubmitSynthesis, GetJob, FetchJobAudio, LookupJob, PurgeVoiceJobs.
+Consumes: audio.stored, synthesis.failed, objects.expired, voice.deleted, account.purge_requested.
+Emits: synthesis.requested (the work order), job.ready, job.failed, objects.released, account.purged.
+Calls: storage (GetObject, Presign).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from timbre_common.contracts import Envelope
+from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
+from timbre_common.contracts.storage import (AudioStored, GetObject, ObjectsExpired, ObjectsReleased, Presign,
+                                             PresignedUrl, StoredObject)
+from timbre_common.contracts.synthesis import (FetchJobAudio, GetJob, JobFailed, JobOwner, JobReady, JobView,
+                                               LookupJob, PurgeVoiceJobs, SubmitSynthesis, SynthesisAccepted,
+                                               SynthesisFailed, SynthesisRequested)
+from timbre_common.contracts.voices import VoiceDeleted
+from timbre_common.logging import get_logger
+from timbre_common.messaging import NotFound, RemoteError, RpcError, work_routing_key
+from timbre_common.ports import MessageBus
+
+from . import domain
+from .adapters.repository import CacheIndex, JobRepository
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    deadline_s: float = 300.0
+    max_attempts: int = 3
+    reference_url_ttl_s: int = 3600
+
+
+def _job_not_found(job_id: str) -> NotFound:
+    return NotFound("job_not_found", f"job {job_id} not found")
+
+
+def _valid_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+async def _work_order(row: Any, *, bus: MessageBus, policy: JobPolicy) -> SynthesisRequested:
+    """The job's stored request with a fresh presigned reference URL and its attempt number."""
+    request = dict(row["request"])
+    reference_key = request.pop("reference_key", None)
+    reference_url = None
+    if reference_key:
+        url, _ = await bus.call("storage", Presign(key=reference_key, expires_in=policy.reference_url_ttl_s),
+                                expect=PresignedUrl)
+        reference_url = url.url
+    return SynthesisRequested(job_id=str(row["job_id"]), account_id=row["account_id"], voice_id=row["voice_id"],
+                              text=row["text"], lang=row["lang"], backend=row["backend"], attempt=row["attempts"],
+                              cache_key=row["cache_key"], job_created_at=row["created_at"],
+                              reference_url=reference_url, **request)
+
+
+async def _hand_out(order: SynthesisRequested, *, bus: MessageBus) -> None:
+    """Publish the work order on its backend's route; the message id makes each attempt distinct."""
+    await bus.publish(order, message_id=f"{order.job_id}:{order.attempt}", routing_key=work_routing_key(order.backend))
+
+
+async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepository, cache: CacheIndex,
+                 bus: MessageBus, policy: JobPolicy) -> SynthesisAccepted | tuple[SynthesisAccepted, bytes]:
+    """Answer from the cache, join an identical job in flight, or create a job and hand it out."""
+    key = domain.cache_key(cmd.voice.voice_id, cmd.text, cmd.lang, cmd.backend)
+    entry = await cache.get(cmd.account_id, key)
+    if entry is not None:
+        started = time.perf_counter()
+        try:
+            stored, audio = await bus.call("storage", GetObject(key=entry["audio_key"]), expect=StoredObject)
+        except RemoteError as exc:
+            if exc.code != "object_not_found":
+                raise
+            log.warning("cache_entry_without_object", cache_key=key, audio_key=entry["audio_key"])
+            await cache.drop(cmd.account_id, key)
+        else:
+            log.info("cache_hit", cache_key=key, fetch_ms=round((time.perf_counter() - started) * 1000, 2))
+            return SynthesisAccepted(cache_hit=True, job_id=str(entry["job_id"]), status=domain.READY,
+                                     cache_key=key, synthesis_ms=entry["synthesis_ms"] or 0,
+                                     expires_at=stored.expires_at), audio or b""
+    in_flight = await jobs.pending_for(cmd.account_id, key)
+    if in_flight is not None:
+        return SynthesisAccepted(cache_hit=False, job_id=str(in_flight["job_id"]), cache_key=key)
+    profile = (cmd.voice.profile or {}).get(cmd.backend)
+    request = {"ref_text": cmd.voice.ref_text, "system_voice": cmd.voice.system_voice, "voice_profile": profile,
+               "reference_key": cmd.voice.reference_key if cmd.voice.kind == "custom" else None}
+    job_id = str(uuid.uuid4())
+    row = await jobs.create(job_id=job_id, account_id=cmd.account_id, voice_id=cmd.voice.voice_id, text=cmd.text,
+                            lang=cmd.lang, backend=cmd.backend, cache_key=key,
+                            response_format=cmd.response_format, request=request, deadline_s=policy.deadline_s)
+    # Publish after the row exists: a crash in between leaves a pending job the deadline sweep re-sends.
+    await _hand_out(await _work_order(row, bus=bus, policy=policy), bus=bus)
+    log.info("job_created", job_id=job_id, backend=cmd.backend, characters=len(cmd.text))
+    return SynthesisAccepted(cache_hit=False, job_id=job_id, cache_key=key)
+
+
+async def _view(row: Any, *, bus: MessageBus, with_url: bool = True) -> JobView:
+    audio_url = None
+    if with_url and row["status"] == domain.READY and row["audio_key"]:
+        url, _ = await bus.call("storage", Presign(key=row["audio_key"], expires_in=3600), expect=PresignedUrl)
+        audio_url = url.url
+    return JobView(job_id=str(row["job_id"]), voice_id=row["voice_id"], status=row["status"],
+                   backend=row["backend"], lang=row["lang"], characters=row["characters"],
+                   response_format=row["response_format"], created_at=row["created_at"],
+                   completed_at=row["completed_at"], audio_url=audio_url, expires_at=row["audio_expires_at"],
+                   error=row["error"], error_code=row["error_code"], synthesis_ms=row["synthesis_ms"],
+                   audio_seconds=row["audio_seconds"])
+
+
+async def get_job(cmd: GetJob, *, envelope: Envelope, jobs: JobRepository, bus: MessageBus) -> JobView:
+    if not _valid_uuid(cmd.job_id):
+        raise _job_not_found(cmd.job_id)
+    row = await jobs.get(cmd.job_id, cmd.account_id)
+    if row is None:
+        raise _job_not_found(cmd.job_id)
+    return await _view(row, bus=bus)
+
+
+async def fetch_audio(cmd: FetchJobAudio, *, envelope: Envelope, jobs: JobRepository, cache: CacheIndex,
+                      bus: MessageBus) -> tuple[JobView, bytes]:
+    """The WAV of a ready job; a ready job whose object has vanished self-heals to failed."""
+    if not _valid_uuid(cmd.job_id):
+        raise _job_not_found(cmd.job_id)
+    row = await jobs.get(cmd.job_id, cmd.account_id)
+    if row is None:
+        raise _job_not_found(cmd.job_id)
+    if row["status"] != domain.READY:
+        raise NotFound("job_not_ready", f"job {cmd.job_id} is {row['status']}, not ready")
+    try:
+        _, audio = await bus.call("storage", GetObject(key=row["audio_key"]), expect=StoredObject)
+    except RemoteError as exc:
+        if exc.code != "object_not_found":
+            raise
+        reason = "audio missing from storage"
+        await jobs.mark_failed(cmd.job_id, code="audio_missing", reason=reason, from_status=(domain.READY,))
+        await cache.drop_audio([row["audio_key"]])
+        await bus.publish(JobFailed(job_id=cmd.job_id, account_id=cmd.account_id, code="audio_missing",
+                                    reason=reason))
+        log.error("job_audio_missing", job_id=cmd.job_id, audio_key=row["audio_key"])
+        raise RpcError("audio_missing", f"job {cmd.job_id} was ready but its audio is missing; marked failed",
+                       status=500) from exc
+    return await _view(row, bus=bus, with_url=False), audio or b""
+
+
+async def lookup_job(cmd: LookupJob, *, envelope: Envelope, jobs: JobRepository) -> JobOwner:
+    if not _valid_uuid(cmd.job_id):
+        raise _job_not_found(cmd.job_id)
+    row = await jobs.get(cmd.job_id)
+    if row is None:
+        raise _job_not_found(cmd.job_id)
+    return JobOwner(job_id=cmd.job_id, account_id=row["account_id"], voice_id=row["voice_id"],
+                    backend=row["backend"], status=row["status"], created_at=row["created_at"])
+
+
+async def _purge_voice(account_id: str, voice_id: str, *, jobs: JobRepository, cache: CacheIndex,
+                       bus: MessageBus) -> int:
+    removed = await jobs.delete_voice(account_id, voice_id)
+    cached = await cache.delete_voice(account_id, voice_id)
+    keys = sorted({r["audio_key"] for r in removed if r["audio_key"]} | set(cached))
+    if keys:
+        await bus.publish(ObjectsReleased(account_id=account_id, keys=keys))
+    return len(removed)
+
+
+async def purge_voice(cmd: PurgeVoiceJobs, *, envelope: Envelope, jobs: JobRepository, cache: CacheIndex,
+                      bus: MessageBus) -> None:
+    """Delete a voice's jobs and cache entries now and release their audio."""
+    await _purge_voice(cmd.account_id, cmd.voice_id, jobs=jobs, cache=cache, bus=bus)
+
+
+async def on_voice_deleted(event: VoiceDeleted, *, envelope: Envelope, jobs: JobRepository, cache: CacheIndex,
+                           bus: MessageBus) -> None:
+    await _purge_voice(event.account_id, event.voice_id, jobs=jobs, cache=cache, bus=bus)
+
+
+async def on_audio_stored(event: AudioStored, *, envelope: Envelope, jobs: JobRepository, cache: CacheIndex,
+                          bus: MessageBus) -> None:
+    """Replay guard: the first terminal transition wins; late or repeated results change nothing."""
+    row = await jobs.mark_ready(event.job_id, audio_key=event.key, expires_at=event.expires_at,
+                                synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds)
+    if row is None:
+        existing = await jobs.get(event.job_id)
+        if existing is None:
+            # The job was deleted (voice or account gone) while it ran: its audio has no owner.
+            await bus.publish(ObjectsReleased(account_id=event.account_id, keys=[event.key]))
+        elif existing["audio_key"] != event.key:
+            log.info("late_result_ignored", job_id=event.job_id, status=existing["status"])
+        return
+    await cache.put(account_id=row["account_id"], cache_key=row["cache_key"], voice_id=row["voice_id"],
+                    job_id=event.job_id, audio_key=event.key, expires_at=event.expires_at,
+                    synthesis_ms=event.synthesis_ms)
+    await bus.publish(JobReady(job_id=event.job_id, account_id=row["account_id"], voice_id=row["voice_id"],
+                               backend=row["backend"], characters=row["characters"], audio_key=event.key,
+                               expires_at=event.expires_at), message_id=f"job.ready:{event.job_id}")
+    log.info("job_ready", job_id=event.job_id, synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds)
+
+
+async def _fail(job_id: str, account_id: str, code: str, reason: str, *, jobs: JobRepository,
+                bus: MessageBus) -> None:
+    if await jobs.mark_failed(job_id, code=code, reason=reason) is not None:
+        await bus.publish(JobFailed(job_id=job_id, account_id=account_id, code=code, reason=reason),
+                          message_id=f"job.failed:{job_id}")
+        log.warning("job_failed", job_id=job_id, code=code, reason=reason)
+
+
+async def _redispatch(row: Any, *, jobs: JobRepository, bus: MessageBus, policy: JobPolicy, code: str,
+                      reason: str) -> None:
+    """Hand the job out again, or fail it once its attempts are spent."""
+    if row["attempts"] >= policy.max_attempts:
+        await _fail(str(row["job_id"]), row["account_id"], code,
+                    f"{reason} (after {row['attempts']} attempts)", jobs=jobs, bus=bus)
+        return
+    retried = await jobs.retry(str(row["job_id"]), deadline_s=policy.deadline_s)
+    if retried is None:
+        return
+    await _hand_out(await _work_order(retried, bus=bus, policy=policy), bus=bus)
+    log.warning("job_redispatched", job_id=str(row["job_id"]), attempt=retried["attempts"], reason=reason)
+
+
+async def on_synthesis_failed(event: SynthesisFailed, *, envelope: Envelope, jobs: JobRepository,
+                              bus: MessageBus, policy: JobPolicy) -> None:
+    row = await jobs.get(event.job_id)
+    if row is None or row["status"] != domain.PENDING:
+        return
+    if event.retryable:
+        await _redispatch(row, jobs=jobs, bus=bus, policy=policy, code=event.code, reason=event.reason)
+    else:
+        await _fail(event.job_id, row["account_id"], event.code, event.reason, jobs=jobs, bus=bus)
+
+
+async def sweep_overdue(*, jobs: JobRepository, bus: MessageBus, policy: JobPolicy) -> int:
+    """Re-send or fail every pending job past its deadline: no job stays pending forever."""
+    rows = await jobs.overdue()
+    for row in rows:
+        await _redispatch(row, jobs=jobs, bus=bus, policy=policy, code="deadline_exceeded",
+                          reason=f"no result within {policy.deadline_s:.0f}s")
+    return len(rows)
+
+
+async def on_objects_expired(event: ObjectsExpired, *, envelope: Envelope, jobs: JobRepository,
+                             cache: CacheIndex) -> None:
+    """Expired audio: drop the cache entries and mark the jobs that pointed there."""
+    dropped = await cache.drop_audio(event.keys)
+    failed = await jobs.fail_with_audio(event.keys, code="audio_expired", reason="audio expired and was deleted")
+    log.info("expired_audio_forgotten", cache_entries=dropped, jobs=len(failed))
+
+
+async def on_account_purge(event: AccountPurgeRequested, *, envelope: Envelope, jobs: JobRepository,
+                           cache: CacheIndex, bus: MessageBus) -> None:
+    removed = await jobs.delete_account(event.account_id)
+    await cache.delete_account(event.account_id)
+    await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="dispatcher",
+                                    removed=len(removed)))

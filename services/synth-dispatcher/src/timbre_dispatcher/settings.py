@@ -1,0 +1,38 @@
+"""Settings of the synthesis dispatcher."""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import SecretStr, model_validator
+
+from timbre_common.settings import CommonSettings, require_real_secret
+
+
+class DispatcherSettings(CommonSettings):
+    db_schema: ClassVar[str] = "dispatch"
+    # local: a RabbitMQ work queue drained by gpu_worker; modal: spawn the Modal function.
+    executor: str = "local"
+    # A job not finished this long after it was handed out is handed out again, up to max attempts.
+    job_deadline_s: float = 300.0
+    job_max_attempts: int = 3
+    sweep_interval_s: float = 5.0
+    reference_url_ttl_s: int = 3600
+    modal_app_name: str = "timbre-gpu"
+    modal_class_name: str = "Synthesizer"
+    modal_backends: str = "qwen3-1.7b,qwen3-0.6b"
+    # Where Modal POSTs results: the gateway's public base URL.
+    public_base_url: str = "http://127.0.0.1:8000"
+    modal_callback_secret: SecretStr = SecretStr("")
+
+    @property
+    def modal_backend_names(self) -> list[str]:
+        """Backends routed to Modal when EXECUTOR=modal (the rest stay on local workers)."""
+        return [b.strip() for b in self.modal_backends.split(",") if b.strip()]
+
+    @model_validator(mode="after")
+    def _modal_needs_secret(self) -> DispatcherSettings:
+        if self.executor not in ("local", "modal"):
+            raise ValueError("EXECUTOR must be 'local' or 'modal'")
+        if self.executor == "modal":
+            require_real_secret("MODAL_CALLBACK_SECRET", self.modal_callback_secret, env="prod")
+        return self

@@ -1,0 +1,40 @@
+"""Voices in PostgreSQL (schema `voices`)."""
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+
+class VoiceRepository:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def add(self, *, voice_id: str, account_id: str, name: str, backend: str, lang: str,
+                  ref_text: str | None, family: str | None, reference_key: str, quality: dict[str, Any],
+                  metadata: dict[str, Any]) -> asyncpg.Record:
+        return await self.pool.fetchrow(
+            "INSERT INTO voices (voice_id, account_id, name, backend, lang, ref_text, family, reference_key, "
+            "quality, metadata) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) RETURNING *",
+            voice_id, account_id, name, backend, lang, ref_text, family, reference_key, quality, metadata)
+
+    async def get(self, account_id: str, voice_id: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(
+            "SELECT * FROM voices WHERE voice_id = $1 AND account_id = $2", voice_id, account_id)
+
+    async def list(self, account_id: str) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            "SELECT * FROM voices WHERE account_id = $1 ORDER BY created_at, voice_id", account_id)
+
+    async def delete(self, account_id: str, voice_id: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(
+            "DELETE FROM voices WHERE voice_id = $1 AND account_id = $2 RETURNING *", voice_id, account_id)
+
+    async def set_profile(self, voice_id: str, backend: str, profile: dict[str, Any]) -> bool:
+        status = await self.pool.execute(
+            "UPDATE voices SET profile = profile || jsonb_build_object($2::text, $3::jsonb) WHERE voice_id = $1",
+            voice_id, backend, profile)
+        return status.endswith(" 1")
+
+    async def delete_account(self, account_id: str) -> list[asyncpg.Record]:
+        return await self.pool.fetch("DELETE FROM voices WHERE account_id = $1 RETURNING *", account_id)

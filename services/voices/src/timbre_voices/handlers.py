@@ -1,0 +1,131 @@
+"""Voices service handlers.
+
+Serves (RPC): RegisterVoice, ListVoices, GetVoice, DeleteVoice.
+Consumes: voice.profiled (a worker's per-voice profile), account.purge_requested.
+Emits: voice.registered, voice.deleted, account.purged.
+Calls: storage (PutVoiceReference, GetUpload, Presign).
+"""
+from __future__ import annotations
+
+import uuid
+
+from timbre_common.audio import AudioError, normalise_reference, quality_report, validate_reference
+from timbre_common.catalogue import KNOWN_BACKENDS, system_voice_by_id
+from timbre_common.contracts import Envelope
+from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
+from timbre_common.contracts.storage import GetUpload, Presign, PresignedUrl, PutVoiceReference, StoredObject
+from timbre_common.contracts.voices import (DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceDeleted,
+                                            VoiceList, VoiceProfiled, VoiceRecord, VoiceRegistered)
+from timbre_common.logging import get_logger
+from timbre_common.messaging import Invalid, NotFound, RpcError
+from timbre_common.ports import MessageBus
+from timbre_common.text import SUPPORTED_LANGUAGES
+
+from . import domain
+from .adapters.repository import VoiceRepository
+from .settings import VoicesSettings
+
+log = get_logger(__name__)
+
+
+def _voice_not_found(voice_id: str) -> NotFound:
+    return NotFound("voice_not_found", f"voice {voice_id} not found")
+
+
+async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes | None, repo: VoiceRepository,
+                         bus: MessageBus, settings: VoicesSettings) -> VoiceRecord:
+    """Validate the reference deeply, store it, record the voice, announce it."""
+    name = cmd.name.strip()
+    if not name:
+        raise RpcError("missing_field", "name is required", status=400)
+    if len(name) > domain.NAME_MAX:
+        raise Invalid("invalid_name", f"name is longer than {domain.NAME_MAX} characters")
+    if cmd.backend not in KNOWN_BACKENDS:
+        raise Invalid("invalid_backend", f"backend must be one of {', '.join(KNOWN_BACKENDS)}")
+    if cmd.lang not in SUPPORTED_LANGUAGES:
+        raise Invalid("unsupported_language", f"lang must be one of {' '.join(SUPPORTED_LANGUAGES)}")
+    if cmd.ref_text and len(cmd.ref_text) > domain.REF_TEXT_MAX:
+        raise Invalid("invalid_ref_text", f"ref_text is longer than {domain.REF_TEXT_MAX} characters")
+    if cmd.family and len(cmd.family) > domain.FAMILY_MAX:
+        raise Invalid("invalid_family", f"family is longer than {domain.FAMILY_MAX} characters")
+    upload_meta: dict[str, str] = {}
+    if cmd.upload_id:
+        if body:
+            raise RpcError("conflicting_fields", "send ref_audio or upload_id, not both", status=400)
+        upload, body = await bus.call("storage", GetUpload(account_id=cmd.account_id, upload_id=cmd.upload_id,
+                                                           with_body=True))
+        upload_meta = {"upload_id": cmd.upload_id, "upload_purpose": upload.purpose}
+    if not body:
+        raise RpcError("missing_field", "ref_audio is required", status=400)
+    try:
+        info = validate_reference(body, min_s=settings.min_reference_s, max_s=settings.max_reference_s,
+                                  max_bytes=settings.max_reference_bytes)
+        quality = quality_report(body).to_dict()
+        normalised = normalise_reference(body, target_sr=settings.reference_sample_rate)
+    except AudioError as exc:
+        raise Invalid(exc.code, exc.message) from exc
+    voice_id = str(uuid.uuid4())
+    stored, _ = await bus.call("storage", PutVoiceReference(account_id=cmd.account_id, voice_id=voice_id),
+                               body=normalised, expect=StoredObject)
+    metadata = {
+        "original": {"sample_rate": info.sample_rate, "channels": info.channels, "bits": info.bits_per_sample,
+                     "format": info.format, "duration_s": round(info.duration_s, 3), "bytes": len(body)},
+        **upload_meta,
+    }
+    row = await repo.add(voice_id=voice_id, account_id=cmd.account_id, name=name, backend=cmd.backend,
+                         lang=cmd.lang, ref_text=(cmd.ref_text or None), family=(cmd.family or None),
+                         reference_key=stored.key, quality=quality, metadata=metadata)
+    url, _ = await bus.call("storage", Presign(key=stored.key, expires_in=3600), expect=PresignedUrl)
+    await bus.publish(VoiceRegistered(voice_id=voice_id, account_id=cmd.account_id, backend=cmd.backend,
+                                      lang=cmd.lang, reference_key=stored.key, reference_url=url.url,
+                                      ref_text=cmd.ref_text))
+    log.info("voice_registered", voice_id=voice_id, account_id=cmd.account_id, backend=cmd.backend,
+             grade=quality.get("grade"))
+    return domain.custom_record(row)
+
+
+async def list_voices(cmd: ListVoices, *, envelope: Envelope, repo: VoiceRepository) -> VoiceList:
+    """System voices first, then the account's own."""
+    rows = await repo.list(cmd.account_id)
+    return VoiceList(voices=[*domain.system_records(), *(domain.custom_record(r) for r in rows)])
+
+
+async def get_voice(cmd: GetVoice, *, envelope: Envelope, repo: VoiceRepository) -> VoiceRecord:
+    """A system voice, or the account's own custom voice; anything else is not found."""
+    system = domain.find_system_record(cmd.voice_id)
+    if system is not None:
+        return system
+    if not domain.is_uuid(cmd.voice_id):
+        raise _voice_not_found(cmd.voice_id)
+    row = await repo.get(cmd.account_id, cmd.voice_id)
+    if row is None:
+        raise _voice_not_found(cmd.voice_id)
+    return domain.custom_record(row)
+
+
+async def delete_voice(cmd: DeleteVoice, *, envelope: Envelope, repo: VoiceRepository, bus: MessageBus) -> None:
+    """Forget the voice and announce it: storage drops the reference, the dispatcher the jobs and cache."""
+    if system_voice_by_id(cmd.voice_id) is not None:
+        raise RpcError("system_voice_readonly", "system voices cannot be deleted", status=403)
+    if not domain.is_uuid(cmd.voice_id):
+        raise _voice_not_found(cmd.voice_id)
+    row = await repo.delete(cmd.account_id, cmd.voice_id)
+    if row is None:
+        raise _voice_not_found(cmd.voice_id)
+    await bus.publish(VoiceDeleted(voice_id=cmd.voice_id, account_id=cmd.account_id,
+                                   reference_key=row["reference_key"]))
+    log.info("voice_deleted", voice_id=cmd.voice_id, account_id=cmd.account_id)
+
+
+async def on_voice_profiled(event: VoiceProfiled, *, envelope: Envelope, repo: VoiceRepository) -> None:
+    """Keep what a worker computed for the voice (e.g. the nearest bundled voice)."""
+    if not await repo.set_profile(event.voice_id, event.backend, event.profile):
+        log.info("voice_profile_for_unknown_voice", voice_id=event.voice_id)
+
+
+async def on_account_purge(event: AccountPurgeRequested, *, envelope: Envelope, repo: VoiceRepository,
+                           bus: MessageBus) -> None:
+    """Delete every voice of the account and confirm."""
+    rows = await repo.delete_account(event.account_id)
+    await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="voices",
+                                    removed=len(rows)))

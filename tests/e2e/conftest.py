@@ -1,0 +1,163 @@
+"""End-to-end: every service as a process on a fresh database and bus namespace, driven over HTTP."""
+from __future__ import annotations
+
+import asyncio
+import io
+import secrets
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse, urlunparse
+
+import httpx
+import pytest
+
+from timbre_common.supervisor import Platform, drop_database, ensure_database
+
+ROOT = Path(__file__).resolve().parents[2]
+ADMIN = "e2e-admin-" + secrets.token_hex(16)
+CALLBACK_SECRET = "e2e-callback-" + secrets.token_hex(16)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_module(name: str, path: Path):  # type: ignore[no-untyped-def]
+    """Import a test helper module by path (tests are not packages)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[name] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+class Client:
+    """A client of the running platform, with helpers for the common flows."""
+
+    def __init__(self, base_url: str, platform: Platform) -> None:
+        self.base_url = base_url
+        self.platform = platform
+        self.http = httpx.Client(base_url=base_url, timeout=60)
+
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ADMIN}"}
+
+    def new_key(self, **body: object) -> dict:
+        r = self.http.post("/v1/keys", json=body or {"label": "e2e"}, headers=self.admin())
+        assert r.status_code == 201, r.text
+        return r.json()
+
+    @staticmethod
+    def auth(key: dict | str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key['api_key'] if isinstance(key, dict) else key}"}
+
+    def create_voice(self, key: dict, wav: bytes, *, name: str = "me", **fields: str) -> httpx.Response:
+        return self.http.post("/v1/voices", headers=self.auth(key), data={"name": name, **fields},
+                              files={"ref_audio": ("ref.wav", io.BytesIO(wav), "audio/wav")})
+
+    def wait_job(self, key: dict, job_id: str, timeout: float = 120.0, until=("ready", "failed")) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = self.http.get(f"/v1/jobs/{job_id}", headers=self.auth(key))
+            assert r.status_code == 200, r.text
+            if r.json()["status"] in until:
+                return r.json()
+            time.sleep(0.25)
+        raise AssertionError(f"job {job_id} not {until} within {timeout}s; last: {r.json()}\n{self.tail_logs()}")
+
+    def tail_logs(self, lines: int = 15) -> str:
+        out = []
+        for name in self.platform.processes:
+            text = self.platform.log(name).strip().splitlines()[-lines:]
+            out.append(f"--- {name}\n" + "\n".join(text))
+        return "\n".join(out)
+
+
+def wait_healthy(client: Client, *, backend: str = "embedded", timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        dead = client.platform.exited()
+        if dead:
+            raise AssertionError(f"services exited: {dead}\n{client.tail_logs(40)}")
+        try:
+            last = client.http.get("/v1/health")
+            if last.status_code == 200 and backend in last.json()["backends"]:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"platform not healthy within {timeout}s: {last and last.text}\n{client.tail_logs(40)}")
+
+
+@pytest.fixture(scope="session")
+def platform_env(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    parsed = urlparse(database_url)
+    db_url = urlunparse(parsed._replace(path=f"/timbre_e2e_{uuid.uuid4().hex[:10]}"))
+    asyncio.run(ensure_database(db_url))
+    gateway_port, storage_port = _free_port(), _free_port()
+    root = tmp_path_factory.mktemp("platform")
+    env = {
+        "TIMBRE_ENV": "test",
+        "DATABASE_URL": db_url,
+        "AMQP_URL": amqp_url,
+        "BUS_NAMESPACE": f"e2e{uuid.uuid4().hex[:8]}",
+        "PORT": str(gateway_port),
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{gateway_port}",
+        "ADMIN_SECRET": ADMIN,
+        "MODAL_CALLBACK_SECRET": CALLBACK_SECRET,
+        "STORAGE_BACKEND": "fs",
+        "STORAGE_ROOT": str(root / "blobs"),
+        "STORAGE_PUBLIC_URL": f"http://127.0.0.1:{storage_port}",
+        "STORAGE_SIGNING_KEY": secrets.token_hex(32),
+        "SWEEP_INTERVAL_S": "1",
+        "BILLING": "off",
+        "BACKENDS": "embedded",
+        "HEARTBEAT_INTERVAL_S": "1",
+        "LOG_LEVEL": "INFO",
+        "PYTHONUNBUFFERED": "1",
+    }
+    yield {"env": env, "root": root, "gateway_port": gateway_port}
+    asyncio.run(drop_database(db_url))
+    asyncio.run(_delete_namespace(amqp_url, env["BUS_NAMESPACE"]))
+
+
+async def _delete_namespace(amqp_url: str, namespace: str) -> None:
+    import aio_pika
+
+    from timbre_common.messaging import Names
+    from timbre_common.messaging.topology import delete_topology
+
+    conn = await aio_pika.connect(amqp_url)
+    await delete_topology(await conn.channel(), Names(namespace))
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def platform(platform_env: dict) -> Iterator[Platform]:
+    p = Platform(env=platform_env["env"], log_dir=platform_env["root"] / "logs")
+    p.start_all()
+    yield p
+    p.stop_all()
+
+
+@pytest.fixture(scope="session")
+def client(platform: Platform, platform_env: dict) -> Iterator[Client]:
+    c = Client(f"http://127.0.0.1:{platform_env['gateway_port']}", platform)
+    wait_healthy(c)
+    yield c
+    c.http.close()
+
+
+@pytest.fixture(scope="session")
+def wavs():  # type: ignore[no-untyped-def]
+    """The hostile-WAV corpus module of libs/common's tests (valid_wav, hostile_wavs)."""
+    return load_module("timbre_hostile_wavs", ROOT / "libs/common/tests/hostile_wavs.py")
