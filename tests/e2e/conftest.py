@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
@@ -42,9 +43,10 @@ def load_module(name: str, path: Path):  # type: ignore[no-untyped-def]
 class Client:
     """A client of the running platform, with helpers for the common flows."""
 
-    def __init__(self, base_url: str, platform: Platform) -> None:
+    def __init__(self, base_url: str, platform: Platform, env: dict[str, str] | None = None) -> None:
         self.base_url = base_url
         self.platform = platform
+        self.env = env or {}
         self.http = httpx.Client(base_url=base_url, timeout=60)
 
     def admin(self) -> dict[str, str]:
@@ -98,13 +100,19 @@ def wait_healthy(client: Client, *, backend: str = "embedded", timeout: float = 
     raise AssertionError(f"platform not healthy within {timeout}s: {last and last.text}\n{client.tail_logs(40)}")
 
 
-@pytest.fixture(scope="session")
-def platform_env(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+@contextmanager
+def running_platform(database_url: str, amqp_url: str, root: Path, *, overrides: dict[str, str] | None = None,
+                     extra_workers: dict[str, dict[str, str]] | None = None,
+                     wait_for_backend: str = "embedded") -> Iterator[Client]:
+    """Every service as a process on a fresh database and bus namespace; torn down on exit.
+
+    `overrides` changes the environment of every service; `extra_workers` starts more gpu_worker processes
+    (name -> environment overrides), e.g. one running a Qwen3 backend.
+    """
     parsed = urlparse(database_url)
     db_url = urlunparse(parsed._replace(path=f"/timbre_e2e_{uuid.uuid4().hex[:10]}"))
     asyncio.run(ensure_database(db_url))
     gateway_port, storage_port = _free_port(), _free_port()
-    root = tmp_path_factory.mktemp("platform")
     env = {
         "TIMBRE_ENV": "test",
         "DATABASE_URL": db_url,
@@ -124,10 +132,21 @@ def platform_env(database_url: str, amqp_url: str, tmp_path_factory: pytest.Temp
         "HEARTBEAT_INTERVAL_S": "1",
         "LOG_LEVEL": "INFO",
         "PYTHONUNBUFFERED": "1",
+        **(overrides or {}),
     }
-    yield {"env": env, "root": root, "gateway_port": gateway_port}
-    asyncio.run(drop_database(db_url))
-    asyncio.run(_delete_namespace(amqp_url, env["BUS_NAMESPACE"]))
+    platform = Platform(env=env, log_dir=root / "logs")
+    client = Client(f"http://127.0.0.1:{gateway_port}", platform, env=env)
+    try:
+        platform.start_all()
+        for name, worker_env in (extra_workers or {}).items():
+            platform.start_extra(name, "timbre_gpu_worker", worker_env)
+        wait_healthy(client, backend=wait_for_backend)
+        yield client
+    finally:
+        client.http.close()
+        platform.stop_all()
+        asyncio.run(drop_database(db_url))
+        asyncio.run(_delete_namespace(amqp_url, env["BUS_NAMESPACE"]))
 
 
 async def _delete_namespace(amqp_url: str, namespace: str) -> None:
@@ -142,19 +161,10 @@ async def _delete_namespace(amqp_url: str, namespace: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def platform(platform_env: dict) -> Iterator[Platform]:
-    p = Platform(env=platform_env["env"], log_dir=platform_env["root"] / "logs")
-    p.start_all()
-    yield p
-    p.stop_all()
-
-
-@pytest.fixture(scope="session")
-def client(platform: Platform, platform_env: dict) -> Iterator[Client]:
-    c = Client(f"http://127.0.0.1:{platform_env['gateway_port']}", platform)
-    wait_healthy(c)
-    yield c
-    c.http.close()
+def client(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
+    """The default platform (fs storage, billing off, the embedded backend), shared by the session."""
+    with running_platform(database_url, amqp_url, tmp_path_factory.mktemp("platform")) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse, urlunparse
 
+CORE_SERVICES: tuple[str, ...] = ("storage", "voices", "dispatcher", "billing", "gpu_worker", "gateway")
 SERVICES: dict[str, str] = {
     "storage": "timbre_storage",
     "voices": "timbre_voices",
@@ -63,6 +64,8 @@ class Platform:
     env: Mapping[str, str]
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    extra_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    modules: dict[str, str] = field(default_factory=lambda: dict(SERVICES))
     _logs: dict[str, IO[bytes]] = field(default_factory=dict)
 
     def start(self, name: str) -> subprocess.Popen[bytes]:
@@ -72,13 +75,20 @@ class Platform:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = self._logs.get(name) or open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115
             self._logs[name] = out
-        proc = subprocess.Popen([sys.executable, "-m", SERVICES[name]], env={**os.environ, **self.env},
+        env = {**os.environ, **self.env, **self.extra_env.get(name, {})}
+        proc = subprocess.Popen([sys.executable, "-m", self.modules[name]], env=env,
                                 stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
         self.processes[name] = proc
         return proc
 
+    def start_extra(self, name: str, module: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+        """Start another process of a service under its own name (e.g. a second worker)."""
+        self.modules[name] = module
+        self.extra_env[name] = dict(env)
+        return self.start(name)
+
     def start_all(self) -> None:
-        for name in SERVICES:
+        for name in CORE_SERVICES:
             self.start(name)
 
     def kill(self, name: str) -> None:
