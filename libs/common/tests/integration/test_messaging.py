@@ -182,3 +182,30 @@ async def test_rpc_reply_error_and_timeout(bus: Bus):
     # Many calls in flight at once each get their own answer.
     replies = await asyncio.gather(*[bus.call("svc", Double(n=i)) for i in range(50)])
     assert [r.n for r, _ in replies] == [i * 2 for i in range(50)]
+
+
+async def test_message_that_keeps_killing_its_consumer_is_dead_lettered_by_the_delivery_limit(bus: Bus, amqp_url: str):
+    """A consumer that dies holding the message (no ack, connection gone) gets it again, a bounded number of times."""
+    from timbre_common.messaging.topology import DELIVERY_LIMIT
+
+    await bus.publish(PingHappened(n=13), message_id="crasher")
+    deliveries = 0
+    for _ in range(DELIVERY_LIMIT + 3):
+        conn = await aio_pika.connect(amqp_url)
+        ch = await conn.channel()
+        queue = await ch.get_queue(bus.names.queue(SPEC.name))
+        msg = None
+        for _ in range(50):
+            msg = await queue.get(fail=False, no_ack=False)
+            if msg is not None:
+                break
+            await asyncio.sleep(0.05)
+        if msg is None:
+            await conn.close()
+            break
+        deliveries += 1
+        await conn.close()  # dies without acking: the broker requeues and counts the delivery
+    dead = await _drain_dlq(bus, timeout=10)
+    assert dead.message_id == "crasher"
+    assert dead.headers["x-death"][0]["reason"] == "delivery_limit"
+    assert deliveries == DELIVERY_LIMIT + 1
