@@ -40,3 +40,31 @@ def run(name: str, build: Callable[[], Awaitable[Service]], log_level: str = "IN
         await serve_until_signalled(service, name)
 
     asyncio.run(main())
+
+
+class HttpServer:
+    """A uvicorn server inside a service's event loop (the process handles signals, not uvicorn)."""
+
+    def __init__(self, app: object, *, host: str, port: int) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
+                                server_header=False)
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Return once the socket is listening (or raise what stopped it)."""
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise RuntimeError("HTTP server exited before it started")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        """Finish requests in flight, then close."""
+        if self._task is not None:
+            self._server.should_exit = True
+            await self._task

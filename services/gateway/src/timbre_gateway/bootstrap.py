@@ -1,22 +1,24 @@
 """Wiring of the gateway: pool, migrations, bus, event consumers, the HTTP server."""
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import uvicorn
+import redis.asyncio as aioredis
 
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
 from timbre_common.contracts.billing import AccountKeysRestored, AccountKeysRevoked, AccountProvisioningRequested
 from timbre_common.contracts.synthesis import WorkerHeartbeat
 from timbre_common.db import create_pool, migrate
 from timbre_common.messaging import QUEUES, Bus, PgDeduper
+from timbre_common.runtime import HttpServer
 
 from . import handlers
 from .adapters.backends import BackendRegistry
+from .adapters.idempotency import IdempotencyStore
+from .adapters.limits import RedisLimiter
 from .adapters.repository import AccountRepository
 from .http.app import create_app
 from .settings import GatewaySettings
@@ -34,14 +36,16 @@ class GatewayContext:
     accounts: AccountRepository
     backends: BackendRegistry
     extras: dict[str, Any]
+    redis: Any = None
+    limiter: RedisLimiter | None = None
+    idempotency: IdempotencyStore | None = None
 
 
 class GatewayService:
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx
         self.app = create_app(ctx)
-        self._server: uvicorn.Server | None = None
-        self._serve_task: asyncio.Task[None] | None = None
+        self._server: HttpServer | None = None
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -56,22 +60,15 @@ class GatewayService:
             AccountKeysRestored: partial(handlers.on_keys_restored, **deps),
         }, deduper=deduper)
         await ctx.bus.subscribe([WorkerHeartbeat], ctx.backends.on_heartbeat)
-        config = uvicorn.Config(self.app, host=ctx.settings.host, port=ctx.settings.port, log_config=None,
-                                access_log=False, lifespan="off", server_header=False)
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._serve_task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            if self._serve_task.done():
-                self._serve_task.result()
-            await asyncio.sleep(0.02)
+        self._server = HttpServer(self.app, host=ctx.settings.host, port=ctx.settings.port)
+        await self._server.start()
 
     async def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
-        if self._serve_task is not None:
-            await self._serve_task
+            await self._server.stop()
         await self.ctx.bus.close()
+        if self.ctx.redis is not None:
+            await self.ctx.redis.aclose()
         await self.ctx.pool.close()
 
 
@@ -80,8 +77,13 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     await migrate(pool, settings.db_schema, MIGRATIONS)
     bus = await Bus(url=settings.amqp_url.get_secret_value(), namespace=settings.bus_namespace,
                     service="gateway", rpc_timeout=settings.rpc_timeout_s).connect()
+    # Short timeouts: a Redis outage must cost a request milliseconds (the limiter then fails open), not seconds.
+    redis = aioredis.from_url(settings.redis_url.get_secret_value(), socket_timeout=0.5,
+                              socket_connect_timeout=0.5)
+    limiter = RedisLimiter(redis, namespace=settings.bus_namespace, lease_ttl_s=settings.concurrency_lease_s)
     return GatewayContext(settings=settings, bus=bus, pool=pool, accounts=AccountRepository(pool),
-                          backends=BackendRegistry(grace=settings.heartbeat_grace), extras={})
+                          backends=BackendRegistry(grace=settings.heartbeat_grace), extras={},
+                          redis=redis, limiter=limiter, idempotency=IdempotencyStore(pool))
 
 
 async def build(settings: GatewaySettings | None = None) -> GatewayService:

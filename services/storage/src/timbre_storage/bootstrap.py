@@ -5,8 +5,6 @@ import asyncio
 from functools import partial
 from typing import Any
 
-import uvicorn
-
 from timbre_common.contracts import storage as c
 from timbre_common.contracts.accounts import AccountPurgeRequested
 from timbre_common.contracts.synthesis import SynthesisCompleted
@@ -14,6 +12,7 @@ from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.db import create_pool, migrate
 from timbre_common.logging import get_logger
 from timbre_common.messaging import QUEUES, Bus, PgDeduper
+from timbre_common.runtime import HttpServer
 
 from . import bus_adapters as a
 from .adapters.blob import BlobStore, FsBlobStore, build_blob_store
@@ -30,8 +29,7 @@ class StorageService:
         self.settings, self.bus, self.pool, self.store = settings, bus, pool, store
         self.repo = ObjectRepository(pool)
         self._tasks: list[asyncio.Task[Any]] = []
-        self._server: uvicorn.Server | None = None
-        self._serve_task: asyncio.Task[None] | None = None
+        self._server: HttpServer | None = None
 
     async def start(self) -> None:
         d = {"repo": self.repo, "store": self.store}
@@ -60,15 +58,8 @@ class StorageService:
         from urllib.parse import urlparse
 
         url = urlparse(self.settings.storage_public_url)
-        config = uvicorn.Config(build_http_app(store), host=self.settings.storage_http_host,
-                                port=url.port or 8001, log_config=None, access_log=False, lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._serve_task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            if self._serve_task.done():
-                self._serve_task.result()
-            await asyncio.sleep(0.02)
+        self._server = HttpServer(build_http_app(store), host=self.settings.storage_http_host, port=url.port or 8001)
+        await self._server.start()
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -81,9 +72,8 @@ class StorageService:
             await asyncio.sleep(self.settings.sweep_interval_s)
 
     async def stop(self) -> None:
-        if self._server is not None and self._serve_task is not None:
-            self._server.should_exit = True
-            await self._serve_task
+        if self._server is not None:
+            await self._server.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
