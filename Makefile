@@ -34,9 +34,14 @@ test: install services
 test-fast: install services
 	$(PY) -m pytest -q --ignore=tests/e2e
 
-bench: install services
-	$(PY) bench/tts_speed.py --backend embedded
-	$(PY) bench/tts_quality.py --backend embedded
+# Speed and quality of the embedded voices, and of a qwen backend (random weights without a checkpoint).
+bench: install
+	$(PY) bench/tts_speed.py embedded --voice joe
+	$(PY) bench/tts_speed.py embedded --voice heart
+	$(PY) bench/tts_quality.py embedded --voice joe
+	$(PY) bench/tts_quality.py embedded --voice heart
+	$(PY) bench/tts_speed.py qwen3-0.6b
+	$(PY) bench/tts_quality.py qwen3-0.6b
 
 clean:
 	rm -rf var $(VENV)

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("backend", choices=["embedded", "qwen3-0.6b", "qwen3-1.7b"])
     ap.add_argument("--model-dir", type=Path, default=None)
+    ap.add_argument("--voice", default="joe", help="embedded: the system voice to speak (joe, heart)")
     args = ap.parse_args(argv)
 
     import soundfile as sf
@@ -82,14 +83,15 @@ def main(argv: list[str] | None = None) -> None:
     from resemblyzer import VoiceEncoder, preprocess_wav
 
     backend, what = speed.make_backend(args.backend, args.model_dir)
-    print(f"# {what}")
-    ref_bytes = speed.reference_wav()
+    print(f"# {what}" + (f", voice {args.voice}" if args.backend == "embedded" else ""))
+    # The reference: what a clone copies, or for embedded another utterance of the same system voice.
+    ref_bytes = speed.reference_wav(args.voice if args.backend == "embedded" else "joe")
     ref, ref_sr = sf.read(io.BytesIO(ref_bytes), dtype="float32")
     asr = WhisperModel(str(get_model_path()), compute_type="int8", cpu_threads=2)
     encoder = VoiceEncoder("cpu", verbose=False)
     ref_embed = encoder.embed_utterance(preprocess_wav(_to_16k(ref, ref_sr), source_sr=16000))
 
-    reqs = [speed.request(args.backend, f"q{i}", s, ref_bytes) for i, s in enumerate(speed.SENTENCES)]
+    reqs = [speed.request(args.backend, f"q{i}", s, ref_bytes, args.voice) for i, s in enumerate(speed.SENTENCES)]
     results = backend.synthesize_batch(reqs)
     print("| # | audio s | WER | similarity | transcript |")
     print("| ---: | ---: | ---: | ---: | --- |")

@@ -15,6 +15,7 @@ import io
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,8 @@ def make_backend(name: str, model_dir: Path | None = None) -> tuple[Any, str]:
     return backend, what
 
 
-def reference_wav() -> bytes:
-    """A speech reference for cloning: the embedded "joe" voice when it loads, else a synthetic vowel."""
+def reference_wav(voice: str = "joe") -> bytes:
+    """A speech reference for cloning: an embedded system voice when it loads, else a synthetic vowel."""
     import soundfile as sf
 
     try:
@@ -87,8 +88,8 @@ def reference_wav() -> bytes:
         emb = EmbeddedBackend()
         emb.load()
         [res] = emb.synthesize_batch([SynthesisRequest(job_id="ref", text="This is my voice, recorded for cloning "
-                                                       "in a quiet room today.", lang="en", voice_id="joe",
-                                                       system_voice="joe")])
+                                                       "in a quiet room today.", lang="en", voice_id=voice,
+                                                       system_voice=voice)])
         samples, sr = res.samples, res.sample_rate
     except Exception:
         sr = 24000
@@ -99,12 +100,12 @@ def reference_wav() -> bytes:
     return buf.getvalue()
 
 
-def request(backend_name: str, job: str, text: str, ref: bytes | None) -> Any:
-    """A request for the named backend: system voice "joe" for embedded, a cloned reference otherwise."""
+def request(backend_name: str, job: str, text: str, ref: bytes | None, voice: str = "joe") -> Any:
+    """A request for the named backend: a system voice for embedded, a cloned reference otherwise."""
     from timbre_gpu_worker.backends.base import SynthesisRequest
 
     if backend_name == "embedded":
-        return SynthesisRequest(job_id=job, text=text, lang="en", voice_id="joe", system_voice="joe")
+        return SynthesisRequest(job_id=job, text=text, lang="en", voice_id=voice, system_voice=voice)
     return SynthesisRequest(job_id=job, text=text, lang="en", voice_id="bench-voice", reference_wav=ref,
                             ref_text="This is my voice, recorded for cloning in a quiet room today.")
 
@@ -126,23 +127,27 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model-dir", type=Path, default=None)
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--voice", default="joe", help="embedded: the system voice to speak (joe, heart)")
     args = ap.parse_args(argv)
 
     backend, what = make_backend(args.backend, args.model_dir)
     ref = reference_wav() if args.backend != "embedded" else None
-    print(f"# {what}")
-    # Warm-up: first-call costs (numba, kernels, prompt cache) are not steady-state speed.
-    _timed(backend, [request(args.backend, "warm", SENTENCES[0], ref)])
+    print(f"# {what}" + (f", voice {args.voice}" if args.backend == "embedded" else ""))
+    make_request = partial(request, voice=args.voice)
 
-    rtf_runs = [_timed(backend, [request(args.backend, f"rtf{i}", SENTENCES[1], ref)]) for i in range(args.repeats)]
+    # Warm-up: first-call costs (numba, kernels, prompt cache) are not steady-state speed.
+    _timed(backend, [make_request(args.backend, "warm", SENTENCES[0], ref)])
+
+    rtf_runs = [_timed(backend, [make_request(args.backend, f"rtf{i}", SENTENCES[1], ref)])
+                for i in range(args.repeats)]
     rtf = float(np.median([w / a for w, a in rtf_runs]))
 
     from timbre_common.text import split_sentences
 
     first_chunk = split_sentences(LONG_TEXT, max_chars=80)[0]
-    ttfa = float(np.median([_timed(backend, [request(args.backend, f"ttfa{i}", first_chunk, ref)])[0]
+    ttfa = float(np.median([_timed(backend, [make_request(args.backend, f"ttfa{i}", first_chunk, ref)])[0]
                             for i in range(args.repeats)]))
-    full_wall, full_audio = _timed(backend, [request(args.backend, "full", LONG_TEXT, ref)])
+    full_wall, full_audio = _timed(backend, [make_request(args.backend, "full", LONG_TEXT, ref)])
 
     print(f"real-time factor (1 sentence, batch 1): {rtf:.3f}  ({1 / rtf:.1f}x real time)")
     print(f"time to first audio (first of {len(split_sentences(LONG_TEXT, max_chars=80))} sentences): "
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| ---: | ---: | ---: | ---: | ---: |")
     baseline = None
     for size in [int(x) for x in args.batches.split(",")]:
-        reqs = [request(args.backend, f"b{size}-{i}", SENTENCES[i % len(SENTENCES)], ref) for i in range(size)]
+        reqs = [make_request(args.backend, f"b{size}-{i}", SENTENCES[i % len(SENTENCES)], ref) for i in range(size)]
         wall, audio = _timed(backend, reqs)
         throughput = audio / wall
         baseline = baseline or throughput

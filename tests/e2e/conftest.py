@@ -135,7 +135,8 @@ def running_platform(database_url: str, amqp_url: str, root: Path, *, overrides:
         **(overrides or {}),
     }
     platform = Platform(env=env, log_dir=root / "logs")
-    client = Client(f"http://127.0.0.1:{gateway_port}", platform, env=env)
+    # An override of PORT (a test that must know the URL before start, e.g. for APP_BASE_URL) is honoured.
+    client = Client(f"http://127.0.0.1:{env['PORT']}", platform, env=env)
     try:
         platform.start_all()
         for name, worker_env in (extra_workers or {}).items():

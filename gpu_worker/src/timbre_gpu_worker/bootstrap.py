@@ -13,7 +13,7 @@ import httpx
 from timbre_common.contracts.synthesis import SynthesisRequested, WorkerHeartbeat
 from timbre_common.contracts.voices import VoiceRegistered
 from timbre_common.logging import get_logger
-from timbre_common.messaging import QUEUES, Bus, local_work_queue
+from timbre_common.messaging import Bus, local_work_queue, voice_profile_queue
 
 from . import handlers
 from .backends.base import Backend
@@ -58,8 +58,9 @@ class WorkerService:
         for backend in self.engine.names:
             await self.bus.consume(local_work_queue(backend),
                                    {SynthesisRequested: partial(handlers.on_synthesis_requested, **deps)})
-        await self.bus.consume(QUEUES["gpu_worker.voice_profiles"],
-                               {VoiceRegistered: partial(handlers.on_voice_registered, **deps)})
+        for backend in self.engine.names:
+            await self.bus.consume(voice_profile_queue(backend), {VoiceRegistered: partial(
+                handlers.on_voice_registered, only_backend=backend, **deps)})
         self._heartbeat = asyncio.create_task(self._beat())
         log.info("worker_ready", backends=self.engine.names, worker_id=self.worker_id)
 

@@ -41,10 +41,14 @@ class Engine:
             backend.load()
             log.info("backend_loaded", backend=name, load_s=round(time.perf_counter() - started, 2))
 
-    async def synthesize(self, backend: str, request: SynthesisRequest) -> SynthesisResult:
-        """Queue one request for its backend's next batch and wait for its result."""
+    def require(self, backend: str) -> None:
+        """Refuse a backend this worker does not run: a final failure, not one to retry here."""
         if backend not in self.backends:
             raise BackendError("backend_unavailable", f"backend {backend} is not available on this worker")
+
+    async def synthesize(self, backend: str, request: SynthesisRequest) -> SynthesisResult:
+        """Queue one request for its backend's next batch and wait for its result."""
+        self.require(backend)
         queue = self._queues.get(backend)
         if queue is None:
             queue = self._queues[backend] = asyncio.Queue()
@@ -54,8 +58,7 @@ class Engine:
         return await future
 
     async def profile(self, backend: str, voice_id: str, reference_wav: bytes, ref_text: str | None) -> dict:
-        if backend not in self.backends:
-            raise BackendError("backend_unavailable", f"backend {backend} is not available on this worker")
+        self.require(backend)
         return await asyncio.to_thread(self.backends[backend].profile_voice, voice_id, reference_wav, ref_text)
 
     async def _batch_loop(self, name: str, queue: asyncio.Queue[_Pending]) -> None:

@@ -1,6 +1,7 @@
 """GPU worker handlers (the RabbitMQ transport of the engine).
 
-Consumes: synthesis.requested (the local executor's work queue), voice.registered (per-voice profiles).
+Consumes: synthesis.requested (the local executor's work queue), voice.registered (per-voice profiles, one
+queue per backend).
 Emits: synthesis.completed (WAV as the body), synthesis.failed, voice.profiled, worker.heartbeat.
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ async def on_synthesis_requested(order: SynthesisRequested, *, envelope: Envelop
     started = time.perf_counter()
     log.info("synthesis_started", job_id=order.job_id, backend=order.backend, attempt=order.attempt)
     try:
+        engine.require(order.backend)  # before downloading a reference that no backend here could use
         reference = None
         if order.reference_url:
             reference = await fetch_reference(http, order.reference_url, max_bytes=max_reference_bytes)
@@ -73,13 +75,17 @@ async def on_synthesis_requested(order: SynthesisRequested, *, envelope: Envelop
         body=wav, message_id=f"{order.job_id}:{order.attempt}:completed")
     log.info("synthesis_completed", job_id=order.job_id, backend=order.backend, attempt=order.attempt,
              synthesis_ms=synthesis_ms, audio_seconds=round(seconds, 3), rtf=round(rtf, 4),
-             characters=len(order.text))
+             characters=len(order.text), details=result.details)
 
 
 async def on_voice_registered(event: VoiceRegistered, *, envelope: Envelope, engine: Engine, bus: MessageBus,
-                              http: httpx.AsyncClient, max_reference_bytes: int) -> None:
-    """Precompute what the voice's backend keeps per voice, so jobs need not."""
-    if event.backend not in engine.backends:
+                              http: httpx.AsyncClient, max_reference_bytes: int,
+                              only_backend: str | None = None) -> None:
+    """Precompute what the voice's backend keeps per voice, so jobs need not.
+
+    Each backend's profile queue carries every registration; `only_backend` keeps the ones for it.
+    """
+    if event.backend not in engine.backends or (only_backend is not None and event.backend != only_backend):
         return
     try:
         reference = await fetch_reference(http, event.reference_url, max_bytes=max_reference_bytes)

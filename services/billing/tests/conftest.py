@@ -140,18 +140,3 @@ def repository(pool: asyncpg.Pool) -> BillingRepository:
 def stripe_sign() -> Any:
     """fake_stripe.sign_header, without starting the server."""
     return fake_stripe.sign_header
-
-
-@pytest.fixture
-def serve() -> Iterator[Any]:
-    """Start an ASGI app on loopback for the test; returns its base URL."""
-    servers: list[Any] = []
-
-    def _serve(app: Any) -> str:
-        server = fake_stripe.LoopbackServer(app).start()
-        servers.append(server)
-        return str(server.url)
-
-    yield _serve
-    for server in servers:
-        server.stop()

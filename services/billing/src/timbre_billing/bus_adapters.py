@@ -34,7 +34,7 @@ async def _domain_errors() -> AsyncIterator[None]:
     except UnknownCheckoutToken as exc:
         raise NotFound("checkout_not_found", "no such checkout") from exc
     except WebhookRejected as exc:
-        raise RpcError(getattr(exc, "code", "signature_invalid"), str(exc) or "webhook rejected", status=400) from exc
+        raise RpcError(exc.code, str(exc) or "webhook rejected", status=400) from exc
     except StripeUnavailable as exc:
         raise RpcError("stripe_unavailable", "Stripe could not be reached; retry", status=503) from exc
 
@@ -66,7 +66,7 @@ async def checkout_status(cmd: c.GetCheckoutStatus, *, envelope: Envelope,
                           deps: BillingDependencies) -> c.CheckoutStatus:
     """`ready` here means paid: the gateway holds the minted key and shows it once."""
     async with _domain_errors():
-        status = await handlers.checkout_status(cmd.token, repository=deps.repository, settings=deps.settings)
+        status = await handlers.checkout_status(cmd.token, repository=deps.repository)
     return c.CheckoutStatus(ready=status.paid, account_id=status.account_id, customer_id=status.customer_id,
                             email=status.email)
 

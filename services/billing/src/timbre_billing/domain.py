@@ -132,12 +132,9 @@ class CheckoutStart:
 
 @dataclass(frozen=True, slots=True)
 class CheckoutStatus:
-    """Success-page poll: `paid` once the webhook landed; `api_key` on the first read of a parked key."""
+    """Success-page poll: `paid` once the webhook landed, with the account billing assigned to it."""
 
-    ready: bool
-    paid: bool = False
-    api_key: str | None = None
-    already_shown: bool = False
+    paid: bool
     account_id: str | None = None
     customer_id: str | None = None
     email: str | None = None

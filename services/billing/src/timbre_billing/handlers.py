@@ -1,21 +1,25 @@
 """Billing handlers: plain async functions, dependencies by keyword, no broker or HTTP knowledge.
 
 Consumes:
-  - Stripe webhooks (POST /v1/webhooks/stripe, raw body + Stripe-Signature) -> handle_stripe_webhook
-  - AccountProvisioned (the gateway minted the key for a checkout's account) -> handle_account_provisioned
+  - HandleStripeWebhook RPC (the gateway relays POST /v1/webhooks/stripe: raw body + Stripe-Signature)
+    -> handle_stripe_webhook
+  - StartCheckout RPC -> start_checkout; GetCheckoutStatus RPC -> checkout_status (paid or not: the
+    gateway mints and holds the API key itself, billing never sees it)
+  - CheckQuota RPC -> check_quota; GetUsage RPC -> usage
   - job.ready (characters of a finished job) -> record_usage
-  - RPC from the gateway: start_checkout, checkout_status, usage, check_quota
+  - account.purge_requested -> the repository's delete_account (in bus_adapters)
 Emits (returned to the caller, who publishes; a redelivered webhook returns the same requests again):
-  - WebhookOutcome.provision -> ProvisionAccount (contract AccountProvisioningRequested: the gateway creates
-    account `account_id`, assigned here, or reuses it, and mints an API key)
-  - WebhookOutcome.revoke -> RevokeAccess (AccountKeysRevoked; reason unpaid | canceled)
-  - WebhookOutcome.restore -> RestoreAccess (AccountKeysRestored: unpaid -> served again)
+  - WebhookOutcome.provision -> billing.account_provisioning_requested (the gateway creates account
+    `account_id`, assigned here, or reuses it, and mints the checkout's API key)
+  - WebhookOutcome.revoke -> billing.account_keys_revoked (reason unpaid | canceled)
+  - WebhookOutcome.restore -> billing.account_keys_restored (unpaid -> served again)
+  - account.purged (bus_adapters, after a purge)
 """
 from __future__ import annotations
 
 import secrets
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Protocol
 from urllib.parse import quote
 
@@ -225,31 +229,15 @@ async def _apply_subscription_deleted(event: StripeEvent, tx: BillingTransaction
     return WebhookOutcome(event.id, event.type, "applied", revoke=revoke)
 
 
-async def handle_account_provisioned(
-    checkout_token: str, account_id: str, api_key: str, *, repository: BillingRepository
-) -> bool:
-    """Park the key minted for a paid checkout until its first read; False unless paid for that account."""
-    return await repository.store_provisioned_key(checkout_token, account_id, api_key)
-
-
-async def checkout_status(
-    token: str, *, repository: BillingRepository, settings: BillingSettings, now: datetime | None = None
-) -> CheckoutStatus:
-    """Not ready until the key is parked; then the key, once; later reads say it was already shown."""
-    moment = now or datetime.now(UTC)
-    not_before = moment - timedelta(seconds=settings.checkout_key_ttl_s)
-    row = await repository.take_api_key(token, not_before=not_before)
+async def checkout_status(token: str, *, repository: BillingRepository) -> CheckoutStatus:
+    """Whether the checkout behind `token` is paid, and the account billing assigned to it."""
+    row = await repository.checkout_token(token)
     if row is None:
         raise UnknownCheckoutToken("unknown checkout token")
-    status, api_key = row["status"], row["api_key"]
-    ids = {"account_id": row["account_id"], "customer_id": row["customer_id"], "email": row["email"]}
-    if status == "open":
-        return CheckoutStatus(ready=False)
-    if status == "paid":
-        return CheckoutStatus(ready=False, paid=True, **ids)
-    if api_key is not None:
-        return CheckoutStatus(ready=True, paid=True, api_key=api_key, **ids)
-    return CheckoutStatus(ready=True, paid=True, already_shown=True, **ids)
+    if row["status"] != "paid":
+        return CheckoutStatus(paid=False)
+    return CheckoutStatus(paid=True, account_id=row["account_id"], customer_id=row["customer_id"],
+                          email=row["email"])
 
 
 async def record_usage(

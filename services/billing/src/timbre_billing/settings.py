@@ -36,8 +36,6 @@ class BillingSettings(CommonSettings):
     app_base_url: str = "http://127.0.0.1:8000"
     plan_character_quota: int = 500_000
     webhook_tolerance_s: int = 300
-    # An undelivered API key plaintext is dropped after this long.
-    checkout_key_ttl_s: int = 86_400
 
     @field_validator("billing", mode="before")
     @classmethod
@@ -56,7 +54,7 @@ class BillingSettings(CommonSettings):
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else None
 
-    @field_validator("plan_character_quota", "webhook_tolerance_s", "checkout_key_ttl_s")
+    @field_validator("plan_character_quota", "webhook_tolerance_s")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value <= 0:

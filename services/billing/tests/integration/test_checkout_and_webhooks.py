@@ -1,10 +1,8 @@
 """Checkout and webhooks through the official stripe SDK against the fake Stripe API and real PostgreSQL."""
 from __future__ import annotations
 
-import functools
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -53,8 +51,8 @@ async def test_checkout_session_created_with_token_and_urls(
     success = urlparse(session["success_url"])
     assert success.netloc == "timbre.test" and parse_qs(success.query)["token"] == [token]
     assert session["_idempotency_key"] == f"checkout-{token}"
-    status = await handlers.checkout_status(token, repository=repository, settings=settings_on)
-    assert not status.ready and status.api_key is None
+    status = await handlers.checkout_status(token, repository=repository)
+    assert not status.paid and status.account_id is None
 
 
 async def test_active_subscriber_gets_already_subscribed_url(
@@ -74,41 +72,38 @@ async def test_active_subscriber_gets_already_subscribed_url(
     assert again.already_subscribed and len(stripe_fake.state.sessions) == sessions_before
 
 
-async def test_full_signup_shows_the_key_once(
-    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any,
-    pool: asyncpg.Pool
+async def test_paid_checkout_reports_paid_with_its_account(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
 ) -> None:
-    token, outcome = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
+    start = await handlers.start_checkout("ada@example.com", repository=repository, stripe=gateway,
+                                          settings=settings_on)
+    session = stripe_fake.state.complete_session(start.session_id)
+    token = session["client_reference_id"]
+    assert not (await handlers.checkout_status(token, repository=repository)).paid
+    outcome = await _webhook(stripe_fake, repository, gateway, settings_on, "checkout.session.completed", session)
     provision = outcome.provision
     assert outcome.outcome == "applied" and provision is not None and provision.new_account
     assert provision.checkout_token == token and provision.email == "ada@example.com"
     account_id = str(uuid.UUID(provision.account_id))
-    paid = await handlers.checkout_status(token, repository=repository, settings=settings_on)
-    assert (paid.ready, paid.paid, paid.account_id, paid.api_key) == (False, True, account_id, None)
-    provisioned = functools.partial(handlers.handle_account_provisioned, repository=repository)
-    assert not await provisioned(token, "other-account", "tk_x")
-    assert await provisioned(token, account_id, "tk_live_secretkey")
-    first = await handlers.checkout_status(token, repository=repository, settings=settings_on)
-    second = await handlers.checkout_status(token, repository=repository, settings=settings_on)
-    assert (first.ready, first.api_key, first.account_id) == (True, "tk_live_secretkey", account_id)
-    assert (second.ready, second.api_key, second.already_shown) == (True, None, True)
-    # A redelivered AccountProvisioned cannot park the key again.
-    assert not await handlers.handle_account_provisioned(token, account_id, "tk_live_secretkey",
-                                                         repository=repository)
-    assert await pool.fetchval("SELECT count(*) FROM checkout_tokens WHERE api_key IS NOT NULL") == 0
+    # Paid is all billing knows: every read says so (the gateway, not billing, shows the key once).
+    for _ in range(2):
+        paid = await handlers.checkout_status(token, repository=repository)
+        assert (paid.paid, paid.account_id, paid.customer_id, paid.email) == (
+            True, account_id, provision.customer_id, "ada@example.com")
     with pytest.raises(UnknownCheckoutToken):
-        await handlers.checkout_status("nope", repository=repository, settings=settings_on)
+        await handlers.checkout_status("nope", repository=repository)
 
 
-async def test_uncollected_key_expires(
+async def test_unpaid_checkout_session_leaves_the_token_open(
     repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
 ) -> None:
-    token, outcome = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
-    account_id = outcome.provision.account_id
-    await handlers.handle_account_provisioned(token, account_id, "tk_old", repository=repository)
-    later = datetime.now(UTC) + timedelta(seconds=settings_on.checkout_key_ttl_s + 60)
-    status = await handlers.checkout_status(token, repository=repository, settings=settings_on, now=later)
-    assert status.api_key is None
+    start = await handlers.start_checkout("ada@example.com", repository=repository, stripe=gateway,
+                                          settings=settings_on)
+    session = {**stripe_fake.state.complete_session(start.session_id), "payment_status": "unpaid"}
+    outcome = await _webhook(stripe_fake, repository, gateway, settings_on, "checkout.session.completed", session)
+    assert outcome.outcome == "ignored" and outcome.provision is None
+    status = await handlers.checkout_status(session["client_reference_id"], repository=repository)
+    assert not status.paid and status.account_id is None
 
 
 async def test_resubscribing_customer_keeps_its_account(
@@ -134,14 +129,17 @@ async def test_webhook_signatures(
     obj = {"id": "cus_x", "object": "customer"}
     kw = {"repository": repository, "stripe": gateway, "settings": settings_on}
     body, header = stripe_fake.signed("customer.created", obj)
-    with pytest.raises(SignatureInvalid):
+    with pytest.raises(SignatureInvalid) as invalid:
         await handlers.handle_stripe_webhook(body.replace(b"cus_x", b"cus_y"), header, **kw)
+    assert invalid.value.code == "signature_invalid"
     body, header = stripe_fake.signed("customer.created", obj, secret="whsec_wrong")
     with pytest.raises(SignatureInvalid):
         await handlers.handle_stripe_webhook(body, header, **kw)
-    body, header = stripe_fake.signed("customer.created", obj, timestamp=int(time.time()) - 600)
-    with pytest.raises(SignatureExpired):
-        await handlers.handle_stripe_webhook(body, header, **kw)
+    for skew in (-600, 600):
+        body, header = stripe_fake.signed("customer.created", obj, timestamp=int(time.time()) + skew)
+        with pytest.raises(SignatureExpired) as expired:
+            await handlers.handle_stripe_webhook(body, header, **kw)
+        assert expired.value.code == "signature_expired"
     assert await pool.fetchval("SELECT count(*) FROM stripe_events") == 0
     # The good one and one signed with the previous (rotated) secret are accepted; unknown types are no-ops.
     for secret in ("whsec_current_a1b2c3", "whsec_previous_d4e5f6"):

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 import stripe
 from timbre_billing.adapters.webhooks import MalformedEvent, SignatureExpired, SignatureInvalid, verify_event
+from timbre_billing.bus_adapters import _domain_errors
+from timbre_common.messaging import RpcError
 
 SECRETS = ["whsec_new", "whsec_old"]
 BODY = json.dumps(
@@ -56,3 +58,12 @@ def test_signed_non_event_refused(stripe_sign: Any) -> None:
     body = b'{"hello": "world"}'
     with pytest.raises(MalformedEvent):
         verify_event(body, stripe_sign(body, "whsec_new"), SECRETS, tolerance_s=300)
+
+
+@pytest.mark.parametrize(("error", "code"), [(SignatureInvalid("bad"), "signature_invalid"),
+                                             (SignatureExpired("old"), "signature_expired")])
+async def test_rejections_keep_their_own_code_on_the_bus(error: Exception, code: str) -> None:
+    with pytest.raises(RpcError) as info:
+        async with _domain_errors():
+            raise error
+    assert (info.value.code, info.value.status) == (code, 400)

@@ -1,6 +1,7 @@
 """Wiring of the gateway: pool, migrations, bus, event consumers, the HTTP server."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -12,6 +13,7 @@ from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequeste
 from timbre_common.contracts.billing import AccountKeysRestored, AccountKeysRevoked, AccountProvisioningRequested
 from timbre_common.contracts.synthesis import WorkerHeartbeat
 from timbre_common.db import create_pool, migrate
+from timbre_common.logging import get_logger
 from timbre_common.messaging import QUEUES, Bus, PgDeduper
 from timbre_common.runtime import HttpServer
 
@@ -24,6 +26,7 @@ from .http.app import create_app
 from .settings import GatewaySettings
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+log = get_logger(__name__)
 
 
 @dataclass
@@ -46,6 +49,7 @@ class GatewayService:
         self.ctx = ctx
         self.app = create_app(ctx)
         self._server: HttpServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -60,10 +64,23 @@ class GatewayService:
             AccountKeysRestored: partial(handlers.on_keys_restored, **deps),
         }, deduper=deduper)
         await ctx.bus.subscribe([WorkerHeartbeat], ctx.backends.on_heartbeat)
+        self._tasks.append(asyncio.create_task(self._sweep_checkout_keys_forever()))
         self._server = HttpServer(self.app, host=ctx.settings.host, port=ctx.settings.port)
         await self._server.start()
 
+    async def _sweep_checkout_keys_forever(self) -> None:
+        settings = self.ctx.settings
+        while True:
+            try:
+                await handlers.sweep_checkout_keys(accounts=self.ctx.accounts, max_age_s=settings.checkout_key_ttl_s)
+            except Exception:
+                log.exception("checkout_key_sweep_failed")
+            await asyncio.sleep(settings.checkout_key_sweep_interval_s)
+
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.stop()
         await self.ctx.bus.close()

@@ -2,7 +2,7 @@
 
 Consumes: account.purge_requested (delete keys and accounts), account.purged (record confirmations),
 billing.account_provisioning_requested (mint a key after a checkout), billing.account_keys_revoked /
-restored (suspend or reactivate an account).
+restored (suspend or reactivate an account); a timer -> sweep_checkout_keys (erase uncollected key plaintexts).
 Emits: account.purged.
 """
 from __future__ import annotations
@@ -35,11 +35,22 @@ async def on_provisioning_requested(event: AccountProvisioningRequested, *, enve
     """A paid checkout: create the account and a key, kept for one read by the success page."""
     if await accounts.account_exists(event.account_id):
         await accounts.restore_account(event.account_id)
-        return
+        # A checkout whose key is stored is done; one without (a crash between minting and storing, or a
+        # returning customer's new checkout) still owes its success page a key.
+        if not event.checkout_token or await accounts.checkout_key_stored(event.checkout_token):
+            return
     key, _ = await accounts.create_key(label="checkout", account_id=event.account_id, email=event.email)
     if event.checkout_token:
         await accounts.store_checkout_key(event.checkout_token, event.account_id, key)
     log.info("account_provisioned", account=event.account_id)
+
+
+async def sweep_checkout_keys(*, accounts: AccountRepository, max_age_s: float) -> int:
+    """Erase checkout key plaintexts nobody collected within `max_age_s`; how many."""
+    erased = await accounts.erase_expired_checkout_keys(max_age_s=max_age_s)
+    if erased:
+        log.info("checkout_keys_expired", keys=erased)
+    return erased
 
 
 async def on_keys_revoked(event: AccountKeysRevoked, *, envelope: Envelope, accounts: AccountRepository) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from timbre_common.settings import CommonSettings, require_real_secret
 
@@ -23,6 +23,12 @@ class GatewaySettings(CommonSettings):
     rate_limit_per_minute: int = 120
     max_concurrent_requests: int = 16
     idempotency_ttl_s: int = 24 * 3600
+    # A checkout's API key plaintext nobody collected is erased after this long (CHECKOUT_KEY_TTL_S) ...
+    checkout_key_ttl_s: float = Field(default=24 * 3600, gt=0)
+    # ... by the success page's read, or by a sweep this often, whichever comes first.
+    checkout_key_sweep_interval_s: float = Field(default=300.0, gt=0)
+    # An in-flight request's concurrency slot lapses after this unless renewed, so a crashed replica frees it.
+    concurrency_lease_s: float = 120.0
     # How long DELETE /v1/account waits for every service to confirm before answering 202.
     purge_wait_s: float = 10.0
     # A backend is advertised while a worker's heartbeat is younger than this many intervals.

@@ -111,9 +111,11 @@ async def on_synthesis_completed(event: SynthesisCompleted, *, envelope: Envelop
     obj = await handlers.store_generated_audio(job_id=event.job_id, account_id=event.account_id,
                                                created_at=event.job_created_at or envelope.occurred_at, wav=body,
                                                repo=repo, store=store)
+    # One id per job: a redelivered completion (on any replica) re-announces the same object, and the
+    # dispatcher's inbox drops the repeat.
     await bus.publish(c.AudioStored(job_id=event.job_id, account_id=event.account_id, key=obj.key, size=obj.size,
                                     expires_at=obj.expires_at, synthesis_ms=event.synthesis_ms,
-                                    audio_seconds=event.audio_seconds))
+                                    audio_seconds=event.audio_seconds), message_id=f"audio.stored:{event.job_id}")
 
 
 async def on_voice_deleted(event: VoiceDeleted, *, envelope: Envelope, repo: ObjectRepository,
@@ -132,7 +134,7 @@ async def on_account_purge(event: AccountPurgeRequested, *, envelope: Envelope, 
                            store: BlobStore, bus: MessageBus) -> None:
     removed = await handlers.purge_account(account_id=event.account_id, repo=repo, store=store)
     await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="storage",
-                                    removed=removed))
+                                    removed=removed), message_id=f"account.purged:{event.purge_id}:storage")
 
 
 async def sweep(*, repo: ObjectRepository, store: BlobStore, bus: MessageBus, batch: int = 200) -> int:

@@ -18,7 +18,7 @@ from timbre_common.catalogue import KNOWN_BACKENDS
 from timbre_common.messaging import QUEUES, Bus, PgDeduper, QueueSpec, local_work_queue, modal_executor_queue
 
 from . import handlers
-from .adapters.modal_executor import ModalSpawner, Spawner, spawn_work_order
+from .adapters.modal_executor import HttpSpawner, ModalSpawner, Spawner, spawn_work_order
 from .adapters.repository import CacheIndex, JobRepository
 from .settings import DispatcherSettings
 
@@ -35,6 +35,13 @@ def work_queues(settings: DispatcherSettings) -> list[QueueSpec]:
     return queues
 
 
+def spawner_for(settings: DispatcherSettings) -> Spawner:
+    """Modal itself, unless MODAL_SPAWN_URL names another host that takes the same payloads."""
+    if settings.modal_spawn_url:
+        return HttpSpawner(settings.modal_spawn_url)
+    return ModalSpawner(settings.modal_app_name, settings.modal_class_name)
+
+
 class DispatcherService:
     def __init__(self, settings: DispatcherSettings, bus: Bus, pool: Any, spawner: Spawner | None = None) -> None:
         self.settings, self.bus, self.pool = settings, bus, pool
@@ -49,7 +56,7 @@ class DispatcherService:
         d = {"jobs": self.jobs, "bus": self.bus}
         await self.bus.serve({
             SubmitSynthesis: partial(handlers.submit, cache=self.cache, policy=self.policy, **d),
-            GetJob: partial(handlers.get_job, **d),
+            GetJob: partial(handlers.get_job, cache=self.cache, **d),
             FetchJobAudio: partial(handlers.fetch_audio, cache=self.cache, **d),
             LookupJob: partial(handlers.lookup_job, jobs=self.jobs),
             PurgeVoiceJobs: partial(handlers.purge_voice, cache=self.cache, **d),
@@ -64,7 +71,7 @@ class DispatcherService:
             AccountPurgeRequested: partial(handlers.on_account_purge, cache=self.cache, **d),
         }, deduper=deduper)
         if self.settings.executor == "modal":
-            spawner = self.spawner or ModalSpawner(self.settings.modal_app_name, self.settings.modal_class_name)
+            spawner = self.spawner or spawner_for(self.settings)
             await self.bus.consume(modal_executor_queue(self.settings.modal_backend_names),
                                    {SynthesisRequested: partial(
                 spawn_work_order, spawner=spawner, jobs=self.jobs, public_base_url=self.settings.public_base_url,
@@ -86,8 +93,9 @@ class DispatcherService:
         backends = self.settings.modal_backend_names
         while True:
             with contextlib.suppress(Exception):
-                await self.bus.publish(WorkerHeartbeat(worker_id="modal", backends=backends, executor="modal"))
-            await asyncio.sleep(10)
+                await self.bus.publish(WorkerHeartbeat(worker_id="modal", backends=backends, executor="modal",
+                                                       interval_s=self.settings.modal_heartbeat_interval_s))
+            await asyncio.sleep(self.settings.modal_heartbeat_interval_s)
 
     async def stop(self) -> None:
         for task in self._tasks:

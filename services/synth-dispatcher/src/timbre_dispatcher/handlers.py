@@ -69,6 +69,20 @@ async def _hand_out(order: SynthesisRequested, *, bus: MessageBus) -> None:
     await bus.publish(order, message_id=f"{order.job_id}:{order.attempt}", routing_key=work_routing_key(order.backend))
 
 
+async def _dispatch(row: Any, *, jobs: JobRepository, bus: MessageBus, policy: JobPolicy) -> bool:
+    """Hand the job out; one whose reference audio is gone fails now, as no attempt could ever run it."""
+    try:
+        order = await _work_order(row, bus=bus, policy=policy)
+    except RemoteError as exc:
+        if exc.code != "object_not_found":
+            raise
+        await _fail(str(row["job_id"]), row["account_id"], "reference_missing",
+                    "the voice's reference audio is missing from storage", jobs=jobs, bus=bus)
+        return False
+    await _hand_out(order, bus=bus)
+    return True
+
+
 async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepository, cache: CacheIndex,
                  bus: MessageBus, policy: JobPolicy) -> SynthesisAccepted | tuple[SynthesisAccepted, bytes]:
     """Answer from the cache, join an identical job in flight, or create a job and hand it out."""
@@ -99,7 +113,8 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
                             lang=cmd.lang, backend=cmd.backend, cache_key=key,
                             response_format=cmd.response_format, request=request, deadline_s=policy.deadline_s)
     # Publish after the row exists: a crash in between leaves a pending job the deadline sweep re-sends.
-    await _hand_out(await _work_order(row, bus=bus, policy=policy), bus=bus)
+    if not await _dispatch(row, jobs=jobs, bus=bus, policy=policy):
+        return SynthesisAccepted(cache_hit=False, job_id=job_id, status=domain.FAILED, cache_key=key)
     log.info("job_created", job_id=job_id, backend=cmd.backend, characters=len(cmd.text))
     return SynthesisAccepted(cache_hit=False, job_id=job_id, cache_key=key)
 
@@ -117,13 +132,33 @@ async def _view(row: Any, *, bus: MessageBus, with_url: bool = True) -> JobView:
                    audio_seconds=row["audio_seconds"])
 
 
-async def get_job(cmd: GetJob, *, envelope: Envelope, jobs: JobRepository, bus: MessageBus) -> JobView:
+async def _self_heal(row: Any, *, jobs: JobRepository, cache: CacheIndex, bus: MessageBus) -> None:
+    """A ready job whose object has vanished: mark it failed with a reason and forget its cache entry."""
+    job_id, reason = str(row["job_id"]), "audio missing from storage"
+    healed = await jobs.mark_failed(job_id, code="audio_missing", reason=reason, from_status=(domain.READY,))
+    await cache.drop_audio([row["audio_key"]])
+    if healed is not None:  # only the request that made the transition announces it
+        await bus.publish(JobFailed(job_id=job_id, account_id=row["account_id"], code="audio_missing",
+                                    reason=reason), message_id=f"job.failed:{job_id}")
+    log.error("job_audio_missing", job_id=job_id, audio_key=row["audio_key"])
+
+
+async def get_job(cmd: GetJob, *, envelope: Envelope, jobs: JobRepository, bus: MessageBus,
+                  cache: CacheIndex | None = None) -> JobView:
+    """A job's view; polling a ready job whose object has vanished self-heals it to failed."""
     if not _valid_uuid(cmd.job_id):
         raise _job_not_found(cmd.job_id)
     row = await jobs.get(cmd.job_id, cmd.account_id)
     if row is None:
         raise _job_not_found(cmd.job_id)
-    return await _view(row, bus=bus)
+    try:
+        return await _view(row, bus=bus)
+    except RemoteError as exc:
+        # Only a ready job presigns, so object_not_found means its audio is gone.
+        if exc.code != "object_not_found" or cache is None:
+            raise
+    await _self_heal(row, jobs=jobs, cache=cache, bus=bus)
+    return await _view(await jobs.get(cmd.job_id, cmd.account_id), bus=bus)
 
 
 async def fetch_audio(cmd: FetchJobAudio, *, envelope: Envelope, jobs: JobRepository, cache: CacheIndex,
@@ -141,12 +176,7 @@ async def fetch_audio(cmd: FetchJobAudio, *, envelope: Envelope, jobs: JobReposi
     except RemoteError as exc:
         if exc.code != "object_not_found":
             raise
-        reason = "audio missing from storage"
-        await jobs.mark_failed(cmd.job_id, code="audio_missing", reason=reason, from_status=(domain.READY,))
-        await cache.drop_audio([row["audio_key"]])
-        await bus.publish(JobFailed(job_id=cmd.job_id, account_id=cmd.account_id, code="audio_missing",
-                                    reason=reason))
-        log.error("job_audio_missing", job_id=cmd.job_id, audio_key=row["audio_key"])
+        await _self_heal(row, jobs=jobs, cache=cache, bus=bus)
         raise RpcError("audio_missing", f"job {cmd.job_id} was ready but its audio is missing; marked failed",
                        status=500) from exc
     return await _view(row, bus=bus, with_url=False), audio or b""
@@ -188,21 +218,27 @@ async def on_audio_stored(event: AudioStored, *, envelope: Envelope, jobs: JobRe
     """Replay guard: the first terminal transition wins; late or repeated results change nothing."""
     row = await jobs.mark_ready(event.job_id, audio_key=event.key, expires_at=event.expires_at,
                                 synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds)
+    transitioned = row is not None
     if row is None:
         existing = await jobs.get(event.job_id)
         if existing is None:
             # The job was deleted (voice or account gone) while it ran: its audio has no owner.
             await bus.publish(ObjectsReleased(account_id=event.account_id, keys=[event.key]))
-        elif existing["audio_key"] != event.key:
+            return
+        if existing["status"] != domain.READY or existing["audio_key"] != event.key:
             log.info("late_result_ignored", job_id=event.job_id, status=existing["status"])
-        return
+            return
+        # Ready with this very object: a redelivery, maybe after a crash between the transition and job.ready.
+        # Redo the idempotent tail (an upsert; job.ready keeps its message id) so job.ready is never lost.
+        row = existing
     await cache.put(account_id=row["account_id"], cache_key=row["cache_key"], voice_id=row["voice_id"],
                     job_id=event.job_id, audio_key=event.key, expires_at=event.expires_at,
                     synthesis_ms=event.synthesis_ms)
     await bus.publish(JobReady(job_id=event.job_id, account_id=row["account_id"], voice_id=row["voice_id"],
                                backend=row["backend"], characters=row["characters"], audio_key=event.key,
                                expires_at=event.expires_at), message_id=f"job.ready:{event.job_id}")
-    log.info("job_ready", job_id=event.job_id, synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds)
+    log.info("job_ready" if transitioned else "job_ready_reannounced", job_id=event.job_id,
+             synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds)
 
 
 async def _fail(job_id: str, account_id: str, code: str, reason: str, *, jobs: JobRepository,
@@ -221,9 +257,8 @@ async def _redispatch(row: Any, *, jobs: JobRepository, bus: MessageBus, policy:
                     f"{reason} (after {row['attempts']} attempts)", jobs=jobs, bus=bus)
         return
     retried = await jobs.retry(str(row["job_id"]), deadline_s=policy.deadline_s)
-    if retried is None:
+    if retried is None or not await _dispatch(retried, jobs=jobs, bus=bus, policy=policy):
         return
-    await _hand_out(await _work_order(retried, bus=bus, policy=policy), bus=bus)
     log.warning("job_redispatched", job_id=str(row["job_id"]), attempt=retried["attempts"], reason=reason)
 
 

@@ -17,12 +17,16 @@ class DispatcherSettings(CommonSettings):
     job_max_attempts: int = 3
     sweep_interval_s: float = 5.0
     reference_url_ttl_s: int = 3600
-    modal_app_name: str = "timbre-gpu"
+    modal_app_name: str = "timbre-gpu-worker"
     modal_class_name: str = "Synthesizer"
     modal_backends: str = "qwen3-1.7b,qwen3-0.6b"
     # Where Modal POSTs results: the gateway's public base URL.
     public_base_url: str = "http://127.0.0.1:8000"
     modal_callback_secret: SecretStr = SecretStr("")
+    # Set: spawn by POSTing the payload here instead of through Modal (tests' fake Modal, other hosts).
+    modal_spawn_url: str | None = None
+    # How often the gateway hears that the Modal backends are on offer.
+    modal_heartbeat_interval_s: float = 10.0
 
     @property
     def modal_backend_names(self) -> list[str]:

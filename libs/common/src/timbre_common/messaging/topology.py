@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import aio_pika
 
+from ..catalogue import KNOWN_BACKENDS
 from ..contracts import accounts, billing, storage, synthesis, voices
 
 # Delays (seconds) of the retry tiers: the n-th retry waits RETRY_DELAYS[min(n, len) - 1].
@@ -34,7 +35,6 @@ def _keys(*classes: type) -> tuple[str, ...]:
 QUEUES: dict[str, QueueSpec] = {
     spec.name: spec
     for spec in (
-        QueueSpec("gpu_worker.voice_profiles", _keys(voices.VoiceRegistered), prefetch=2, max_attempts=3),
         QueueSpec("storage.events", _keys(synthesis.SynthesisCompleted, voices.VoiceDeleted,
                                           storage.ObjectsReleased, accounts.AccountPurgeRequested)),
         QueueSpec("dispatcher.events", _keys(storage.AudioStored, synthesis.SynthesisFailed, storage.ObjectsExpired,
@@ -46,6 +46,16 @@ QUEUES: dict[str, QueueSpec] = {
                                           accounts.AccountPurgeRequested)),
     )
 }
+def voice_profile_queue(backend: str) -> QueueSpec:
+    """Registrations for workers of one backend: a copy per backend, so a worker of another backend sharing
+    one queue can never take (and drop) a registration that the right backend needed."""
+    return QueueSpec(f"gpu_worker.voice_profiles.{backend}", _keys(voices.VoiceRegistered), prefetch=2,
+                     max_attempts=3)
+
+
+QUEUES.update({spec.name: spec for spec in (voice_profile_queue(b) for b in KNOWN_BACKENDS)})
+
+
 def work_routing_key(backend: str) -> str:
     """Work orders are routed by backend, so a worker only ever receives jobs it can run."""
     return f"{synthesis.SynthesisRequested.routing_key()}.{backend}"

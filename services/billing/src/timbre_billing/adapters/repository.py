@@ -193,45 +193,11 @@ class BillingRepository:
             "UPDATE checkout_tokens SET session_id = $2 WHERE token = $1", token, session_id
         )
 
-    async def store_provisioned_key(self, token: str, account_id: str, api_key: str) -> bool:
-        """Park a minted key's plaintext for one read; False if the token is not paid for that account."""
-        row = await self._pool.fetchrow(
-            "UPDATE checkout_tokens SET status = 'ready', api_key = $3, ready_at = now()"
-            " WHERE token = $1 AND account_id = $2 AND status = 'paid' RETURNING token",
-            token,
-            account_id,
-            api_key,
+    async def checkout_token(self, token: str) -> asyncpg.Record | None:
+        """A checkout token's status and, once paid, its customer and account."""
+        return await self._pool.fetchrow(
+            "SELECT status, account_id, customer_id, email FROM checkout_tokens WHERE token = $1", token
         )
-        return row is not None
-
-    async def take_api_key(self, token: str, *, not_before: datetime) -> asyncpg.Record | None:
-        """The token's row with the key as it was; the same statement nulls the key, so it is read once."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            # A key parked before `not_before` was never collected: drop it rather than keep a plaintext.
-            await conn.execute(
-                "UPDATE checkout_tokens SET status = 'expired', api_key = NULL"
-                " WHERE token = $1 AND status = 'ready' AND ready_at < $2",
-                token,
-                not_before,
-            )
-            return await conn.fetchrow(
-                "WITH taken AS (SELECT token, api_key FROM checkout_tokens WHERE token = $1 FOR UPDATE)"
-                " UPDATE checkout_tokens c SET api_key = NULL,"
-                " status = CASE WHEN c.status = 'ready' THEN 'delivered' ELSE c.status END,"
-                " delivered_at = CASE WHEN c.status = 'ready' THEN now() ELSE c.delivered_at END"
-                " FROM taken WHERE c.token = taken.token"
-                " RETURNING c.status, taken.api_key, c.account_id, c.customer_id, c.email",
-                token,
-            )
-
-    async def purge_undelivered_keys(self, older_than: datetime) -> int:
-        """Drop key plaintexts nobody came to read; returns how many."""
-        result = await self._pool.execute(
-            "UPDATE checkout_tokens SET status = 'expired', api_key = NULL"
-            " WHERE status = 'ready' AND ready_at < $1",
-            older_than,
-        )
-        return int(result.split()[-1])
 
     async def record_usage(
         self, job_id: str, account_id: str, characters: int, occurred_at: datetime, period_start: datetime

@@ -6,20 +6,27 @@ import hmac
 import json
 import time
 from collections.abc import Sequence
+from typing import ClassVar
 
 from ..domain import StripeEvent
 
 
 class WebhookRejected(Exception):
-    """A webhook delivery that must not be applied (answer 400)."""
+    """A webhook delivery that must not be applied (answer 400); `code` is the stable error code."""
+
+    code: ClassVar[str] = "signature_invalid"
 
 
 class SignatureInvalid(WebhookRejected):
     """No configured secret produced a signature in the header, or the header is malformed."""
 
+    code: ClassVar[str] = "signature_invalid"
+
 
 class SignatureExpired(WebhookRejected):
-    """The signature is valid but its timestamp is outside the tolerance window (a replay)."""
+    """The signature is valid but its timestamp is outside the tolerance window (a replay, or a skewed clock)."""
+
+    code: ClassVar[str] = "signature_expired"
 
 
 class MalformedEvent(WebhookRejected):

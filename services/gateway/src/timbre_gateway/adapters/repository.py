@@ -47,6 +47,16 @@ class AccountRepository:
         return await self.pool.fetchrow(
             "UPDATE api_keys SET revoked_at = coalesce(revoked_at, now()) WHERE key_id = $1 RETURNING *", key_id)
 
+    async def update_key_limits(self, key_id: str, changes: dict[str, int | None]) -> asyncpg.Record | None:
+        """Set the key's own rate/concurrency limits (None: back to the deployment default)."""
+        allowed = {"rate_per_minute", "max_concurrent"}
+        names = [n for n in changes if n in allowed]
+        if not names:
+            return await self.pool.fetchrow("SELECT * FROM api_keys WHERE key_id = $1", key_id)
+        assignments = ", ".join(f"{n} = ${i + 2}" for i, n in enumerate(names))
+        return await self.pool.fetchrow(f"UPDATE api_keys SET {assignments} WHERE key_id = $1 RETURNING *",
+                                        key_id, *(changes[n] for n in names))
+
     async def revoke_account_keys(self, account_id: str) -> int:
         status = await self.pool.execute(
             "UPDATE accounts SET status = 'suspended' WHERE account_id = $1", account_id)
@@ -72,9 +82,10 @@ class AccountRepository:
         return purge_id
 
     async def confirm_purge(self, purge_id: str, service: str, removed: int, required: tuple[str, ...]) -> None:
+        # The first confirmation of each service wins: a redelivered purge (which removes 0) cannot overwrite it.
         await self.pool.execute(
-            "UPDATE purges SET confirmed = confirmed || jsonb_build_object($2::text, $3::int), "
-            "completed_at = CASE WHEN (confirmed || jsonb_build_object($2::text, $3::int)) ?& $4::text[] "
+            "UPDATE purges SET confirmed = jsonb_build_object($2::text, $3::int) || confirmed, "
+            "completed_at = CASE WHEN (jsonb_build_object($2::text, $3::int) || confirmed) ?& $4::text[] "
             "THEN coalesce(completed_at, now()) END WHERE purge_id = $1", purge_id, service, removed, list(required))
 
     async def get_purge(self, purge_id: str) -> asyncpg.Record | None:
@@ -86,10 +97,30 @@ class AccountRepository:
             "INSERT INTO checkout_keys (checkout_token, account_id, api_key) VALUES ($1, $2, $3) "
             "ON CONFLICT (checkout_token) DO NOTHING", token, account_id, api_key)
 
-    async def take_checkout_key(self, token: str) -> dict[str, Any] | None:
-        """The plaintext key once: the first read erases it."""
+    async def checkout_key_stored(self, token: str) -> bool:
+        """True once a key was minted for this checkout (shown or not)."""
+        return bool(await self.pool.fetchval("SELECT 1 FROM checkout_keys WHERE checkout_token = $1", token))
+
+    async def take_checkout_key(self, token: str, *, max_age_s: float) -> dict[str, Any] | None:
+        """The plaintext key once: the first read erases it; one older than `max_age_s` is erased unread.
+
+        `shown_at` stays None for a key that expired before anyone read it.
+        """
+        # FOR UPDATE makes a concurrent read wait and then see the erased key; a plain self-join would
+        # re-check only the target row and hand the old plaintext to both readers.
         row = await self.pool.fetchrow(
-            "UPDATE checkout_keys c SET api_key = NULL, shown_at = now() FROM checkout_keys old "
-            "WHERE c.checkout_token = $1 AND old.checkout_token = c.checkout_token "
-            "RETURNING old.api_key AS api_key, c.account_id, c.shown_at", token)
+            "WITH taken AS (SELECT checkout_token, CASE WHEN created_at >= now() - make_interval(secs => $2) "
+            "THEN api_key END AS api_key FROM checkout_keys WHERE checkout_token = $1 FOR UPDATE) "
+            "UPDATE checkout_keys c SET api_key = NULL, shown_at = CASE WHEN taken.api_key IS NULL "
+            "THEN c.shown_at ELSE coalesce(c.shown_at, now()) END FROM taken "
+            "WHERE c.checkout_token = taken.checkout_token "
+            "RETURNING taken.api_key AS api_key, c.account_id, c.shown_at", token, float(max_age_s))
         return dict(row) if row else None
+
+    async def erase_expired_checkout_keys(self, *, max_age_s: float) -> int:
+        """Erase the plaintext of every checkout key older than `max_age_s` that nobody read; how many."""
+        # The row stays: it tells a redelivered provisioning request that this checkout already has its key.
+        status = await self.pool.execute(
+            "UPDATE checkout_keys SET api_key = NULL WHERE api_key IS NOT NULL "
+            "AND created_at < now() - make_interval(secs => $1)", float(max_age_s))
+        return int(status.split()[-1])

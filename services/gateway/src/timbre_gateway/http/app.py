@@ -11,8 +11,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from timbre_common.logging import correlation_id_var, get_logger
 
-from .errors import install_error_handlers
+from .errors import document_error_body, install_error_handlers
+from .limits import RateLimitHeadersMiddleware
 from .routes import router
+from .routes_billing import router as billing_router
 
 log = get_logger("timbre_gateway.access")
 _CID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -22,6 +24,10 @@ DESCRIPTION = """Timbre: hosted voice-cloning text-to-speech.
 Authenticate with `Authorization: Bearer tb_...`. Every error answers
 `{"error": {"code": "...", "message": "..."}}` with a stable code.
 Synthesis answers `200 audio/*` from the cache (`X-Cache: HIT`) or `202` with a job to poll (`X-Cache: MISS`).
+Each key has a rate limit (requests per minute) and a limit of requests in flight, shared by every replica:
+past either the answer is `429` with `Retry-After`; `X-RateLimit-Limit`/`X-RateLimit-Remaining` come with each
+answer. `POST /v1/voices` and `POST /v1/synthesize` take an `Idempotency-Key` header: a retry gets the first
+answer back (`Idempotent-Replayed: true`) and creates nothing new.
 """
 
 
@@ -61,8 +67,11 @@ def create_app(ctx: Any, *, extra_routers: list[Any] | None = None) -> FastAPI:
                   docs_url="/docs", redoc_url=None)
     app.state.ctx = ctx
     install_error_handlers(app)
+    document_error_body(app)
     app.include_router(router)
+    app.include_router(billing_router)
     for extra in extra_routers or []:
         app.include_router(extra)
+    app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(CorrelationMiddleware)
     return app

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -10,6 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..domain import looks_like_key
 from .errors import ApiError
+from .limits import limit_request
 
 bearer = HTTPBearer(auto_error=False, description="An API key (tb_...) or, for admin routes, the admin secret")
 
@@ -54,5 +56,13 @@ async def require_admin(ctx: Ctx, credentials: Credentials) -> None:
         raise ApiError(401, "invalid_admin_secret", "wrong or missing admin secret", headers=_UNAUTHORIZED)
 
 
-CallerDep = Annotated[Caller, Depends(require_key)]
+async def require_key_within_limits(request: Request, ctx: Ctx,
+                                    caller: Annotated[Caller, Depends(require_key)]) -> AsyncIterator[Caller]:
+    """The caller, counted against its key's rate limit and holding a concurrency slot until the answer."""
+    async with limit_request(request, ctx, key_id=caller.key_id, rate_per_minute=caller.rate_per_minute,
+                             max_concurrent=caller.max_concurrent):
+        yield caller
+
+
+CallerDep = Annotated[Caller, Depends(require_key_within_limits)]
 AdminDep = Annotated[None, Depends(require_admin)]

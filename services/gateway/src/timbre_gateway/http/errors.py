@@ -96,10 +96,53 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal_error", "an unexpected error occurred")
 
 
+def document_error_body(app: FastAPI) -> None:
+    """Make the OpenAPI document show our error body where FastAPI would show its own validation error."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for name, model_schema in (("ErrorBody", ErrorBody), ("ErrorDetail", ErrorDetail)):
+            if name not in components:
+                components.update(model_schema.model_json_schema(ref_template="#/components/schemas/{model}")
+                                  .pop("$defs", {}))
+                components[name] = model_schema.model_json_schema(ref_template="#/components/schemas/{model}")
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                answer = operation.get("responses", {}).get("422")
+                content = (answer or {}).get("content", {}).get("application/json", {})
+                if content.get("schema", {}).get("$ref", "").endswith("/HTTPValidationError"):
+                    answer.update({"description": "Invalid value; code: invalid_request",
+                                   "x-error-codes": ["invalid_request"]},
+                                  content={"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 # For the OpenAPI document: what each error status looks like.
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def error_responses(*statuses: int, codes: dict[int, list[str]] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for these error statuses; `codes` names the stable error codes each can carry."""
     descriptions = {400: "Missing or malformed field", 401: "Missing or wrong credentials",
                     402: "Plan quota used up", 403: "Not allowed", 404: "Not found, or owned by another key",
                     409: "Conflict", 413: "Body too large", 422: "Invalid value", 429: "Rate or concurrency limit",
                     500: "Internal error", 503: "A backing service is unavailable"}
-    return {s: {"model": ErrorBody, "description": descriptions.get(s, "Error")} for s in statuses}
+    retry = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
+    headers = {409: retry, 503: retry, 429: retry | {
+        "X-RateLimit-Limit": {"description": "Requests per minute allowed for this key", "schema": {"type": "integer"}},
+        "X-RateLimit-Remaining": {"description": "Requests left in the window", "schema": {"type": "integer"}}}}
+    auto = {401: ["missing_api_key", "invalid_api_key"], 429: ["rate_limited", "too_many_concurrent_requests"],
+            503: ["service_unavailable"]}
+    out: dict[int | str, dict[str, Any]] = {}
+    for s in statuses:
+        named = (codes or {}).get(s) or auto.get(s)
+        description = descriptions.get(s, "Error") + (f"; code: {', '.join(named)}" if named else "")
+        out[s] = {"model": ErrorBody, "description": description, **({"x-error-codes": named} if named else {}),
+                  **({"headers": headers[s]} if s in headers else {})}
+    return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
@@ -33,6 +34,9 @@ async def read_form(request: Request, *, file_fields: set[str], max_file_bytes: 
     """Parse the body part by part; stop reading as soon as a file passes `max_file_bytes`."""
     content_type = request.headers.get("content-type", "")
     ctype, params = parse_options_header(content_type)
+    if ctype == b"application/x-www-form-urlencoded":
+        # A form without its file: read its fields, so the route can say which one is missing (400).
+        return await _read_urlencoded(request)
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise ApiError(422, "unsupported_media_type", "send the request as multipart/form-data")
     declared = request.headers.get("content-length")
@@ -111,3 +115,18 @@ async def read_form(request: Request, *, file_fields: set[str], max_file_bytes: 
     except Exception as exc:  # the multipart parser's own errors on a malformed body
         raise ApiError(400, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
     return form
+
+
+async def _read_urlencoded(request: Request) -> Form:
+    """Fields of an application/x-www-form-urlencoded body (which carries no files), size-bounded."""
+    limit = MAX_PARTS * MAX_FIELD_BYTES
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise ApiError(422, "field_too_large", "the form is too large")
+    try:
+        pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=MAX_PARTS, strict_parsing=False)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, "malformed_form", f"the form body could not be parsed: {exc}") from None
+    return Form(fields=dict(pairs))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import uuid
 
@@ -25,15 +26,30 @@ from timbre_common.text import SUPPORTED_LANGUAGES
 
 from .deps import AdminDep, CallerDep, Credentials, Ctx
 from .errors import ApiError, error_responses
+from .idempotency import IdempotencyKey, fingerprint, idempotent
 from .multipart import read_form
 from .schemas import (CallbackOutcome, CompletionCallback, CreateKey, Health, JobAccepted, JobOut, KeyCreated,
-                      KeyInfo, PurgeOut, SynthesizeRequest, UploadOut, VoiceOut, VoiceSummary)
+                      KeyInfo, PurgeOut, SynthesizeRequest, UpdateKeyLimits, UploadOut, VoiceOut, VoiceSummary)
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1")
 
 UPLOAD_PURPOSES = ("voice_clone", "stt_input", "watermark_input", "audio_job_input")
 AUDIO_CONTENT = {"audio/wav": {}, "audio/mpeg": {}, "audio/ogg": {}, "audio/flac": {}, "audio/L16": {}}
+
+
+def _header(description: str, schema_type: str = "string") -> dict[str, object]:
+    return {"description": description, "schema": {"type": schema_type}}
+
+
+SYNTHESIS_HEADERS = {
+    "X-Cache": _header("HIT (audio from the cache) or MISS (a job was queued)"),
+    "X-Voice-Id": _header("The voice that speaks"),
+    "X-Backend": _header("The backend that speaks"),
+    "X-Synthesis-Time-Ms": _header("Milliseconds the synthesis took; -1 on a miss", "integer"),
+    "Idempotent-Replayed": _header("true when this answer is the stored answer to an earlier request"),
+}
+IDEMPOTENT_REPLAY_HEADERS = {"Idempotent-Replayed": SYNTHESIS_HEADERS["Idempotent-Replayed"]}
 
 
 def _audio(wav: bytes, fmt: str, headers: dict[str, str], status: int = 200) -> Response:
@@ -53,7 +69,10 @@ async def health(ctx: Ctx) -> Health:
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated, tags=["keys"],
-             summary="Create an API key (admin)", responses=error_responses(400, 401, 404, 422))
+             summary="Create an API key (admin)",
+             responses=error_responses(400, 401, 404, 422, codes={
+                 400: ["invalid_json", "invalid_body"], 401: ["invalid_admin_secret"], 404: ["account_not_found"],
+                 422: ["invalid_request"]}))
 async def create_key(ctx: Ctx, _: AdminDep, body: CreateKey | None = None) -> KeyCreated:
     body = body or CreateKey()
     if body.account_id is not None:
@@ -88,8 +107,25 @@ async def list_keys(ctx: Ctx, _: AdminDep, account_id: str | None = None) -> lis
     return [_key_info(r) for r in await ctx.accounts.list_keys(account_id)]
 
 
+@router.patch("/keys/{key_id}", response_model=KeyInfo, tags=["keys"], summary="Change a key's limits (admin)",
+              responses=error_responses(400, 401, 404, 422, codes={
+                  400: ["invalid_json", "invalid_body"], 401: ["invalid_admin_secret"], 404: ["key_not_found"],
+                  422: ["invalid_request"]}))
+async def update_key(ctx: Ctx, _: AdminDep, key_id: str, body: UpdateKeyLimits) -> KeyInfo:
+    try:
+        uuid.UUID(key_id)
+    except ValueError:
+        raise ApiError(404, "key_not_found", "no such key") from None
+    row = await ctx.accounts.update_key_limits(key_id, body.model_dump(include=body.model_fields_set))
+    if row is None:
+        raise ApiError(404, "key_not_found", "no such key")
+    log.info("api_key_limits_changed", key_id=key_id, rate_per_minute=row["rate_per_minute"],
+             max_concurrent=row["max_concurrent"])
+    return _key_info(row)
+
+
 @router.delete("/keys/{key_id}", status_code=204, tags=["keys"], summary="Revoke an API key (admin)",
-               responses=error_responses(401, 404))
+               responses=error_responses(401, 404, codes={401: ["invalid_admin_secret"], 404: ["key_not_found"]}))
 async def revoke_key(ctx: Ctx, _: AdminDep, key_id: str) -> Response:
     try:
         uuid.UUID(key_id)
@@ -117,8 +153,20 @@ VOICE_FORM = {
 
 
 @router.post("/voices", status_code=201, response_model=VoiceOut, tags=["voices"], summary="Register a cloned voice",
-             openapi_extra=VOICE_FORM, responses=error_responses(400, 401, 404, 422, 429))
-async def create_voice(request: Request, ctx: Ctx, caller: CallerDep) -> VoiceOut:
+             openapi_extra=VOICE_FORM, responses={201: {"headers": IDEMPOTENT_REPLAY_HEADERS},
+                                                  **error_responses(400, 401, 404, 409, 422, 429, 503, codes={
+                                                      400: ["missing_field", "malformed_multipart", "duplicate_field",
+                                                            "too_many_parts", "invalid_field",
+                                                            "invalid_idempotency_key"],
+                                                      404: ["upload_not_found"],
+                                                      409: ["idempotency_in_progress"],
+                                                      422: ["not_wav", "duration_out_of_range", "file_too_large",
+                                                            "invalid_backend", "backend_unavailable",
+                                                            "unsupported_language", "unsupported_media_type",
+                                                            "malformed_wav", "unsupported_format", "truncated",
+                                                            "invalid_samples", "idempotency_key_reused"]})})
+async def create_voice(request: Request, ctx: Ctx, caller: CallerDep,
+                       idempotency_key: IdempotencyKey = None) -> Response:
     form = await read_form(request, file_fields={"ref_audio"}, max_file_bytes=ctx.settings.max_upload_bytes)
     name = form.fields.get("name", "").strip()
     audio = form.files.get("ref_audio")
@@ -136,12 +184,19 @@ async def create_voice(request: Request, ctx: Ctx, caller: CallerDep) -> VoiceOu
     command = RegisterVoice(account_id=caller.account_id, name=name, backend=backend, lang=lang,
                             ref_text=form.fields.get("ref_text") or None, family=form.fields.get("family") or None,
                             upload_id=upload_id)
-    record, _ = await ctx.bus.call("voices", command, body=audio.data if audio else None, expect=VoiceRecord)
-    return _voice_out(record)
+
+    async def register() -> Response:
+        record, _ = await ctx.bus.call("voices", command, body=audio.data if audio else None, expect=VoiceRecord)
+        return JSONResponse(_voice_out(record).model_dump(mode="json"), status_code=201)
+
+    sent = {"fields": form.fields, "ref_audio": hashlib.sha256(audio.data).hexdigest() if audio else None}
+    return await idempotent(ctx, account_id=caller.account_id, key=idempotency_key,
+                            request_fingerprint=fingerprint("POST /v1/voices", sent), run=register)
 
 
 @router.get("/voices", response_model=list[VoiceSummary], tags=["voices"],
-            summary="System voices and the voices of this key's account", responses=error_responses(401))
+            summary="System voices and the voices of this key's account",
+            responses=error_responses(401, 429, 503))
 async def list_voices(ctx: Ctx, caller: CallerDep) -> list[VoiceSummary]:
     reply, _ = await ctx.bus.call("voices", ListVoices(account_id=caller.account_id), expect=VoiceList)
     return [VoiceSummary.model_validate(v.model_dump()) for v in reply.voices]
@@ -153,14 +208,15 @@ async def _get_voice(ctx, account_id: str, voice_id: str) -> VoiceRecord:  # typ
 
 
 @router.get("/voices/{voice_id}", response_model=VoiceOut, tags=["voices"], summary="A voice's full record",
-            responses=error_responses(401, 404))
+            responses=error_responses(401, 404, 429, 503, codes={404: ["voice_not_found"]}))
 async def get_voice(ctx: Ctx, caller: CallerDep, voice_id: str) -> VoiceOut:
     return _voice_out(await _get_voice(ctx, caller.account_id, voice_id))
 
 
 @router.delete("/voices/{voice_id}", status_code=204, tags=["voices"],
                summary="Delete a voice, its reference, its cached audio, and all its jobs and their audio",
-               responses=error_responses(401, 403, 404))
+               responses=error_responses(401, 403, 404, 429, 503, codes={403: ["system_voice_readonly"],
+                                                                           404: ["voice_not_found"]}))
 async def delete_voice(ctx: Ctx, caller: CallerDep, voice_id: str) -> Response:
     await ctx.bus.call("voices", DeleteVoice(account_id=caller.account_id, voice_id=voice_id))
     # Done now so the client sees no job of the voice after the 204; the voice.deleted event repeats it.
@@ -185,10 +241,23 @@ def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ign
 
 @router.post("/synthesize", tags=["synthesis"], status_code=202, summary="Synthesize text in a voice",
              response_model=JobAccepted,
-             responses={200: {"content": AUDIO_CONTENT, "description": "Cache hit: the audio (X-Cache: HIT)"},
-                        202: {"description": "Cache miss: a pending job (X-Cache: MISS)"},
-                        **error_responses(400, 401, 402, 404, 422, 429, 500, 503)})
-async def synthesize(ctx: Ctx, caller: CallerDep, body: SynthesizeRequest) -> Response:
+             responses={200: {"content": AUDIO_CONTENT, "description": "Cache hit: the audio (X-Cache: HIT)",
+                              "headers": SYNTHESIS_HEADERS | {"X-Job-Id": _header("The job that made the audio")}},
+                        202: {"description": "Cache miss: a pending job (X-Cache: MISS)",
+                              "headers": SYNTHESIS_HEADERS | {"Location": _header("The job to poll")}},
+                        **error_responses(400, 401, 402, 404, 409, 422, 429, 500, 503, codes={
+                            400: ["missing_field", "invalid_json", "invalid_body", "invalid_idempotency_key"],
+                            402: ["quota_exceeded"], 404: ["voice_not_found"], 409: ["idempotency_in_progress"],
+                            422: ["text_too_long", "invalid_backend", "backend_unavailable", "unsupported_language",
+                                  "invalid_request", "idempotency_key_reused"]})})
+async def synthesize(ctx: Ctx, caller: CallerDep, body: SynthesizeRequest,
+                     idempotency_key: IdempotencyKey = None) -> Response:
+    return await idempotent(ctx, account_id=caller.account_id, key=idempotency_key,
+                            request_fingerprint=fingerprint("POST /v1/synthesize", body.model_dump()),
+                            run=lambda: _synthesize(ctx, caller, body))
+
+
+async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type: ignore[no-untyped-def]
     text = body.text
     if not text.strip():
         raise ApiError(400, "missing_field", "text is required", details={"fields": ["text"]})
@@ -226,15 +295,20 @@ async def synthesize(ctx: Ctx, caller: CallerDep, body: SynthesizeRequest) -> Re
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, response_model_exclude_none=True, tags=["synthesis"],
-            summary="Poll a synthesis job", responses=error_responses(401, 404))
+            summary="Poll a synthesis job",
+            responses=error_responses(401, 404, 429, 503, codes={404: ["job_not_found"]}))
 async def get_job(ctx: Ctx, caller: CallerDep, job_id: str) -> JobOut:
     view, _ = await ctx.bus.call("dispatcher", GetJob(account_id=caller.account_id, job_id=job_id), expect=JobView)
     return JobOut.model_validate(view.model_dump())
 
 
 @router.get("/jobs/{job_id}/audio", tags=["synthesis"], summary="Download a ready job's audio",
-            response_class=Response, responses={200: {"content": AUDIO_CONTENT, "description": "The audio"},
-                                                **error_responses(401, 404, 500)})
+            response_class=Response,
+            responses={200: {"content": AUDIO_CONTENT, "description": "The audio",
+                             "headers": {"X-Job-Id": _header("The job"), "X-Voice-Id": _header("The voice"),
+                                         "X-Backend": _header("The backend that spoke"),
+                                         "X-Expires-At": _header("When the audio is deleted")}},
+                       **error_responses(401, 404, 429, 500, 503, codes={404: ["job_not_found", "job_not_ready"]})})
 async def get_job_audio(ctx: Ctx, caller: CallerDep, job_id: str) -> Response:
     view, audio = await ctx.bus.call("dispatcher", FetchJobAudio(account_id=caller.account_id, job_id=job_id),
                                      expect=JobView)
@@ -286,7 +360,8 @@ UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 
 @router.post("/uploads", status_code=201, response_model=UploadOut, tags=["uploads"], openapi_extra=UPLOAD_FORM,
-             summary="Upload a file with a retention purpose", responses=error_responses(400, 401, 422, 429))
+             summary="Upload a file with a retention purpose",
+             responses=error_responses(400, 401, 422, 429, 503))
 async def create_upload(request: Request, ctx: Ctx, caller: CallerDep) -> UploadOut:
     form = await read_form(request, file_fields={"file"}, max_file_bytes=ctx.settings.max_upload_bytes)
     part = form.files.get("file")
@@ -304,7 +379,7 @@ async def create_upload(request: Request, ctx: Ctx, caller: CallerDep) -> Upload
 
 
 @router.get("/usage", response_model=UsageReport, tags=["billing"], summary="Character usage this billing period",
-            responses=error_responses(401))
+            responses=error_responses(401, 429, 503))
 async def usage(ctx: Ctx, caller: CallerDep) -> UsageReport:
     report, _ = await ctx.bus.call("billing", GetUsage(account_id=caller.account_id), expect=UsageReport)
     return report
@@ -325,7 +400,8 @@ async def _purge(ctx, account_id: str) -> PurgeOut:  # type: ignore[no-untyped-d
 
 @router.delete("/account", response_model=PurgeOut, tags=["account"],
                summary="Delete the caller's account: every object and every row, in every service",
-               responses={202: {"model": PurgeOut, "description": "Purge still running"}, **error_responses(401)})
+               responses={202: {"model": PurgeOut, "description": "Purge still running"},
+                          **error_responses(401, 429)})
 async def delete_account(ctx: Ctx, caller: CallerDep) -> Response:
     out = await _purge(ctx, caller.account_id)
     return JSONResponse(out.model_dump(), status_code=200 if out.status == "completed" else 202)

@@ -22,6 +22,14 @@ class CreateKey(BaseModel):
     max_concurrent: int | None = Field(default=None, ge=1, le=1000)
 
 
+class UpdateKeyLimits(BaseModel):
+    """Fields sent are changed; null puts the deployment default back."""
+
+    model_config = ConfigDict(extra="forbid")
+    rate_per_minute: int | None = Field(default=None, ge=1, le=100_000)
+    max_concurrent: int | None = Field(default=None, ge=1, le=1000)
+
+
 class KeyCreated(BaseModel):
     api_key: str = Field(description="Shown once; only its hash is kept")
     key_id: str

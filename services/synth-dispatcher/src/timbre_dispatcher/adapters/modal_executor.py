@@ -38,6 +38,28 @@ class ModalSpawner:
         return str(call.object_id)
 
 
+class HttpSpawner:
+    """Spawns by POSTing the payload to a URL that answers 2xx {"call_id": ...}: a stand-in for Modal in
+    tests and a hook for other remote GPU hosts. Any other answer raises, so the work order is retried."""
+
+    def __init__(self, url: str, *, timeout_s: float = 60.0) -> None:
+        self.url = url
+        self.timeout_s = timeout_s
+
+    async def spawn(self, payload: dict[str, Any]) -> str:
+        import httpx
+
+        async with httpx.AsyncClient(timeout=self.timeout_s) as http:
+            response = await http.post(self.url, json=payload)
+        if response.status_code // 100 != 2:
+            raise SpawnRefused(f"spawn refused: HTTP {response.status_code}")
+        return str(response.json().get("call_id") or "")
+
+
+class SpawnRefused(Exception):
+    """The remote host did not accept the call; the work order is retried."""
+
+
 def payload_for(order: SynthesisRequested, *, callback_url: str, callback_secret: str) -> dict[str, Any]:
     """What the Modal function receives: the work order plus where and how to report."""
     return {**order.model_dump(mode="json"), "callback_url": callback_url, "callback_secret": callback_secret}

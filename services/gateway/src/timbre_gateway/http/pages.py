@@ -1,4 +1,4 @@
-"""Server-rendered billing pages: self-contained HTML (no external assets), every dynamic value escaped."""
+"""The billing flow's HTML pages: self-contained (no external assets), every dynamic value escaped."""
 from __future__ import annotations
 
 import base64
@@ -59,6 +59,9 @@ _SUCCESS_SCRIPT = """
     .then(function(r){if(!r.ok)throw new Error(String(r.status));return r.json();})
     .then(function(b){
       if(b.ready&&typeof b.api_key==='string'){show(b.api_key);return;}
+      if(b.ready&&b.expired){
+        state.textContent='This API key expired before it was collected. Contact support for a new one.';return;
+      }
       if(b.ready){
         state.textContent='This API key was already shown. If you did not save it, contact support.';return;
       }

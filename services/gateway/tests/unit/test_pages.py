@@ -1,11 +1,11 @@
-"""Billing pages: self-contained, escaped, and admitted by their own CSP."""
+"""The billing flow's pages: self-contained, escaped, and admitted by their own CSP."""
 from __future__ import annotations
 
 import base64
 import hashlib
 import re
 
-from timbre_billing.pages import already_subscribed_page, security_headers, signup_page, success_page
+from timbre_gateway.http.pages import already_subscribed_page, security_headers, signup_page, success_page
 
 
 def test_token_is_escaped() -> None:
@@ -34,3 +34,8 @@ def test_csp_admits_exactly_the_inline_script_and_style() -> None:
 def test_signup_form_posts_to_checkout() -> None:
     html = signup_page()
     assert 'id="signup"' in html and 'type="email"' in html and "fetch('/v1/checkout'" in html
+
+
+def test_success_page_tells_an_expired_key_from_one_already_shown() -> None:
+    html = success_page("t")
+    assert "b.expired" in html and "expired before it was collected" in html and "already shown" in html

@@ -1,0 +1,163 @@
+"""Per-key rate (GCRA) and concurrency (leases with a TTL) limits in Redis, shared by all replicas."""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from timbre_common.logging import get_logger
+
+log = get_logger(__name__)
+
+# GCRA: one theoretical-arrival-time per key. `limit` requests may burst, then one every period/limit.
+# Redis' own clock is used so that replicas with skewed clocks agree.
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - period
+if now < allow_at then
+  return {0, allow_at - now, 0}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, new_tat - now))
+return {1, 0, math.floor((now + period - new_tat) / interval)}
+"""
+
+# Concurrency: a sorted set of leases scored by expiry, so a crashed replica's leases lapse by themselves.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = redis.call('ZCARD', KEYS[1])
+if held >= limit then
+  return {0, held}
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {1, held + 1}
+"""
+
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after_s: float
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An in-flight request's slot; `token` is None when Redis was unreachable (failed open)."""
+
+    key: str
+    token: str | None
+    limit: int
+    held: int
+
+
+class RedisLimiter:
+    """Rate and concurrency limits per API key; fails open (with a warning) while Redis is unreachable."""
+
+    def __init__(self, redis: Any, *, namespace: str, lease_ttl_s: float = 120.0, period_s: float = 60.0,
+                 retry_down_s: float = 5.0, clock=time.monotonic) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self.lease_ttl_ms = int(lease_ttl_s * 1000)
+        self.period_ms = int(period_s * 1000)
+        # After a failure Redis is not asked again for this long, so an outage costs no latency per request.
+        self.retry_down_s = retry_down_s
+        self.clock = clock
+        self._down_until = 0.0
+        self._gcra = redis.register_script(_GCRA)
+        self._acquire = redis.register_script(_ACQUIRE)
+        self._renew = redis.register_script(_RENEW)
+
+    def _key(self, kind: str, key_id: str) -> str:
+        return f"timbre:{self.namespace}:{kind}:{key_id}"
+
+    def _available(self) -> bool:
+        return self.clock() >= self._down_until
+
+    def _failed(self, op: str, exc: BaseException) -> None:
+        self._down_until = self.clock() + self.retry_down_s
+        log.warning("rate_limiter_unavailable_failing_open", op=op, error=type(exc).__name__)
+
+    async def hit(self, key_id: str, limit_per_minute: int) -> RateDecision:
+        """Count one request against the key's per-minute budget."""
+        limit = max(1, limit_per_minute)
+        if not self._available():
+            return RateDecision(True, limit, limit, 0.0)
+        interval = max(1, self.period_ms // limit)
+        try:
+            # The limit is part of the key: a changed limit starts with a full budget, not the old one's debt.
+            allowed, wait_ms, remaining = await self._gcra(keys=[self._key("rate", f"{key_id}:{limit}")],
+                                                           args=[interval, interval * limit])
+        except _FAILURES as exc:
+            self._failed("rate", exc)
+            return RateDecision(True, limit, limit, 0.0)
+        return RateDecision(bool(allowed), limit, max(0, int(remaining)), int(wait_ms) / 1000)
+
+    async def acquire(self, key_id: str, limit: int) -> Lease | None:
+        """A slot among the key's `limit` in-flight requests; None when all are taken."""
+        key = self._key("inflight", key_id)
+        if not self._available():
+            return Lease(key, None, limit, 0)
+        token = uuid.uuid4().hex
+        try:
+            ok, held = await self._acquire(keys=[key], args=[max(1, limit), self.lease_ttl_ms, token])
+        except _FAILURES as exc:
+            self._failed("acquire", exc)
+            return Lease(key, None, limit, 0)
+        return Lease(key, token, limit, int(held)) if ok else None
+
+    async def renew(self, lease: Lease) -> None:
+        """Push a long request's lease expiry forward."""
+        if lease.token is None or not self._available():
+            return
+        try:
+            await self._renew(keys=[lease.key], args=[self.lease_ttl_ms, lease.token])
+        except _FAILURES as exc:
+            self._failed("renew", exc)
+
+    async def release(self, lease: Lease) -> None:
+        if lease.token is None:
+            return
+        try:
+            await self.redis.zrem(lease.key, lease.token)
+        except _FAILURES as exc:
+            # The lease lapses on its own after its TTL.
+            self._failed("release", exc)
+
+    async def in_flight(self, key_id: str) -> int:
+        """Live leases of a key (for tests and diagnostics)."""
+        key = self._key("inflight", key_id)
+        now_ms = int(time.time() * 1000)
+        return int(await self.redis.zcount(key, now_ms, "+inf"))
+
+
+def retry_after(seconds: float) -> str:
+    """A Retry-After value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))

@@ -1,0 +1,162 @@
+"""The hosted billing flow of seeds/002: signup page, Stripe Checkout, the one-time key page, Stripe webhooks.
+
+Billing owns Stripe and the subscription state (RPC); the gateway mints the API key when billing asks and
+holds its plaintext for one read (erased unread after CHECKOUT_KEY_TTL_S), so the key never crosses the bus.
+The pages (http/pages.py) are presentation only and are served with their CSP.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
+from pydantic import BaseModel, ValidationError
+
+from timbre_common.contracts.billing import (CheckoutStarted, CheckoutStatus, GetCheckoutStatus,
+                                             HandleStripeWebhook, StartCheckout, WebhookOutcome)
+from timbre_common.logging import get_logger
+
+from .deps import Ctx
+from .errors import ApiError, error_responses
+from .pages import already_subscribed_page, security_headers, signup_page, success_page
+
+log = get_logger(__name__)
+router = APIRouter(prefix="/v1", tags=["billing"])
+
+# Stripe's event bodies are a few KiB; anything far larger is not Stripe.
+MAX_WEBHOOK_BYTES = 1 << 20
+MAX_TOKEN_CHARS = 200
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+class CheckoutRequest(BaseModel):
+    email: str
+
+
+class CheckoutOut(BaseModel):
+    url: str
+    already_subscribed: bool = False
+
+
+class CheckoutStatusOut(BaseModel):
+    """`ready: false` until payment is confirmed and the key minted; the key once; then `already_shown`,
+    or `expired` when nobody collected it within CHECKOUT_KEY_TTL_S."""
+
+    ready: bool
+    api_key: str | None = None
+    already_shown: bool | None = None
+    expired: bool | None = None
+
+
+class WebhookReceived(BaseModel):
+    received: bool = True
+    event_id: str
+    event_type: str
+    applied: bool
+
+
+def _html(page: str, status: int = 200) -> HTMLResponse:
+    return HTMLResponse(page, status_code=status, headers=security_headers())
+
+
+def _wants_json(request: Request, fmt: str | None) -> bool:
+    return fmt == "json" or "application/json" in request.headers.get("accept", "").lower()
+
+
+async def _checkout_email(request: Request) -> tuple[str, bool]:
+    """The email of a JSON body (the page's fetch) or of a plain form post (no script); and which it was."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw = await request.body()
+    if content_type == "application/x-www-form-urlencoded":
+        email = (parse_qs(raw.decode("utf-8", "replace")).get("email") or [""])[0]
+        if not email.strip():
+            raise ApiError(400, "missing_field", "email is required", details={"fields": ["email"]})
+        return email, True
+    try:
+        payload = json.loads(raw or b"null")
+    except ValueError:
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_body", "the request body must be a JSON object")
+    try:
+        body = CheckoutRequest.model_validate(payload)
+    except ValidationError:
+        raise ApiError(400, "missing_field", "email is required", details={"fields": ["email"]}) from None
+    if not body.email.strip():
+        raise ApiError(400, "missing_field", "email is required", details={"fields": ["email"]})
+    return body.email, False
+
+
+@router.get("/signup", response_class=HTMLResponse, summary="The signup form")
+async def signup() -> HTMLResponse:
+    return _html(signup_page())
+
+
+CHECKOUT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": CheckoutRequest.model_json_schema()},
+    "application/x-www-form-urlencoded": {"schema": CheckoutRequest.model_json_schema()}}}}
+
+
+@router.post("/checkout", response_model=CheckoutOut, openapi_extra=CHECKOUT_BODY,
+             summary="Start a Stripe Checkout (an active subscriber gets the already-subscribed page instead)",
+             responses={303: {"description": "A form post: redirected to the returned URL"},
+                        **error_responses(400, 404, 422, 503)})
+async def checkout(request: Request, ctx: Ctx) -> Response:
+    email, from_form = await _checkout_email(request)
+    started, _ = await ctx.bus.call("billing", StartCheckout(email=email), expect=CheckoutStarted)
+    if from_form:
+        return RedirectResponse(started.url, status_code=303, headers=NO_STORE)
+    out = CheckoutOut(url=started.url, already_subscribed=started.already_subscribed)
+    return JSONResponse(out.model_dump(), headers=NO_STORE)
+
+
+@router.get("/checkout/success", response_model=CheckoutStatusOut, response_model_exclude_none=True,
+            summary="After payment: the API key, once (HTML for a browser, JSON for a polling client)",
+            responses={200: {"content": {"text/html": {}}}, **error_responses(400, 404, 503)})
+async def checkout_success(request: Request, ctx: Ctx,
+                           token: str = Query(min_length=1, max_length=MAX_TOKEN_CHARS),
+                           format: str | None = None) -> Response:  # noqa: A002 - the public query name
+    if not _wants_json(request, format):
+        # The page itself holds no secret: its script polls the JSON form of this route.
+        return _html(success_page(token))
+    status, _ = await ctx.bus.call("billing", GetCheckoutStatus(token=token), expect=CheckoutStatus)
+    # Billing's `ready` means paid; the key exists once the gateway has handled the provisioning event.
+    taken = (await ctx.accounts.take_checkout_key(token, max_age_s=ctx.settings.checkout_key_ttl_s)
+             if status.ready else None)
+    if taken is None:
+        out = CheckoutStatusOut(ready=False)
+    elif taken["api_key"]:
+        log.info("checkout_key_shown", account=str(taken["account_id"]))
+        out = CheckoutStatusOut(ready=True, api_key=taken["api_key"])
+    elif taken["shown_at"] is None:
+        out = CheckoutStatusOut(ready=True, expired=True)
+    else:
+        out = CheckoutStatusOut(ready=True, already_shown=True)
+    return JSONResponse(out.model_dump(exclude_none=True), headers=NO_STORE)
+
+
+@router.get("/checkout/already-subscribed", response_class=HTMLResponse,
+            summary="Shown instead of a second checkout for an active subscriber")
+async def already_subscribed() -> HTMLResponse:
+    return _html(already_subscribed_page())
+
+
+@router.post("/webhooks/stripe", response_model=WebhookReceived,
+             summary="Stripe webhooks (Stripe-Signature); each event applied once, unknown types acknowledged",
+             responses=error_responses(400, 404, 413, 503))
+async def stripe_webhook(request: Request, ctx: Ctx) -> Any:
+    signature = request.headers.get("stripe-signature", "")
+    if not signature:
+        raise ApiError(400, "signature_invalid", "the Stripe-Signature header is missing")
+    if int(request.headers.get("content-length") or 0) > MAX_WEBHOOK_BYTES:
+        raise ApiError(413, "payload_too_large", "a Stripe event is never this large")
+    # The exact bytes: the signature covers them, so nothing may parse and re-serialize the body first.
+    payload = await request.body()
+    if len(payload) > MAX_WEBHOOK_BYTES:
+        raise ApiError(413, "payload_too_large", "a Stripe event is never this large")
+    # A 400 (bad signature) comes back as billing's error; a 5xx (billing or Stripe down) makes Stripe retry.
+    outcome, _ = await ctx.bus.call("billing", HandleStripeWebhook(signature=signature), body=payload,
+                                    expect=WebhookOutcome)
+    return WebhookReceived(event_id=outcome.event_id, event_type=outcome.event_type, applied=outcome.applied)

@@ -1,0 +1,118 @@
+"""RedisLimiter against a real Redis: GCRA rate, concurrency leases with a TTL, failing open."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import redis.asyncio as aioredis
+
+from timbre_gateway.adapters.limits import RedisLimiter
+
+
+@pytest.fixture
+async def redis(redis_url: str):
+    client = aioredis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+async def _cleanup(redis, namespace: str) -> None:
+    keys = [k async for k in redis.scan_iter(match=f"timbre:{namespace}:*")]
+    if keys:
+        await redis.delete(*keys)
+
+
+async def test_rate_allows_the_burst_then_refuses_with_a_wait(redis, namespace):
+    limiter = RedisLimiter(redis, namespace=namespace)
+    key = str(uuid.uuid4())
+    decisions = [await limiter.hit(key, 5) for _ in range(6)]
+    assert [d.allowed for d in decisions] == [True] * 5 + [False]
+    assert [d.remaining for d in decisions[:5]] == [4, 3, 2, 1, 0]
+    # One request is earned back every 60/5 = 12 s.
+    assert 10.0 < decisions[5].retry_after_s <= 12.0
+    # Another key has its own budget.
+    assert (await limiter.hit(str(uuid.uuid4()), 5)).allowed
+    await _cleanup(redis, namespace)
+
+
+async def test_rate_is_shared_by_two_limiters_like_two_replicas(redis, namespace):
+    a, b = RedisLimiter(redis, namespace=namespace), RedisLimiter(redis, namespace=namespace)
+    key = str(uuid.uuid4())
+    results = await asyncio.gather(*[(a if i % 2 else b).hit(key, 4) for i in range(10)])
+    assert sum(d.allowed for d in results) == 4
+    await _cleanup(redis, namespace)
+
+
+async def test_rate_refills_over_time(redis, namespace):
+    # A 1 s period with 2 requests: one earned back every 0.5 s.
+    limiter = RedisLimiter(redis, namespace=namespace, period_s=1.0)
+    key = str(uuid.uuid4())
+    assert (await limiter.hit(key, 2)).allowed and (await limiter.hit(key, 2)).allowed
+    refused = await limiter.hit(key, 2)
+    assert not refused.allowed
+    await asyncio.sleep(refused.retry_after_s + 0.05)
+    assert (await limiter.hit(key, 2)).allowed
+    await _cleanup(redis, namespace)
+
+
+async def test_concurrency_slots_are_taken_and_given_back(redis, namespace):
+    limiter = RedisLimiter(redis, namespace=namespace)
+    key = str(uuid.uuid4())
+    first, second = await limiter.acquire(key, 2), await limiter.acquire(key, 2)
+    assert first and second and first.token != second.token
+    assert await limiter.acquire(key, 2) is None
+    assert await limiter.in_flight(key) == 2
+    await limiter.release(first)
+    third = await limiter.acquire(key, 2)
+    assert third is not None
+    await limiter.release(second)
+    await limiter.release(third)
+    assert await limiter.in_flight(key) == 0
+    await _cleanup(redis, namespace)
+
+
+async def test_a_crashed_replicas_lease_lapses(redis, namespace):
+    """A replica that dies never releases; its lease expires after the TTL and frees the slot."""
+    dead_replica = RedisLimiter(redis, namespace=namespace, lease_ttl_s=0.3)
+    key = str(uuid.uuid4())
+    assert await dead_replica.acquire(key, 1) is not None
+    live = RedisLimiter(redis, namespace=namespace, lease_ttl_s=0.3)
+    assert await live.acquire(key, 1) is None
+    await asyncio.sleep(0.4)
+    lease = await live.acquire(key, 1)
+    assert lease is not None
+    await live.release(lease)
+    await _cleanup(redis, namespace)
+
+
+async def test_renew_keeps_a_long_request_holding_its_slot(redis, namespace):
+    limiter = RedisLimiter(redis, namespace=namespace, lease_ttl_s=0.4)
+    key = str(uuid.uuid4())
+    lease = await limiter.acquire(key, 1)
+    for _ in range(3):
+        await asyncio.sleep(0.2)
+        await limiter.renew(lease)
+    assert await limiter.acquire(key, 1) is None
+    await limiter.release(lease)
+    await _cleanup(redis, namespace)
+
+
+async def test_redis_down_fails_open_quickly():
+    unreachable = aioredis.from_url("redis://127.0.0.1:1/0", socket_timeout=0.5, socket_connect_timeout=0.5)
+    limiter = RedisLimiter(unreachable, namespace="down")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    decision = await limiter.hit("k", 1)
+    lease = await limiter.acquire("k", 1)
+    again = await limiter.hit("k", 1)
+    assert decision.allowed and again.allowed and lease is not None and lease.token is None
+    await limiter.release(lease)
+    # Only the first call pays for the failed connection; the next ones skip Redis for a while.
+    assert loop.time() - started < 1.5
+    await unreachable.aclose()

@@ -1,0 +1,556 @@
+"""The hosted billing flow over HTTP: every service as a process, billing on, the official stripe SDK pointed
+at a local fake Stripe, webhooks signed the way Stripe signs them and posted to the gateway."""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import asyncpg
+import httpx
+import pytest
+
+from timbre_common.catalogue import SYSTEM_VOICES
+from timbre_common.contracts.synthesis import JobReady
+from timbre_common.messaging import Bus
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+JOE = next(v for v in SYSTEM_VOICES if v.name == "joe")
+
+# Fresh per run, so a grep of the logs for them means something.
+STRIPE_KEY = f"sk_test_{secrets.token_hex(16)}"
+WHSEC_OLD = f"whsec_{secrets.token_hex(16)}"
+WHSEC_NEW = f"whsec_{secrets.token_hex(16)}"
+PRICE = "price_e2e_hobby"
+QUOTA = 300
+
+
+def _module(name: str, path: Path) -> ModuleType:
+    """A helper module by path (tests are not packages); the already-loaded copy when pytest has one."""
+    for module in list(sys.modules.values()):
+        if getattr(module, "__file__", None) == str(path):
+            return module
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+e2e = _module("timbre_e2e_conftest", ROOT / "tests/e2e/conftest.py")
+fake_stripe = _module("timbre_billing_tests_fake_stripe", ROOT / "services/billing/tests/fake_stripe.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _until(check: Callable[[], Any], what: str, timeout: float = 30.0, every: float = 0.1) -> Any:
+    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(every)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+@dataclass
+class Subscriber:
+    email: str
+    token: str
+    session: dict[str, Any]
+    subscription_id: str
+    customer_id: str
+    completed_event: bytes
+    key: str = ""
+
+
+class BillingPlatform:
+    """The running platform with billing on, and the fake Stripe it talks to."""
+
+    def __init__(self, client: Any, stripe_server: Any) -> None:
+        self.client, self.http, self.stripe = client, client.http, stripe_server.state
+
+    # Stripe's side ------------------------------------------------------------------------------------
+    def webhook(self, event_type: str, obj: dict[str, Any], *, secret: str = WHSEC_NEW,
+                created: int | None = None) -> httpx.Response:
+        body = fake_stripe.build_event(event_type, obj, created=created)
+        return self.post_webhook(body, fake_stripe.sign_header(body, secret))
+
+    def post_webhook(self, body: bytes, signature: str | None) -> httpx.Response:
+        headers = {"Content-Type": "application/json"}
+        if signature is not None:
+            headers["Stripe-Signature"] = signature
+        return self.http.post("/v1/webhooks/stripe", content=body, headers=headers)
+
+    def subscription(self, subscriber: Subscriber) -> dict[str, Any]:
+        return self.stripe.subscriptions[subscriber.subscription_id]
+
+    # The customer's side ------------------------------------------------------------------------------
+    def start_checkout(self, email: str) -> tuple[str, dict[str, Any]]:
+        """POST /v1/checkout; the fake's session behind the returned URL and the success token."""
+        r = self.http.post("/v1/checkout", json={"email": email})
+        assert r.status_code == 200, r.text
+        assert r.json()["already_subscribed"] is False
+        url = r.json()["url"]
+        session = next(s for s in self.stripe.sessions.values() if s["url"] == url)
+        success = urlparse(session["success_url"])
+        assert f"{success.scheme}://{success.netloc}" == self.client.base_url
+        assert success.path == "/v1/checkout/success"
+        return parse_qs(success.query)["token"][0], session
+
+    def status(self, token: str) -> dict[str, Any]:
+        r = self.http.get("/v1/checkout/success", params={"token": token}, headers={"Accept": "application/json"})
+        assert r.status_code == 200, r.text
+        assert r.headers["cache-control"] == "no-store"
+        return dict(r.json())
+
+    def pay(self, email: str, *, secret: str = WHSEC_NEW) -> Subscriber:
+        """Checkout, Stripe completes the session, the signed webhook lands; the key is not read yet."""
+        token, session = self.start_checkout(email)
+        session = self.stripe.complete_session(session["id"])
+        body = fake_stripe.build_event("checkout.session.completed", session)
+        r = self.post_webhook(body, fake_stripe.sign_header(body, secret))
+        assert r.status_code == 200, r.text
+        assert r.json()["applied"] is True and r.json()["event_type"] == "checkout.session.completed"
+        return Subscriber(email, token, session, session["subscription"], session["customer"], body)
+
+    def subscribe(self, email: str | None = None) -> Subscriber:
+        """A paying subscriber whose key has been read once."""
+        sub = self.pay(email or f"{uuid.uuid4().hex[:12]}@example.com")
+        shown = _until(lambda: (s := self.status(sub.token))["ready"] and s, "the key after checkout")
+        sub.key = shown["api_key"]
+        return sub
+
+    def auth(self, key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    def key_status(self, key: str) -> int:
+        return self.http.get("/v1/voices", headers=self.auth(key)).status_code
+
+
+@pytest.fixture(scope="module")
+def stripe_server() -> Iterator[Any]:
+    server = fake_stripe.FakeStripeServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def billing(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory,
+            stripe_server: Any) -> Iterator[BillingPlatform]:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    overrides = {
+        "PORT": str(port), "PUBLIC_BASE_URL": base, "APP_BASE_URL": base,
+        "BILLING": "on", "STRIPE_SECRET_KEY": STRIPE_KEY, "STRIPE_WEBHOOK_SECRETS": f"{WHSEC_OLD},{WHSEC_NEW}",
+        "STRIPE_PRICE_ID": PRICE, "STRIPE_API_BASE": stripe_server.url, "PLAN_CHARACTER_QUOTA": str(QUOTA),
+        # Short, so a webhook posted while billing is down answers 503 quickly (Stripe then retries).
+        "RPC_TIMEOUT_S": "8",
+    }
+    with e2e.running_platform(database_url, amqp_url, tmp_path_factory.mktemp("billing"),
+                              overrides=overrides) as client:
+        assert client.base_url == base
+        yield BillingPlatform(client, stripe_server)
+
+
+# Pages and checkout -----------------------------------------------------------------------------------
+def test_signup_page_is_served_with_its_csp(billing: BillingPlatform) -> None:
+    r = billing.http.get("/v1/signup")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert '<form id="signup"' in r.text and 'type="email"' in r.text
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    assert r.headers["x-content-type-options"] == "nosniff"
+    page = billing.http.get("/v1/checkout/already-subscribed")
+    assert page.status_code == 200 and "already subscribed" in page.text
+
+
+def test_checkout_then_webhook_shows_the_key_once(billing: BillingPlatform) -> None:
+    email = f"Buyer.{uuid.uuid4().hex[:8]}@Example.com"
+    token, session = billing.start_checkout(email)
+    assert session["url"].startswith("https://checkout.stripe.test/c/pay/cs_test_")
+    assert session["mode"] == "subscription" and session["_price"] == PRICE
+    # The official SDK sent our secret key to the fake (and only there).
+    assert any(h.get("authorization") == f"Bearer {STRIPE_KEY}" for _, path, h in billing.stripe.requests
+               if path == "/v1/checkout/sessions")
+    # Before Stripe says paid: a polling client waits; a browser gets the page that polls.
+    assert billing.status(token) == {"ready": False}
+    assert billing.http.get("/v1/checkout/success", params={"token": token, "format": "json"}).json() \
+        == {"ready": False}
+    page = billing.http.get("/v1/checkout/success", params={"token": token}, headers={"Accept": "text/html"})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "tb_" not in page.text and "Content-Security-Policy" in page.headers
+
+    # Stripe completes the session and signs the event with the newer secret of a rotation.
+    paid = billing.stripe.complete_session(session["id"])
+    body = fake_stripe.build_event("checkout.session.completed", paid)
+    r = billing.post_webhook(body, fake_stripe.sign_header(body, WHSEC_NEW))
+    assert r.status_code == 200, r.text
+    assert r.json() == {"received": True, "event_id": json.loads(body)["id"],
+                        "event_type": "checkout.session.completed", "applied": True}
+
+    shown = _until(lambda: (s := billing.status(token))["ready"] and s, "the key after the webhook")
+    key = shown["api_key"]
+    assert key.startswith("tb_") and set(shown) == {"ready", "api_key"}
+    assert billing.status(token) == {"ready": True, "already_shown": True}
+    assert billing.status(token) == {"ready": True, "already_shown": True}
+    assert billing.key_status(key) == 200
+    usage = billing.http.get("/v1/usage", headers=billing.auth(key)).json()
+    assert usage["billing"] == "on" and usage["quota"] == QUOTA and usage["characters_used"] == 0
+
+    # A second checkout for the same (differently cased) email: no second Stripe session.
+    sessions_before = len(billing.stripe.sessions)
+    again = billing.http.post("/v1/checkout", json={"email": email.lower()})
+    assert again.status_code == 200
+    assert again.json() == {"url": f"{billing.client.base_url}/v1/checkout/already-subscribed",
+                            "already_subscribed": True}
+    assert len(billing.stripe.sessions) == sessions_before
+
+    # Stripe re-sends the same event (also signed with the older secret): nothing changes.
+    keys_before = billing.http.get("/v1/keys", headers=billing.client.admin()).json()
+    for secret in (WHSEC_NEW, WHSEC_OLD):
+        resent = billing.post_webhook(body, fake_stripe.sign_header(body, secret))
+        assert resent.status_code == 200 and resent.json()["applied"] is False, resent.text
+    assert billing.status(token) == {"ready": True, "already_shown": True}
+    assert billing.http.get("/v1/keys", headers=billing.client.admin()).json() == keys_before
+    assert billing.key_status(key) == 200
+
+
+def test_concurrent_reads_show_the_key_to_one_reader(billing: BillingPlatform) -> None:
+    """Two tabs polling at once: exactly one of them gets the plaintext."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sub = billing.pay(f"tabs.{uuid.uuid4().hex[:8]}@example.com")
+    url = f"{billing.client.base_url}/v1/checkout/success"
+
+    def poll(_: int) -> dict[str, Any]:
+        with httpx.Client(timeout=30) as http:
+            return dict(http.get(url, params={"token": sub.token, "format": "json"}).json())
+
+    seen: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    while not any(r.get("ready") for r in seen) and time.monotonic() < deadline:
+        with ThreadPoolExecutor(8) as pool:
+            seen = list(pool.map(poll, range(8)))
+    keys = [r["api_key"] for r in seen if "api_key" in r]
+    assert len(keys) == 1, seen
+    assert all(r == {"ready": True, "already_shown": True} for r in seen if "api_key" not in r and r["ready"])
+
+
+def _gateway_sql(billing: BillingPlatform, query: str, *args: object) -> list[asyncpg.Record]:
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(billing.client.env["DATABASE_URL"], server_settings={"search_path": "gateway"})
+        try:
+            return list(await conn.fetch(query, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def test_uncollected_key_expires(billing: BillingPlatform) -> None:
+    """A key nobody came for within CHECKOUT_KEY_TTL_S is erased, and the success page says it expired."""
+    sub = billing.pay(f"late.{uuid.uuid4().hex[:8]}@example.com")
+    _until(lambda: _gateway_sql(billing, "SELECT 1 FROM checkout_keys WHERE checkout_token = $1", sub.token),
+           "the gateway minted the checkout's key")
+    _gateway_sql(billing, "UPDATE checkout_keys SET created_at = now() - interval '25 hours'"
+                          " WHERE checkout_token = $1", sub.token)
+    assert billing.status(sub.token) == {"ready": True, "expired": True}
+    assert billing.status(sub.token) == {"ready": True, "expired": True}
+    row = _gateway_sql(billing, "SELECT api_key, shown_at FROM checkout_keys WHERE checkout_token = $1",
+                       sub.token)[0]
+    assert row["api_key"] is None and row["shown_at"] is None
+
+
+def test_checkout_form_post_redirects_and_bad_input_gets_the_error_body(billing: BillingPlatform) -> None:
+    email = f"form.{uuid.uuid4().hex[:8]}@example.com"
+    r = billing.http.post("/v1/checkout", data={"email": email}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("https://checkout.stripe.test/c/pay/")
+    for body, status, code in (({}, 400, "missing_field"), ({"email": "not-an-address"}, 422, "invalid_email")):
+        bad = billing.http.post("/v1/checkout", json=body)
+        assert bad.status_code == status and bad.json()["error"]["code"] == code, bad.text
+    bad = billing.http.post("/v1/checkout", content=b"{nope", headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    unknown = billing.http.get("/v1/checkout/success", params={"token": "no-such-token", "format": "json"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "checkout_not_found"
+    missing = billing.http.get("/v1/checkout/success")
+    assert missing.status_code == 400 and missing.json()["error"]["code"] == "missing_field"
+
+
+# Webhooks ---------------------------------------------------------------------------------------------
+def test_webhook_signatures_are_checked(billing: BillingPlatform) -> None:
+    sub = billing.subscribe()
+    ended = {**billing.subscription(sub), "status": "canceled", "ended_at": int(time.time())}
+    body = fake_stripe.build_event("customer.subscription.deleted", ended)
+    tampered = body.replace(b'"livemode": false', b'"livemode": true')
+    assert tampered != body
+    now = int(time.time())
+    refusals = {
+        "tampered body": (tampered, fake_stripe.sign_header(body, WHSEC_NEW), "signature_invalid"),
+        "wrong secret": (body, fake_stripe.sign_header(body, f"whsec_{secrets.token_hex(16)}"), "signature_invalid"),
+        "stale timestamp": (body, fake_stripe.sign_header(body, WHSEC_NEW, now - 301 - 60), "signature_expired"),
+        "future timestamp": (body, fake_stripe.sign_header(body, WHSEC_OLD, now + 3600), "signature_expired"),
+        "garbage header": (body, "t=abc,v1=00", "signature_invalid"),
+        "no header": (body, None, "signature_invalid"),
+    }
+    for what, (payload, signature, code) in refusals.items():
+        r = billing.post_webhook(payload, signature)
+        assert r.status_code == 400, (what, r.text)
+        assert r.json()["error"]["code"] == code and r.json()["error"]["message"], (what, r.text)
+    # None of them was applied: the subscription still serves the key.
+    assert billing.key_status(sub.key) == 200
+    # Unknown event types are acknowledged and change nothing.
+    r = billing.webhook("invoice.created", {"id": "in_e2e", "object": "invoice", "customer": sub.customer_id})
+    assert r.status_code == 200 and r.json()["applied"] is False and r.json()["event_type"] == "invoice.created"
+    # Signed with either secret of the rotation, the same deletion is accepted.
+    r = billing.post_webhook(body, fake_stripe.sign_header(body, WHSEC_OLD))
+    assert r.status_code == 200 and r.json()["applied"] is True, r.text
+    _until(lambda: billing.key_status(sub.key) == 403, "the key refused after the deletion")
+
+
+def test_period_sync_then_quota_answers_402(billing: BillingPlatform) -> None:
+    sub = billing.subscribe()
+    # Stripe renews: a new period on the subscription's item, announced by customer.subscription.updated.
+    start = int(time.time()) - 3 * 86_400
+    item = billing.subscription(sub)["items"]["data"][0]
+    item.update(current_period_start=start, current_period_end=start + 30 * 86_400)
+    r = billing.webhook("customer.subscription.updated", billing.subscription(sub), created=int(time.time()) + 5)
+    assert r.status_code == 200 and r.json()["applied"] is True, r.text
+    usage = billing.http.get("/v1/usage", headers=billing.auth(sub.key)).json()
+    assert datetime.fromisoformat(usage["period_start"]) == datetime.fromtimestamp(start, UTC)
+    assert datetime.fromisoformat(usage["period_end"]) == datetime.fromtimestamp(start + 30 * 86_400, UTC)
+
+    texts = [f"Quota check number {i}, a sentence that is padded until it is exactly one hundred and fifty"
+             for i in (1, 2)]
+    texts = [t + "." * (150 - len(t)) for t in texts]
+    used = 0
+    for text in texts:
+        r = billing.http.post("/v1/synthesize", json={"voice_id": JOE.voice_id, "text": text},
+                              headers=billing.auth(sub.key))
+        assert r.status_code == 202, r.text
+        job = billing.client.wait_job(sub.key, r.json()["job_id"])
+        assert job["status"] == "ready", job
+        used += len(text)
+        _until(lambda: billing.http.get("/v1/usage", headers=billing.auth(sub.key)).json()["characters_used"]
+               == used, f"usage {used} recorded")
+    usage = billing.http.get("/v1/usage", headers=billing.auth(sub.key)).json()
+    assert (usage["characters_used"], usage["quota"], usage["remaining"]) == (QUOTA, QUOTA, 0)
+    r = billing.http.post("/v1/synthesize", json={"voice_id": JOE.voice_id, "text": "One more."},
+                          headers=billing.auth(sub.key))
+    assert r.status_code == 402, r.text
+    assert r.json()["error"]["code"] == "quota_exceeded" and r.json()["error"]["message"]
+    assert r.json()["error"]["details"] == {"remaining": 0}
+
+
+def test_unpaid_suspends_the_key_and_paying_again_restores_it(billing: BillingPlatform) -> None:
+    sub = billing.subscribe()
+    now = int(time.time())
+    billing.subscription(sub)["status"] = "unpaid"
+    r = billing.webhook("customer.subscription.updated", billing.subscription(sub), created=now + 10)
+    assert r.status_code == 200 and r.json()["applied"] is True, r.text
+    _until(lambda: billing.key_status(sub.key) == 403, "the key refused once unpaid")
+    refused = billing.http.get("/v1/voices", headers=billing.auth(sub.key)).json()
+    assert refused["error"]["code"] == "account_suspended"
+    billing.subscription(sub)["status"] = "active"
+    r = billing.webhook("customer.subscription.updated", billing.subscription(sub), created=now + 20)
+    assert r.status_code == 200 and r.json()["applied"] is True, r.text
+    _until(lambda: billing.key_status(sub.key) == 200, "the key served again once paid")
+
+
+def test_deleted_then_older_updated_does_not_resurrect(billing: BillingPlatform) -> None:
+    sub = billing.subscribe()
+    now = int(time.time())
+    active_copy = json.loads(json.dumps(billing.subscription(sub)))
+    billing.subscription(sub).update(status="canceled", ended_at=now, canceled_at=now)
+    r = billing.webhook("customer.subscription.deleted", billing.subscription(sub), created=now + 20)
+    assert r.status_code == 200 and r.json()["applied"] is True, r.text
+    _until(lambda: billing.key_status(sub.key) == 403, "the key refused after the deletion")
+    # Stripe delivers an `updated` it made before the deletion only now.
+    r = billing.webhook("customer.subscription.updated", active_copy, created=now + 10)
+    assert r.status_code == 200 and r.json()["applied"] is False, r.text
+    # Even one dated after the deletion cannot bring a cancelled subscription back.
+    r = billing.webhook("customer.subscription.updated", active_copy, created=now + 30)
+    assert r.status_code == 200 and r.json()["applied"] is False, r.text
+    # Any restore would have been published before the webhook answered; give the gateway time to act on it.
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        assert billing.key_status(sub.key) == 403
+        time.sleep(0.1)
+    # Billing itself holds no served subscription for the email: a new checkout is offered.
+    again = billing.http.post("/v1/checkout", json={"email": sub.email})
+    assert again.status_code == 200 and again.json()["already_subscribed"] is False
+
+
+# Usage exactness --------------------------------------------------------------------------------------
+class BusPublisher:
+    """Publishes job.ready straight onto the platform's bus, as the dispatcher would."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def publish(self, events: list[tuple[JobReady, str]]) -> None:
+        async def _go() -> None:
+            bus = await Bus(url=self.env["AMQP_URL"], namespace=self.env["BUS_NAMESPACE"],
+                            service="e2e-billing-test").connect()
+            try:
+                for event, message_id in events:
+                    await bus.publish(event, message_id=message_id)
+            finally:
+                await bus.close()
+
+        asyncio.run(_go())
+
+    def handled(self, message_ids: set[str]) -> int:
+        """How many of these message ids billing's consumer has finished with (its inbox)."""
+        async def _count() -> int:
+            conn = await asyncpg.connect(self.env["DATABASE_URL"])
+            try:
+                return int(await conn.fetchval(
+                    "SELECT count(DISTINCT message_id) FROM billing.inbox WHERE message_id = ANY($1::text[])",
+                    list(message_ids)))
+            finally:
+                await conn.close()
+
+        return asyncio.run(_count())
+
+
+def _job_ready(account_id: str, characters: int, job_id: str | None = None) -> JobReady:
+    return JobReady(job_id=job_id or str(uuid.uuid4()), account_id=account_id, voice_id=JOE.voice_id,
+                    backend="embedded", characters=characters, audio_key=f"jobs/{uuid.uuid4()}.wav")
+
+
+def _used(billing: BillingPlatform, key: dict[str, Any]) -> int:
+    r = billing.http.get("/v1/usage", headers=billing.client.auth(key))
+    assert r.status_code == 200, r.text
+    return int(r.json()["characters_used"])
+
+
+def test_job_ready_delivered_twice_is_counted_once(billing: BillingPlatform) -> None:
+    key = billing.client.new_key(label="usage-twice")
+    bus = BusPublisher(billing.client.env)
+    job = _job_ready(key["account_id"], 123)
+    # The same message twice (the consumer's inbox), and the same job under another message id (the ledger).
+    first_id = str(uuid.uuid4())
+    events = [(job, first_id), (job, first_id), (job, str(uuid.uuid4()))]
+    bus.publish(events)
+    ids = {mid for _, mid in events}
+    _until(lambda: bus.handled(ids) == len(ids), "billing handled every delivery")
+    assert _used(billing, key) == 123
+
+
+def test_usage_survives_billing_restarting_mid_stream(billing: BillingPlatform) -> None:
+    key = billing.client.new_key(label="usage-restart")
+    bus = BusPublisher(billing.client.env)
+    jobs = [_job_ready(key["account_id"], 10 + i) for i in range(30)]
+    first = [(j, str(uuid.uuid4())) for j in jobs[:20]]
+    # Killed while the first batch is being consumed: some handled, some in flight, the rest queued.
+    bus.publish(first)
+    billing.client.platform.kill("billing")
+    try:
+        later = [(j, str(uuid.uuid4())) for j in jobs[20:]]
+        redelivered = [(jobs[0], str(uuid.uuid4())), (jobs[25], str(uuid.uuid4()))]
+        bus.publish(later + redelivered)
+        # Stripe's retry contract: while billing is down the webhook answers 503, never a 2xx.
+        r = billing.webhook("invoice.created", {"id": "in_down", "object": "invoice", "customer": "cus_x"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable", r.text
+    finally:
+        billing.client.platform.start("billing")
+    ids = {mid for _, mid in first + later + redelivered}
+    _until(lambda: bus.handled(ids) == len(ids), "billing handled every delivery after its restart", timeout=60)
+    assert _used(billing, key) == sum(j.characters for j in jobs)
+
+
+# The pages in a real browser --------------------------------------------------------------------------
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    if IN_CI:
+        pytest.fail("chromium is missing in CI: requirements/apt.txt lists it")
+    pytest.skip("chromium not installed (apt-get install -y chromium)")
+
+
+def _dump_dom(url: str, profile: Path, budget_ms: int = 0) -> str:
+    args = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}"]
+    if budget_ms:
+        args.append(f"--virtual-time-budget={budget_ms}")
+    done = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_browser_signup_form_and_key_page(billing: BillingPlatform, tmp_path: Path) -> None:
+    dom = _dump_dom(f"{billing.client.base_url}/v1/signup", tmp_path / "signup")
+    assert '<form id="signup"' in dom and 'type="email"' in dom and "Continue to payment" in dom
+
+    checkout_keys = lambda: sum(k["label"] == "checkout" for k in billing.http.get(  # noqa: E731
+        "/v1/keys", headers=billing.client.admin()).json())
+    before = checkout_keys()
+    sub = billing.pay(f"browser.{uuid.uuid4().hex[:8]}@example.com")
+    _until(lambda: checkout_keys() == before + 1, "the gateway minted the key")
+    dom = _dump_dom(f"{billing.client.base_url}/v1/checkout/success?token={sub.token}", tmp_path / "success",
+                    budget_ms=10_000)
+    assert '<div id="key-box">' in dom and "shown only once" in dom, dom[-3000:]
+    start = dom.index('<code id="api-key">') + len('<code id="api-key">')
+    key = dom[start:dom.index("</code>", start)]
+    assert key.startswith("tb_")
+    assert billing.key_status(key) == 200
+    # Once: the page consumed it; a reload (and any client) is told it was already shown.
+    assert billing.status(sub.token) == {"ready": True, "already_shown": True}
+    dom = _dump_dom(f"{billing.client.base_url}/v1/checkout/success?token={sub.token}", tmp_path / "reload",
+                    budget_ms=10_000)
+    assert "already shown" in dom and key not in dom
+
+
+# Secrets ----------------------------------------------------------------------------------------------
+def test_no_stripe_secret_reaches_a_log(billing: BillingPlatform) -> None:
+    # Exercise every path that handles a secret right here, so the test does not depend on the others.
+    sub = billing.subscribe()
+    billing.webhook("invoice.created", {"id": "in_log", "object": "invoice"}, secret=WHSEC_OLD)
+    billing.post_webhook(b"{}", fake_stripe.sign_header(b"{}", "whsec_wrong"))
+    logs = {name: billing.client.platform.log(name) for name in billing.client.platform.processes}
+    assert "stripe_event_applied" in logs["billing"] and "http_request" in logs["gateway"]
+    for name, text in logs.items():
+        for secret in (STRIPE_KEY, WHSEC_OLD, WHSEC_NEW, STRIPE_KEY.removeprefix("sk_test_"),
+                       WHSEC_OLD.removeprefix("whsec_"), WHSEC_NEW.removeprefix("whsec_")):
+            assert secret not in text, f"a Stripe secret appears in the {name} log"
+        assert sub.key not in text, f"an API key appears in the {name} log"
+        assert sub.token not in text, f"a checkout token appears in the {name} log"
+
+
+# BILLING=off, the embedded default ----------------------------------------------------------------------
+def test_billing_off_serves_pages_but_no_checkout(client: Any) -> None:
+    """The shared default platform: no Stripe behind it, so checkout and webhooks say billing is off."""
+    assert client.http.get("/v1/signup").status_code == 200
+    r = client.http.post("/v1/checkout", json={"email": "someone@example.com"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "billing_disabled", r.text
+    body = b'{"id": "evt_off", "type": "invoice.created"}'
+    r = client.http.post("/v1/webhooks/stripe", content=body,
+                         headers={"Stripe-Signature": fake_stripe.sign_header(body, WHSEC_NEW)})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "billing_disabled", r.text
+    key = client.new_key(label="billing-off")
+    usage = client.http.get("/v1/usage", headers=client.auth(key)).json()
+    assert usage["billing"] == "off" and usage["quota"] is None and usage["characters_used"] == 0
