@@ -180,6 +180,9 @@ def test_voice_list_and_record(client, key, voice):
     for unknown in (str(uuid.uuid4()), "not-a-uuid", "x" * 300):
         assert_error(client.http.get(f"/v1/voices/{unknown}", headers=client.auth(key)), 404, "voice_not_found")
         assert_error(client.http.delete(f"/v1/voices/{unknown}", headers=client.auth(key)), 404, "voice_not_found")
+    # A hostile id is not echoed back whole.
+    huge = client.http.get(f"/v1/voices/{'y' * 5000}", headers=client.auth(key))
+    assert huge.status_code == 404 and len(huge.json()["error"]["message"]) <= 500
 
 
 # Synthesis ----------------------------------------------------------------------------------------------

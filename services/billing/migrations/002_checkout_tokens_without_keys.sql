@@ -2,9 +2,6 @@
 -- says whether a checkout is paid. Drop the key column and the statuses and times that only served it.
 -- Tables are unqualified: the migration runs with the billing schema first on the search path.
 
--- A token that reached ready/delivered/expired was paid; say so before the narrower check applies.
-UPDATE checkout_tokens SET status = 'paid' WHERE status IN ('ready', 'delivered', 'expired');
-
 -- 001's checks are unnamed (one on status, one tying api_key to status): drop every check on the table
 -- by its catalog name rather than guess the generated names.
 DO $$
@@ -23,5 +20,10 @@ $$;
 ALTER TABLE checkout_tokens
     DROP COLUMN api_key,
     DROP COLUMN ready_at,
-    DROP COLUMN delivered_at,
+    DROP COLUMN delivered_at;
+
+-- A token that reached ready/delivered/expired was paid; say so before the narrower check applies.
+UPDATE checkout_tokens SET status = 'paid' WHERE status IN ('ready', 'delivered', 'expired');
+
+ALTER TABLE checkout_tokens
     ADD CONSTRAINT checkout_tokens_status_check CHECK (status IN ('open', 'paid'));

@@ -80,7 +80,8 @@ async def test_paid_checkout_reports_paid_with_its_account(
     session = stripe_fake.state.complete_session(start.session_id)
     token = session["client_reference_id"]
     assert not (await handlers.checkout_status(token, repository=repository)).paid
-    outcome = await _webhook(stripe_fake, repository, gateway, settings_on, "checkout.session.completed", session)
+    outcome = await _webhook(stripe_fake, repository, gateway, settings_on, "checkout.session.completed",
+                             session)
     provision = outcome.provision
     assert outcome.outcome == "applied" and provision is not None and provision.new_account
     assert provision.checkout_token == token and provision.email == "ada@example.com"
@@ -100,7 +101,8 @@ async def test_unpaid_checkout_session_leaves_the_token_open(
     start = await handlers.start_checkout("ada@example.com", repository=repository, stripe=gateway,
                                           settings=settings_on)
     session = {**stripe_fake.state.complete_session(start.session_id), "payment_status": "unpaid"}
-    outcome = await _webhook(stripe_fake, repository, gateway, settings_on, "checkout.session.completed", session)
+    outcome = await _webhook(stripe_fake, repository, gateway, settings_on, "checkout.session.completed",
+                             session)
     assert outcome.outcome == "ignored" and outcome.provision is None
     status = await handlers.checkout_status(session["client_reference_id"], repository=repository)
     assert not status.paid and status.account_id is None

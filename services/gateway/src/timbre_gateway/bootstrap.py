@@ -64,18 +64,24 @@ class GatewayService:
             AccountKeysRestored: partial(handlers.on_keys_restored, **deps),
         }, deduper=deduper)
         await ctx.bus.subscribe([WorkerHeartbeat], ctx.backends.on_heartbeat)
-        self._tasks.append(asyncio.create_task(self._sweep_checkout_keys_forever()))
+        self._tasks.append(asyncio.create_task(self._sweep_forever()))
         self._server = HttpServer(self.app, host=ctx.settings.host, port=ctx.settings.port)
         await self._server.start()
 
-    async def _sweep_checkout_keys_forever(self) -> None:
+    async def _sweep_forever(self) -> None:
+        """Expire what the gateway keeps for a while: uncollected checkout keys, idempotency records."""
         settings = self.ctx.settings
         while True:
             try:
-                await handlers.sweep_checkout_keys(accounts=self.ctx.accounts, max_age_s=settings.checkout_key_ttl_s)
+                await handlers.sweep_checkout_keys(accounts=self.ctx.accounts,
+                                                   max_age_s=settings.checkout_key_ttl_s)
+                if self.ctx.idempotency is not None:
+                    purged = await self.ctx.idempotency.purge_expired()
+                    if purged:
+                        log.info("idempotency_records_expired", records=purged)
             except Exception:
-                log.exception("checkout_key_sweep_failed")
-            await asyncio.sleep(settings.checkout_key_sweep_interval_s)
+                log.exception("gateway_sweep_failed")
+            await asyncio.sleep(settings.gateway_sweep_interval_s)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -2,7 +2,8 @@
 
 Consumes: account.purge_requested (delete keys and accounts), account.purged (record confirmations),
 billing.account_provisioning_requested (mint a key after a checkout), billing.account_keys_revoked /
-restored (suspend or reactivate an account); a timer -> sweep_checkout_keys (erase uncollected key plaintexts).
+restored (suspend or reactivate an account); a timer in bootstrap -> sweep_checkout_keys (erase the
+plaintext of checkout keys nobody collected).
 Emits: account.purged.
 """
 from __future__ import annotations

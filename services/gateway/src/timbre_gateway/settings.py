@@ -26,7 +26,7 @@ class GatewaySettings(CommonSettings):
     # A checkout's API key plaintext nobody collected is erased after this long (CHECKOUT_KEY_TTL_S) ...
     checkout_key_ttl_s: float = Field(default=24 * 3600, gt=0)
     # ... by the success page's read, or by a sweep this often, whichever comes first.
-    checkout_key_sweep_interval_s: float = Field(default=300.0, gt=0)
+    gateway_sweep_interval_s: float = Field(default=300.0, gt=0)
     # An in-flight request's concurrency slot lapses after this unless renewed, so a crashed replica frees it.
     concurrency_lease_s: float = 120.0
     # How long DELETE /v1/account waits for every service to confirm before answering 202.

@@ -32,7 +32,8 @@ class _LoopbackServer:
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", loop="asyncio",
                                 http="h11")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
+                                        daemon=True)
 
     def start(self) -> _LoopbackServer:
         self._thread.start()

@@ -24,7 +24,7 @@ class SignatureInvalid(WebhookRejected):
 
 
 class SignatureExpired(WebhookRejected):
-    """The signature is valid but its timestamp is outside the tolerance window (a replay, or a skewed clock)."""
+    """The signature is valid but its timestamp is outside the tolerance window (a replay, a skewed clock)."""
 
     code: ClassVar[str] = "signature_expired"
 

@@ -36,8 +36,14 @@ class ApiError(Exception):
         self.details = details
 
 
+MAX_MESSAGE_CHARS = 500
+
+
 def error_response(status: int, code: str, message: str, *, headers: dict[str, str] | None = None,
                    details: dict[str, Any] | None = None) -> JSONResponse:
+    # Messages may quote what the client sent (an id, a field); a hostile value is not echoed back whole.
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
     body: dict[str, Any] = {"code": code, "message": message}
     if details:
         body["details"] = details

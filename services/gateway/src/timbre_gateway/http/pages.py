@@ -60,7 +60,7 @@ _SUCCESS_SCRIPT = """
     .then(function(b){
       if(b.ready&&typeof b.api_key==='string'){show(b.api_key);return;}
       if(b.ready&&b.expired){
-        state.textContent='This API key expired before it was collected. Contact support for a new one.';return;
+        state.textContent='This API key expired before it was collected. Contact support.';return;
       }
       if(b.ready){
         state.textContent='This API key was already shown. If you did not save it, contact support.';return;
