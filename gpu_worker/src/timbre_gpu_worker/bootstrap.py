@@ -88,5 +88,6 @@ async def build(settings: WorkerSettings | None = None, *,
     engine = Engine(backends, max_batch=settings.max_batch, batch_window_ms=settings.batch_window_ms)
     bus = await Bus(url=settings.amqp_url.get_secret_value(), namespace=settings.bus_namespace,
                     service="gpu_worker", rpc_timeout=settings.rpc_timeout_s).connect(
-                        declare=[local_work_queue(b) for b in engine.names])
+                        declare=[*(local_work_queue(b) for b in engine.names),
+                                 *(voice_profile_queue(b) for b in engine.names)])
     return WorkerService(settings, bus, engine)

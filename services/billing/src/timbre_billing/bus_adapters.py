@@ -49,7 +49,7 @@ async def check_quota(cmd: c.CheckQuota, *, envelope: Envelope, deps: BillingDep
 async def get_usage(cmd: c.GetUsage, *, envelope: Envelope, deps: BillingDependencies) -> c.UsageReport:
     report = await handlers.usage(cmd.account_id, utcnow(), repository=deps.repository, settings=deps.settings)
     return c.UsageReport(account_id=cmd.account_id, period_start=report.period_start, period_end=report.period_end,
-                         characters_used=report.characters_used,
+                         characters_used=report.characters_used, jobs=report.jobs,
                          quota=report.quota if deps.settings.enabled else None,
                          remaining=report.remaining if deps.settings.enabled else None,
                          billing="on" if deps.settings.enabled else "off")

@@ -149,6 +149,7 @@ class UsageReport:
     characters_used: int
     quota: int
     remaining: int
+    jobs: int = 0
 
 
 @dataclass(frozen=True, slots=True)

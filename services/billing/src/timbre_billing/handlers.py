@@ -263,9 +263,9 @@ async def usage(
     """Characters used in the account's current Stripe period (calendar month without one)."""
     subscription = await repository.subscription_for_account(account_id)
     period = current_period(subscription, now, billing_enabled=settings.enabled)
-    used = await repository.characters_between(account_id, period.start, period.end)
+    used, jobs = await repository.usage_between(account_id, period.start, period.end)
     quota = settings.plan_character_quota
-    return UsageReport(period.start, period.end, used, quota, max(quota - used, 0))
+    return UsageReport(period.start, period.end, used, quota, max(quota - used, 0), jobs)
 
 
 async def check_quota(

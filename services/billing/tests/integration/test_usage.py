@@ -56,6 +56,7 @@ async def test_usage_summed_over_the_real_stripe_period(
     report = await handlers.usage("acct_p", datetime(2026, 4, 10, tzinfo=UTC), **kw)
     assert (report.period_start, report.period_end) == (PERIOD_START, PERIOD_END)
     assert report.characters_used == 300 and report.remaining == 700
+    assert report.jobs == 2  # "first" and "inside"; the others fall outside the period or the account
     stamped = await pool.fetchval("SELECT period_start FROM usage_ledger WHERE job_id = 'inside'")
     assert stamped == PERIOD_START
 

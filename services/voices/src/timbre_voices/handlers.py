@@ -17,7 +17,7 @@ from timbre_common.contracts.storage import GetUpload, Presign, PresignedUrl, Pu
 from timbre_common.contracts.voices import (DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceDeleted,
                                             VoiceList, VoiceProfiled, VoiceRecord, VoiceRegistered)
 from timbre_common.logging import get_logger
-from timbre_common.messaging import Invalid, NotFound, RpcError
+from timbre_common.messaging import Invalid, NotFound, RpcError, voice_profile_routing_key
 from timbre_common.ports import MessageBus
 from timbre_common.text import SUPPORTED_LANGUAGES
 
@@ -78,7 +78,8 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
     url, _ = await bus.call("storage", Presign(key=stored.key, expires_in=3600), expect=PresignedUrl)
     await bus.publish(VoiceRegistered(voice_id=voice_id, account_id=cmd.account_id, backend=cmd.backend,
                                       lang=cmd.lang, reference_key=stored.key, reference_url=url.url,
-                                      ref_text=cmd.ref_text))
+                                      ref_text=cmd.ref_text),
+                      routing_key=voice_profile_routing_key(cmd.backend))
     log.info("voice_registered", voice_id=voice_id, account_id=cmd.account_id, backend=cmd.backend,
              grade=quality.get("grade"))
     return domain.custom_record(row)

@@ -161,6 +161,8 @@ async def test_a_valid_reference_becomes_a_voice_normalised_stored_and_announced
     assert registered.voice_id == record.voice_id and registered.account_id == ACCOUNT
     assert registered.reference_url == f"https://blobs.test/{record.reference_key}"
     assert registered.ref_text == "Words of the reference."
+    # Routed to the profile queue of the voice's own backend only.
+    assert world.bus.routing_keys[-1] == f"voice.registered.v1.{record.backend}"
 
 
 async def test_a_reference_may_come_from_an_earlier_upload(world: World, reference: bytes) -> None:

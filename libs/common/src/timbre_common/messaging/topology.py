@@ -46,14 +46,16 @@ QUEUES: dict[str, QueueSpec] = {
                                           accounts.AccountPurgeRequested)),
     )
 }
+def voice_profile_routing_key(backend: str) -> str:
+    """Registrations are routed by the voice's backend, like work orders."""
+    return f"{voices.VoiceRegistered.routing_key()}.{backend}"
+
+
 def voice_profile_queue(backend: str) -> QueueSpec:
-    """Registrations for workers of one backend: a copy per backend, so a worker of another backend sharing
-    one queue can never take (and drop) a registration that the right backend needed."""
-    return QueueSpec(f"gpu_worker.voice_profiles.{backend}", _keys(voices.VoiceRegistered), prefetch=2,
+    """Registrations for the local workers of one backend, declared by those workers only: where a backend
+    runs elsewhere (Modal), nothing piles up, and the backend profiles the voice on its first job instead."""
+    return QueueSpec(f"gpu_worker.voice_profiles.{backend}", (voice_profile_routing_key(backend),), prefetch=2,
                      max_attempts=3)
-
-
-QUEUES.update({spec.name: spec for spec in (voice_profile_queue(b) for b in KNOWN_BACKENDS)})
 
 
 def work_routing_key(backend: str) -> str:
@@ -152,9 +154,8 @@ async def declare_topology(channel: aio_pika.abc.AbstractChannel, names: Names,
 async def delete_topology(channel: aio_pika.abc.AbstractChannel, names: Names,
                           services: tuple[str, ...] = ("gateway", "voices", "dispatcher", "storage", "billing")) -> None:
     """Remove every queue and exchange of a namespace (test runs clean up after themselves)."""
-    from ..catalogue import KNOWN_BACKENDS
-
-    for spec in [*QUEUES.values(), *(local_work_queue(b) for b in KNOWN_BACKENDS), modal_executor_queue(())]:
+    for spec in [*QUEUES.values(), *(local_work_queue(b) for b in KNOWN_BACKENDS),
+                 *(voice_profile_queue(b) for b in KNOWN_BACKENDS), modal_executor_queue(())]:
         for queue in (names.queue(spec.name), names.dlq(spec.name),
                       *(names.retry_queue(spec.name, d) for d in RETRY_DELAYS)):
             await channel.queue_delete(queue)

@@ -216,14 +216,19 @@ class BillingRepository:
 
     async def characters_between(self, account_id: str, start: datetime, end: datetime) -> int:
         """Characters of an account's jobs that occurred in [start, end)."""
-        value = await self._pool.fetchval(
-            "SELECT coalesce(sum(characters), 0) FROM usage_ledger"
+        characters, _ = await self.usage_between(account_id, start, end)
+        return characters
+
+    async def usage_between(self, account_id: str, start: datetime, end: datetime) -> tuple[int, int]:
+        """(characters, jobs) of an account's jobs that occurred in [start, end)."""
+        row = await self._pool.fetchrow(
+            "SELECT coalesce(sum(characters), 0) AS characters, count(*) AS jobs FROM usage_ledger"
             " WHERE account_id = $1 AND occurred_at >= $2 AND occurred_at < $3",
             account_id,
             start,
             end,
         )
-        return int(value)
+        return int(row["characters"]), int(row["jobs"])
 
     async def delete_account(self, account_id: str) -> int:
         """Every row of the account: usage, checkouts, subscriptions and the customer record."""
