@@ -13,9 +13,7 @@ import argparse
 import importlib.util
 import io
 import re
-import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 

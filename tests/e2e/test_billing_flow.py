@@ -5,11 +5,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
 import secrets
-import shutil
 import socket
-import subprocess
 import sys
 import time
 import uuid
@@ -28,10 +25,10 @@ import pytest
 from timbre_common.catalogue import SYSTEM_VOICES
 from timbre_common.contracts.synthesis import JobReady
 from timbre_common.messaging import Bus
+from timbre_common.testing import headless_dom
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 JOE = next(v for v in SYSTEM_VOICES if v.name == "joe")
 
 # Fresh per run, so a grep of the logs for them means something.
@@ -485,28 +482,8 @@ def test_usage_survives_billing_restarting_mid_stream(billing: BillingPlatform) 
 
 
 # The pages in a real browser --------------------------------------------------------------------------
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    if IN_CI:
-        pytest.fail("chromium is missing in CI: requirements/apt.txt lists it")
-    pytest.skip("chromium not installed (apt-get install -y chromium)")
-
-
-def _dump_dom(url: str, profile: Path, budget_ms: int = 0) -> str:
-    args = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-            f"--user-data-dir={profile}"]
-    if budget_ms:
-        args.append(f"--virtual-time-budget={budget_ms}")
-    done = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
 def test_browser_signup_form_and_key_page(billing: BillingPlatform, tmp_path: Path) -> None:
-    dom = _dump_dom(f"{billing.client.base_url}/v1/signup", tmp_path / "signup")
+    dom = headless_dom(f"{billing.client.base_url}/v1/signup", tmp_path / "signup")
     assert '<form id="signup"' in dom and 'type="email"' in dom and "Continue to payment" in dom
 
     checkout_keys = lambda: sum(k["label"] == "checkout" for k in billing.http.get(  # noqa: E731
@@ -514,7 +491,7 @@ def test_browser_signup_form_and_key_page(billing: BillingPlatform, tmp_path: Pa
     before = checkout_keys()
     sub = billing.pay(f"browser.{uuid.uuid4().hex[:8]}@example.com")
     _until(lambda: checkout_keys() == before + 1, "the gateway minted the key")
-    dom = _dump_dom(f"{billing.client.base_url}/v1/checkout/success?token={sub.token}", tmp_path / "success",
+    dom = headless_dom(f"{billing.client.base_url}/v1/checkout/success?token={sub.token}", tmp_path / "success",
                     budget_ms=10_000)
     assert '<div id="key-box">' in dom and "shown only once" in dom, dom[-3000:]
     start = dom.index('<code id="api-key">') + len('<code id="api-key">')
@@ -523,7 +500,7 @@ def test_browser_signup_form_and_key_page(billing: BillingPlatform, tmp_path: Pa
     assert billing.key_status(key) == 200
     # Once: the page consumed it; a reload (and any client) is told it was already shown.
     assert billing.status(sub.token) == {"ready": True, "already_shown": True}
-    dom = _dump_dom(f"{billing.client.base_url}/v1/checkout/success?token={sub.token}", tmp_path / "reload",
+    dom = headless_dom(f"{billing.client.base_url}/v1/checkout/success?token={sub.token}", tmp_path / "reload",
                     budget_ms=10_000)
     assert "already shown" in dom and key not in dom
 

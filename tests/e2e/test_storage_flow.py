@@ -220,12 +220,13 @@ def test_sweeper_deletes_expired_audio_and_its_owners_forget_it(client):
     updated = _sql(client, "UPDATE storage.objects SET expires_at = now() - interval '1 second' "
                            "WHERE key = $1 RETURNING key", object_key)
     assert len(updated) == 1
+    # Past its retention the audio is gone for its owner at once, swept or not: 410, never "missing".
+    gone = client.http.get(f"/v1/jobs/{job['job_id']}/audio", headers=client.auth(key))
+    assert gone.status_code == 410 and gone.json()["error"]["code"] == "audio_expired", gone.text
     _poll("expired object swept", lambda: not path.exists() and not _sql(
         client, "SELECT 1 FROM storage.objects WHERE key = $1", object_key))
     _poll("cache entry dropped", lambda: not _sql(
         client, "SELECT 1 FROM dispatch.cache_entries WHERE audio_key = $1", object_key))
-    # Read the job only once the dispatcher has handled objects.expired: a poll before that would find the
-    # object gone and self-heal the job itself (audio_missing).
     _poll("job marked expired", lambda: _sql(client, "SELECT 1 FROM dispatch.jobs WHERE job_id = $1 AND "
                                                      "status = 'failed'", uuid.UUID(job["job_id"])))
     view = client.http.get(f"/v1/jobs/{job['job_id']}", headers=client.auth(key)).json()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from .contracts import Command, Envelope, Event
@@ -45,3 +46,40 @@ class FakeBus:
 def envelope(**kwargs: Any) -> Envelope:
     """An envelope for calling a handler directly."""
     return Envelope(type=kwargs.pop("type", "test"), version=1, **kwargs)
+
+
+def in_ci() -> bool:
+    """True under CI, where a missing tool fails a test instead of skipping it."""
+    import os
+
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def chromium_path() -> str:
+    """Debian's chromium (requirements/apt.txt); fails in CI, skips elsewhere, when it is missing."""
+    import shutil
+
+    import pytest
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    if in_ci():
+        pytest.fail("chromium is missing in CI: requirements/apt.txt lists it")
+    pytest.skip("chromium not installed (apt-get install -y chromium)")
+
+
+def headless_dom(url: str, profile: Path, budget_ms: int = 0, timeout_s: float = 120) -> str:
+    """The DOM of `url` after its scripts ran for `budget_ms` of virtual time, in headless chromium."""
+    import subprocess
+
+    # No background networking: the machine's closed network refuses those connections, many at a time.
+    args = [chromium_path(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+            f"--user-data-dir={profile}"]
+    if budget_ms:
+        args.append(f"--virtual-time-budget={budget_ms}")
+    done = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=timeout_s,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

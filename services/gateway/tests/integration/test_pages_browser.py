@@ -1,10 +1,7 @@
 """Signup and success pages in headless Chromium, under their own CSP, served from loopback."""
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,9 +13,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from timbre_common.testing import headless_dom
 from timbre_gateway.http.pages import security_headers, signup_page, success_page
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 KEY = "tk_live_<b>not-html</b>_0123456789"
 
 
@@ -64,28 +61,6 @@ def serve() -> Iterator[Callable[[Any], str]]:
         server.stop()
 
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        if path := shutil.which(name):
-            return path
-    if IN_CI:
-        pytest.fail("chromium is missing in CI: requirements/apt.txt lists it")
-    pytest.skip("chromium not installed (apt-get install -y chromium)")
-
-
-def _dump_dom(url: str, profile: Path, budget_ms: int = 0) -> str:
-    args = [
-        _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-    ]
-    if budget_ms:
-        args.append(f"--virtual-time-budget={budget_ms}")
-    done = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=90, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
 def _pages_app(polls: list[str], answers: list[dict[str, Any]]) -> FastAPI:
     """The pages, and a JSON poll that answers `answers` in turn (the last one from then on)."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
@@ -107,7 +82,7 @@ def _pages_app(polls: list[str], answers: list[dict[str, Any]]) -> FastAPI:
 
 def test_signup_page_renders_the_form(serve: Callable[[Any], str], tmp_path: Path) -> None:
     base = serve(_pages_app([], [{"ready": False}]))
-    dom = _dump_dom(f"{base}/v1/signup", tmp_path / "profile")
+    dom = headless_dom(f"{base}/v1/signup", tmp_path / "profile")
     assert '<form id="signup"' in dom and 'type="email"' in dom and "Continue to payment" in dom
 
 
@@ -118,7 +93,7 @@ def test_success_page_polls_then_shows_the_key_once(serve: Callable[[Any], str],
                {"ready": True, "already_shown": True}]
     base = serve(_pages_app(polls, answers))
     token = "tok&<x>"
-    dom = _dump_dom(f"{base}/v1/checkout/success?token=tok%26%3Cx%3E", tmp_path / "profile", budget_ms=8000)
+    dom = headless_dom(f"{base}/v1/checkout/success?token=tok%26%3Cx%3E", tmp_path / "profile", budget_ms=8000)
     assert polls[:3] == [token, token, token], polls  # the token survives escaping and URL encoding
     assert len(polls) == 3  # it stops polling once the key is shown
     # textContent, not innerHTML: the key's markup stays text.
@@ -129,6 +104,6 @@ def test_success_page_polls_then_shows_the_key_once(serve: Callable[[Any], str],
 def test_success_page_says_when_the_key_expired(serve: Callable[[Any], str], tmp_path: Path) -> None:
     polls: list[str] = []
     base = serve(_pages_app(polls, [{"ready": False}, {"ready": True, "expired": True}]))
-    dom = _dump_dom(f"{base}/v1/checkout/success?token=late", tmp_path / "profile", budget_ms=5000)
+    dom = headless_dom(f"{base}/v1/checkout/success?token=late", tmp_path / "profile", budget_ms=5000)
     assert polls == ["late", "late"]  # it stops polling at the answer
     assert "expired before it was collected" in dom and '<div id="key-box" hidden="">' in dom

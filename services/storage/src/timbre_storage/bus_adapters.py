@@ -22,7 +22,7 @@ from timbre_common.ports import MessageBus
 from . import handlers
 from .adapters.blob import BlobStore
 from .adapters.repository import ObjectRepository
-from .domain import InvalidId, InvalidPurpose, ObjectMissing, StoredObject
+from .domain import InvalidId, InvalidPurpose, ObjectExpired, ObjectMissing, StoredObject
 
 log = get_logger(__name__)
 
@@ -32,6 +32,8 @@ async def _domain_errors() -> AsyncIterator[None]:
     """Storage's domain errors as the RPC errors callers understand."""
     try:
         yield
+    except ObjectExpired as exc:
+        raise NotFound("object_expired", f"object expired: {exc}") from exc
     except ObjectMissing as exc:
         raise NotFound("object_not_found", f"no such object: {exc}") from exc
     except (InvalidId, InvalidPurpose) as exc:

@@ -29,6 +29,10 @@ class ObjectMissing(StorageError, LookupError):
     """The object is not in the index or not in the bucket."""
 
 
+class ObjectExpired(ObjectMissing):
+    """The object's retention ran out: gone for its owner, deleted from the bucket at the next sweep."""
+
+
 class RetentionClass(StrEnum):
     """How long an object is kept (seed 001)."""
 

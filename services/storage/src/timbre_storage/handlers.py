@@ -22,6 +22,7 @@ from timbre_storage.adapters.blob import BlobStore
 from timbre_storage.adapters.repository import ObjectRepository, Upload
 from timbre_storage.domain import (
     InvalidId,
+    ObjectExpired,
     ObjectKind,
     ObjectMissing,
     RetentionClass,
@@ -167,8 +168,10 @@ async def store_upload(
 
 async def _live(key: str, repo: ObjectRepository, now: datetime) -> StoredObject:
     obj = await repo.get(check_key(key))
-    if obj is None or (obj.expires_at is not None and obj.expires_at <= now):
+    if obj is None:
         raise ObjectMissing(key)
+    if obj.expires_at is not None and obj.expires_at <= now:
+        raise ObjectExpired(key)
     return obj
 
 

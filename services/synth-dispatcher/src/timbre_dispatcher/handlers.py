@@ -37,6 +37,12 @@ class JobPolicy:
     reference_url_ttl_s: int = 3600
 
 
+# What storage answers for an object its owner can no longer have.
+_GONE = ("object_not_found", "object_expired")
+_EXPIRED = ("audio_expired", "audio expired and was deleted")
+_MISSING = ("audio_missing", "audio missing from storage")
+
+
 def _job_not_found(job_id: str) -> NotFound:
     return NotFound("job_not_found", f"job {job_id} not found")
 
@@ -74,7 +80,7 @@ async def _dispatch(row: Any, *, jobs: JobRepository, bus: MessageBus, policy: J
     try:
         order = await _work_order(row, bus=bus, policy=policy)
     except RemoteError as exc:
-        if exc.code != "object_not_found":
+        if exc.code not in _GONE:
             raise
         await _fail(str(row["job_id"]), row["account_id"], "reference_missing",
                     "the voice's reference audio is missing from storage", jobs=jobs, bus=bus)
@@ -93,7 +99,7 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
         try:
             stored, audio = await bus.call("storage", GetObject(key=entry["audio_key"]), expect=StoredObject)
         except RemoteError as exc:
-            if exc.code != "object_not_found":
+            if exc.code not in _GONE:
                 raise
             log.warning("cache_entry_without_object", cache_key=key, audio_key=entry["audio_key"])
             await cache.drop(cmd.account_id, key)
@@ -132,15 +138,23 @@ async def _view(row: Any, *, bus: MessageBus, with_url: bool = True) -> JobView:
                    audio_seconds=row["audio_seconds"])
 
 
-async def _self_heal(row: Any, *, jobs: JobRepository, cache: CacheIndex, bus: MessageBus) -> None:
-    """A ready job whose object has vanished: mark it failed with a reason and forget its cache entry."""
-    job_id, reason = str(row["job_id"]), "audio missing from storage"
-    healed = await jobs.mark_failed(job_id, code="audio_missing", reason=reason, from_status=(domain.READY,))
+async def _self_heal(row: Any, *, expired: bool, jobs: JobRepository, cache: CacheIndex, bus: MessageBus) -> None:
+    """A ready job whose object is gone (expired, or vanished): mark it failed with why, forget its cache entry."""
+    job_id = str(row["job_id"])
+    code, reason = _EXPIRED if expired else _MISSING
+    healed = await jobs.mark_failed(job_id, code=code, reason=reason, from_status=(domain.READY,))
     await cache.drop_audio([row["audio_key"]])
     if healed is not None:  # only the request that made the transition announces it
-        await bus.publish(JobFailed(job_id=job_id, account_id=row["account_id"], code="audio_missing",
-                                    reason=reason), message_id=f"job.failed:{job_id}")
-    log.error("job_audio_missing", job_id=job_id, audio_key=row["audio_key"])
+        await bus.publish(JobFailed(job_id=job_id, account_id=row["account_id"], code=code, reason=reason),
+                          message_id=f"job.failed:{job_id}")
+    if expired:
+        log.info("job_audio_expired", job_id=job_id, audio_key=row["audio_key"])
+    else:
+        log.error("job_audio_missing", job_id=job_id, audio_key=row["audio_key"])
+
+
+def _expired(job_id: str) -> RpcError:
+    return RpcError("audio_expired", f"job {job_id}'s audio expired and was deleted", status=410)
 
 
 async def get_job(cmd: GetJob, *, envelope: Envelope, jobs: JobRepository, bus: MessageBus,
@@ -154,10 +168,11 @@ async def get_job(cmd: GetJob, *, envelope: Envelope, jobs: JobRepository, bus: 
     try:
         return await _view(row, bus=bus)
     except RemoteError as exc:
-        # Only a ready job presigns, so object_not_found means its audio is gone.
-        if exc.code != "object_not_found" or cache is None:
+        # Only a ready job presigns, so a gone object means its audio is gone.
+        if exc.code not in _GONE or cache is None:
             raise
-    await _self_heal(row, jobs=jobs, cache=cache, bus=bus)
+        expired = exc.code == "object_expired"
+    await _self_heal(row, expired=expired, jobs=jobs, cache=cache, bus=bus)
     return await _view(await jobs.get(cmd.job_id, cmd.account_id), bus=bus)
 
 
@@ -169,14 +184,19 @@ async def fetch_audio(cmd: FetchJobAudio, *, envelope: Envelope, jobs: JobReposi
     row = await jobs.get(cmd.job_id, cmd.account_id)
     if row is None:
         raise _job_not_found(cmd.job_id)
+    if row["status"] == domain.FAILED and row["error_code"] == _EXPIRED[0]:
+        raise _expired(cmd.job_id)
     if row["status"] != domain.READY:
         raise NotFound("job_not_ready", f"job {cmd.job_id} is {row['status']}, not ready")
     try:
         _, audio = await bus.call("storage", GetObject(key=row["audio_key"]), expect=StoredObject)
     except RemoteError as exc:
-        if exc.code != "object_not_found":
+        if exc.code not in _GONE:
             raise
-        await _self_heal(row, jobs=jobs, cache=cache, bus=bus)
+        expired = exc.code == "object_expired"
+        await _self_heal(row, expired=expired, jobs=jobs, cache=cache, bus=bus)
+        if expired:
+            raise _expired(cmd.job_id) from exc
         raise RpcError("audio_missing", f"job {cmd.job_id} was ready but its audio is missing; marked failed",
                        status=500) from exc
     return await _view(row, bus=bus, with_url=False), audio or b""
@@ -286,7 +306,7 @@ async def on_objects_expired(event: ObjectsExpired, *, envelope: Envelope, jobs:
                              cache: CacheIndex) -> None:
     """Expired audio: drop the cache entries and mark the jobs that pointed there."""
     dropped = await cache.drop_audio(event.keys)
-    failed = await jobs.fail_with_audio(event.keys, code="audio_expired", reason="audio expired and was deleted")
+    failed = await jobs.fail_with_audio(event.keys, code=_EXPIRED[0], reason=_EXPIRED[1])
     log.info("expired_audio_forgotten", cache_entries=dropped, jobs=len(failed))
 
 

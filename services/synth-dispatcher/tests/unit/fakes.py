@@ -165,15 +165,21 @@ class FakeStorage:
         self.objects[key] = body
         self.expires_at[key] = expires_at
 
+    def _check_live(self, key: str) -> None:
+        """As the real service: unknown → object_not_found; past its retention → object_expired."""
+        if key not in self.objects:
+            raise RemoteError("object_not_found", f"no object {key}", status=404)
+        expires = self.expires_at.get(key)
+        if expires is not None and expires <= self.clock():
+            raise RemoteError("object_expired", f"object expired: {key}", status=404)
+
     async def _get(self, cmd: GetObject, body: bytes | None) -> tuple[StoredObject, bytes]:
-        if cmd.key not in self.objects:
-            raise RemoteError("object_not_found", f"no object {cmd.key}", status=404)
+        self._check_live(cmd.key)
         data = self.objects[cmd.key]
         return StoredObject(key=cmd.key, size=len(data), expires_at=self.expires_at[cmd.key]), data
 
     async def _presign(self, cmd: Presign, body: bytes | None) -> PresignedUrl:
-        if cmd.key not in self.objects:  # as the real service: no URL for an object that is not there
-            raise RemoteError("object_not_found", f"no object {cmd.key}", status=404)
+        self._check_live(cmd.key)  # as the real service: no URL for an object that is not there
         return PresignedUrl(url=f"https://blobs.test/{cmd.key}?sig=x",
                             url_expires_at=self.clock() + timedelta(seconds=cmd.expires_in),
                             object_expires_at=self.expires_at.get(cmd.key))

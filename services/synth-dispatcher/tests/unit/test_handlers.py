@@ -433,6 +433,24 @@ async def test_fetching_audio_of_a_ready_job_whose_object_vanished_self_heals_to
     assert world.jobs.rows[accepted.job_id]["audio_key"] == event.key
 
 
+async def test_audio_past_its_retention_but_not_yet_swept_heals_to_expired_not_missing(world: World) -> None:
+    accepted = await world.submit("Old news.")
+    event = await world.stored(accepted.job_id)
+    world.storage.put(event.key, b"RIFF-old", expires_at=world.clock() - timedelta(seconds=1))
+    with pytest.raises(RpcError) as caught:
+        await handlers.fetch_audio(FetchJobAudio(account_id=ACCOUNT, job_id=accepted.job_id), envelope=ENV,
+                                   **world.deps("jobs", "cache", "bus"))
+    assert (caught.value.code, caught.value.status) == ("audio_expired", 410)
+    row = world.jobs.rows[accepted.job_id]
+    assert row["status"] == "failed" and row["error_code"] == "audio_expired"
+    assert [e.code for e in world.bus.events(JobFailed)] == ["audio_expired"]
+    # After the heal (or the sweep), the answer stays the same: gone, not "not ready".
+    with pytest.raises(RpcError) as again:
+        await handlers.fetch_audio(FetchJobAudio(account_id=ACCOUNT, job_id=accepted.job_id), envelope=ENV,
+                                   **world.deps("jobs", "cache", "bus"))
+    assert (again.value.code, again.value.status) == ("audio_expired", 410)
+
+
 async def test_fetching_audio_returns_the_bytes_of_a_ready_job(world: World) -> None:
     accepted = await world.submit("Here.")
     event = await world.stored(accepted.job_id)

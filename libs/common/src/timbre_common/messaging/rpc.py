@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import aio_pika
 
-from ..contracts import Ack, Command, Envelope, ErrorReply, Message, Reply
+from ..contracts import Ack, Command, ErrorReply, Message, Reply
 from ..logging import correlation, correlation_id_var, get_logger
 from .codec import UndecodableMessage, decode, encode, envelope_for
 from .topology import Names

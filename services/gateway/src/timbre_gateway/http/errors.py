@@ -137,7 +137,8 @@ def error_responses(*statuses: int, codes: dict[int, list[str]] | None = None) -
     """OpenAPI responses for these error statuses; `codes` names the stable error codes each can carry."""
     descriptions = {400: "Missing or malformed field", 401: "Missing or wrong credentials",
                     402: "Plan quota used up", 403: "Not allowed", 404: "Not found, or owned by another key",
-                    409: "Conflict", 413: "Body too large", 422: "Invalid value", 429: "Rate or concurrency limit",
+                    409: "Conflict", 410: "Gone: past its retention", 413: "Body too large", 422: "Invalid value",
+                    429: "Rate or concurrency limit",
                     500: "Internal error", 503: "A backing service is unavailable"}
     retry = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
     headers = {409: retry, 503: retry, 429: retry | {

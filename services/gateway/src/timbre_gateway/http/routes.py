@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from timbre_common.audio import AudioError, parse_wav, transcode
 from timbre_common.catalogue import BACKEND_LANGUAGES, KNOWN_BACKENDS
-from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurgeRequested
+from timbre_common.contracts.accounts import AccountPurgeRequested
 from timbre_common.contracts.billing import CheckQuota, GetUsage, QuotaDecision, UsageReport
 from timbre_common.contracts.storage import PutUpload, UploadRecord
 from timbre_common.contracts.synthesis import (FetchJobAudio, GetJob, JobView, LookupJob, PurgeVoiceJobs,
@@ -308,7 +308,9 @@ async def get_job(ctx: Ctx, caller: CallerDep, job_id: str) -> JobOut:
                              "headers": {"X-Job-Id": _header("The job"), "X-Voice-Id": _header("The voice"),
                                          "X-Backend": _header("The backend that spoke"),
                                          "X-Expires-At": _header("When the audio is deleted")}},
-                       **error_responses(401, 404, 429, 500, 503, codes={404: ["job_not_found", "job_not_ready"]})})
+                       **error_responses(401, 404, 410, 429, 500, 503,
+                                         codes={404: ["job_not_found", "job_not_ready"], 410: ["audio_expired"],
+                                                500: ["audio_missing"]})})
 async def get_job_audio(ctx: Ctx, caller: CallerDep, job_id: str) -> Response:
     view, audio = await ctx.bus.call("dispatcher", FetchJobAudio(account_id=caller.account_id, job_id=job_id),
                                      expect=JobView)
