@@ -64,7 +64,7 @@ class StorageService:
     async def _sweep_forever(self) -> None:
         while True:
             try:
-                swept = await a.sweep(repo=self.repo, store=self.store, bus=self.bus)
+                swept = await a.sweep(repo=self.repo, store=self.store, bus=self.bus, batch=self.settings.sweep_batch)
                 if swept:
                     log.info("expired_objects_swept", objects=swept)
             except Exception:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from timbre_common.settings import PLACEHOLDER_SECRETS, CommonSettings
@@ -40,6 +40,8 @@ class StorageSettings(CommonSettings):
     # Interface the fs URL server binds (its port comes from STORAGE_PUBLIC_URL).
     storage_http_host: str = "127.0.0.1"
     sweep_interval_s: float = 60.0
+    # Objects one sweep transaction claims; replicas each claim their own batch.
+    sweep_batch: int = Field(default=200, ge=1, le=10_000)
 
     r2_account_id: str | None = None
     r2_access_key_id: str | None = None

@@ -66,7 +66,7 @@ class DispatcherService:
         await self.bus.consume(QUEUES["dispatcher.events"], {
             AudioStored: partial(handlers.on_audio_stored, cache=self.cache, **d),
             SynthesisFailed: partial(handlers.on_synthesis_failed, policy=self.policy, **d),
-            ObjectsExpired: partial(handlers.on_objects_expired, jobs=self.jobs, cache=self.cache),
+            ObjectsExpired: partial(handlers.on_objects_expired, cache=self.cache, **d),
             VoiceDeleted: partial(handlers.on_voice_deleted, cache=self.cache, **d),
             AccountPurgeRequested: partial(handlers.on_account_purge, cache=self.cache, **d),
         }, deduper=deduper)

@@ -245,7 +245,12 @@ async def on_audio_stored(event: AudioStored, *, envelope: Envelope, jobs: JobRe
             # The job was deleted (voice or account gone) while it ran: its audio has no owner.
             await bus.publish(ObjectsReleased(account_id=event.account_id, keys=[event.key]))
             return
-        if existing["status"] != domain.READY or existing["audio_key"] != event.key:
+        if existing["status"] == domain.FAILED:
+            # The job ended failed first (deadline, say): nothing will ever point at this late audio.
+            await bus.publish(ObjectsReleased(account_id=event.account_id, keys=[event.key]))
+            log.info("late_result_released", job_id=event.job_id)
+            return
+        if existing["audio_key"] != event.key:
             log.info("late_result_ignored", job_id=event.job_id, status=existing["status"])
             return
         # Ready with this very object: a redelivery, maybe after a crash between the transition and job.ready.
@@ -303,10 +308,13 @@ async def sweep_overdue(*, jobs: JobRepository, bus: MessageBus, policy: JobPoli
 
 
 async def on_objects_expired(event: ObjectsExpired, *, envelope: Envelope, jobs: JobRepository,
-                             cache: CacheIndex) -> None:
-    """Expired audio: drop the cache entries and mark the jobs that pointed there."""
+                             cache: CacheIndex, bus: MessageBus) -> None:
+    """Expired audio: drop the cache entries, mark the jobs that pointed there, and say so."""
     dropped = await cache.drop_audio(event.keys)
     failed = await jobs.fail_with_audio(event.keys, code=_EXPIRED[0], reason=_EXPIRED[1])
+    for row in failed:
+        await bus.publish(JobFailed(job_id=str(row["job_id"]), account_id=row["account_id"], code=_EXPIRED[0],
+                                    reason=_EXPIRED[1]), message_id=f"job.failed:{row['job_id']}")
     log.info("expired_audio_forgotten", cache_entries=dropped, jobs=len(failed))
 
 

@@ -287,15 +287,17 @@ async def test_a_redelivered_audio_stored_finishes_what_a_crash_interrupted(worl
     assert (ACCOUNT, accepted.cache_key) in world.cache.entries
 
 
-async def test_audio_stored_after_the_job_failed_changes_nothing(world: World) -> None:
+async def test_audio_stored_after_the_job_failed_changes_nothing_and_releases_the_audio(world: World) -> None:
     accepted = await world.submit("Too late.")
     await world.failed(accepted.job_id, retryable=False, code="unsupported_text")
     published = len(world.bus.published)
-    await world.stored(accepted.job_id)
+    event = await world.stored(accepted.job_id)
     row = world.jobs.rows[accepted.job_id]
     assert row["status"] == "failed" and row["error_code"] == "unsupported_text" and row["audio_key"] is None
     assert world.cache.entries == {} and world.bus.events(JobReady) == []
-    assert len(world.bus.published) == published
+    # The first terminal transition won; the late audio has no owner and goes.
+    [released] = world.bus.published[published:]
+    assert isinstance(released[0], ObjectsReleased) and released[0].keys == [event.key]
 
 
 async def test_audio_stored_for_a_deleted_job_releases_the_object(world: World) -> None:
@@ -408,7 +410,7 @@ async def test_expired_objects_drop_cache_entries_and_fail_their_jobs(world: Wor
     gone_event = await world.stored(gone.job_id)
 
     await handlers.on_objects_expired(ObjectsExpired(keys=[gone_event.key, "generations/x/unrelated.wav"]),
-                                      envelope=ENV, **world.deps("jobs", "cache"))
+                                      envelope=ENV, **world.deps("jobs", "cache", "bus"))
 
     assert (ACCOUNT, gone.cache_key) not in world.cache.entries
     assert (ACCOUNT, kept.cache_key) in world.cache.entries
@@ -416,6 +418,7 @@ async def test_expired_objects_drop_cache_entries_and_fail_their_jobs(world: Wor
     assert row["status"] == "failed" and row["error_code"] == "audio_expired"
     assert world.jobs.rows[kept.job_id]["status"] == "ready"
     assert world.jobs.rows[kept.job_id]["audio_key"] == kept_event.key
+    assert [(e.job_id, e.code) for e in world.bus.events(JobFailed)] == [(gone.job_id, "audio_expired")]
 
 
 async def test_fetching_audio_of_a_ready_job_whose_object_vanished_self_heals_to_failed(world: World) -> None:
