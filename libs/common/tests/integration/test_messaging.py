@@ -209,3 +209,21 @@ async def test_message_that_keeps_killing_its_consumer_is_dead_lettered_by_the_d
     assert dead.message_id == "crasher"
     assert dead.headers["x-death"][0]["reason"] == "delivery_limit"
     assert deliveries == DELIVERY_LIMIT + 1
+
+
+async def test_concurrent_first_calls_on_a_fresh_bus_all_get_answers(bus: Bus, amqp_url: str, bus_namespace: str):
+    """The reply consumer is registered once, however many calls race to be the first."""
+
+    async def double(cmd, *, envelope):
+        return Doubled(n=cmd.n * 2)
+
+    await bus.serve({Double: double})
+    fresh = await Bus(url=amqp_url, namespace=bus_namespace, service="caller", rpc_timeout=5).connect()
+    try:
+        replies = await asyncio.gather(*[fresh.call("svc", Double(n=i)) for i in range(20)])
+        assert [r.n for r, _ in replies] == [i * 2 for i in range(20)]
+        # The channel survived: later calls still work.
+        reply, _ = await fresh.call("svc", Double(n=5))
+        assert reply.n == 10
+    finally:
+        await fresh.close()

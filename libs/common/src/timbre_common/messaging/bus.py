@@ -1,6 +1,7 @@
 """One service's connection to the broker: publisher with confirms, consumers, RPC."""
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aio_pika
@@ -27,6 +28,7 @@ class Bus:
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
         self._events: aio_pika.abc.AbstractExchange | None = None
         self._rpc: RpcClient | None = None
+        self._rpc_lock = asyncio.Lock()
         self._consumers: list[Consumer] = []
         self._servers: list[RpcServer] = []
 
@@ -72,7 +74,8 @@ class Bus:
     async def serve(self, handlers: dict[type[Command], RpcHandler], *, prefetch: int = 32) -> RpcServer:
         """Answer this service's RPC queue."""
         assert self.connection is not None, "Bus.connect() first"
-        channel = await self.connection.channel()
+        # Replies need no publisher confirms: the caller's wait for the reply is the confirmation.
+        channel = await self.connection.channel(publisher_confirms=False)
         server = RpcServer(names=self.names, service=self.service, handlers=handlers, channel=channel,
                            prefetch=prefetch)
         await server.start()
@@ -82,7 +85,7 @@ class Bus:
     async def subscribe(self, event_types: list[type[Event]], handler: Handler) -> None:
         """Fan-out for live state (heartbeats): a private queue that dies with the connection, no retries."""
         assert self.connection is not None, "Bus.connect() first"
-        channel = await self.connection.channel()
+        channel = await self.connection.channel(publisher_confirms=False)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True, arguments={"x-message-ttl": 60_000})
         for cls in event_types:
             await queue.bind(self.names.events, routing_key=cls.routing_key())
@@ -98,12 +101,15 @@ class Bus:
 
     @property
     async def rpc(self) -> RpcClient:
-        """The RPC client (one channel, created on first use)."""
-        if self._rpc is None:
-            assert self.connection is not None, "Bus.connect() first"
-            channel = await self.connection.channel()
-            self._rpc = RpcClient(names=self.names, channel=channel, timeout=self.rpc_timeout)
-            await self._rpc.start()
+        """The RPC client (one channel, created on first use, once even under concurrent first calls)."""
+        async with self._rpc_lock:
+            if self._rpc is None:
+                assert self.connection is not None, "Bus.connect() first"
+                # No publisher confirms on requests: a lost request ends in the caller's timeout.
+                channel = await self.connection.channel(publisher_confirms=False)
+                client = RpcClient(names=self.names, channel=channel, timeout=self.rpc_timeout)
+                await client.start()
+                self._rpc = client
         return self._rpc
 
     async def call(self, service: str, command: Command, **kwargs: Any) -> Any:

@@ -132,13 +132,17 @@ class RpcClient:
         self.timeout = timeout
         self._pending: dict[str, asyncio.Future[tuple[Message, bytes | None]]] = {}
         self._started = False
+        # Concurrent first calls must not each register the reply consumer: the broker allows one per channel
+        # and closes the channel on a second.
+        self._start_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        if self._started:
-            return
-        queue = await self.channel.get_queue(REPLY_TO, ensure=False)
-        await queue.consume(self._on_reply, no_ack=True)
-        self._started = True
+        async with self._start_lock:
+            if self._started:
+                return
+            queue = await self.channel.get_queue(REPLY_TO, ensure=False)
+            await queue.consume(self._on_reply, no_ack=True)
+            self._started = True
 
     async def _on_reply(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
         request_id = (incoming.headers or {}).get("x-request-id")

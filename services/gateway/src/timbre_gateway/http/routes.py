@@ -267,12 +267,21 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
         raise ApiError(422, "invalid_backend", f"backend must be one of {', '.join(KNOWN_BACKENDS)}")
     if body.lang is not None and body.lang not in SUPPORTED_LANGUAGES:
         raise ApiError(422, "unsupported_language", f"lang must be one of {' '.join(SUPPORTED_LANGUAGES)}")
-    voice = await _get_voice(ctx, caller.account_id, body.voice_id)
+    # Two independent questions, asked at once; a voice error still wins over a quota one.
+    voice_answer, quota_answer = await asyncio.gather(
+        _get_voice(ctx, caller.account_id, body.voice_id),
+        ctx.bus.call("billing", CheckQuota(account_id=caller.account_id, characters=len(text)),
+                     expect=QuotaDecision),
+        return_exceptions=True)
+    if isinstance(voice_answer, BaseException):
+        raise voice_answer
+    voice = voice_answer
     backend = body.backend or voice.backend
     lang = body.lang or voice.lang
     _check_backend_lang(backend, lang, ctx)
-    quota, _ = await ctx.bus.call("billing", CheckQuota(account_id=caller.account_id, characters=len(text)),
-                                  expect=QuotaDecision)
+    if isinstance(quota_answer, BaseException):
+        raise quota_answer
+    quota, _ = quota_answer
     if not quota.allowed:
         raise ApiError(402, "quota_exceeded", quota.reason or "the plan's character quota is used up",
                        details={"remaining": quota.remaining})
