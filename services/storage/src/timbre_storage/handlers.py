@@ -1,13 +1,13 @@
 """Storage service layer: the only writer of the bucket and its object index.
 
-Consumes:
-  synthesis.completed.v1  -> store_generated_audio   (emits audio.stored.v1: key, size, expires_at)
-  voice reference writes  -> store_voice_reference   (RPC from voices)
-  client uploads          -> store_upload            (RPC from gateway)
-  object reads / URLs     -> get_object, get_upload, presign  (RPC from gateway, dispatcher, voices)
-  objects.released.v1     -> delete_objects          (voice deleted, job purged)
-  account.purge.v1        -> purge_account           (emits account.purged.v1: account_id, count)
-  sweeper timer           -> sweep_expired           (emits objects.expired.v1 per object: key, account_id, kind, owner_ref)
+The bus side (bus_adapters.py) maps messages onto these functions:
+  synthesis.completed.v1      -> store_generated_audio   (then emits audio.stored.v1: key, size, expires_at)
+  RPC PutVoiceReference       -> store_voice_reference   (from voices)
+  RPC PutUpload / GetUpload   -> store_upload, get_upload (from the gateway, voices)
+  RPC GetObject / Presign     -> get_object, presign     (from the dispatcher, voices)
+  voice.deleted.v1, objects.released.v1, RPC DeleteObjects -> delete_objects
+  account.purge_requested.v1  -> purge_account           (then emits account.purged.v1)
+  the sweeper's timer         -> sweep_expired           (then emits objects.expired.v1 with the keys)
 
 Every write is idempotent: a redelivered message writes the same key and answers the same.
 """
