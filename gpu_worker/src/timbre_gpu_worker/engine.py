@@ -23,9 +23,12 @@ class _Pending:
 class Engine:
     """Runs jobs on their backend; jobs for one backend that arrive together run as one batch."""
 
-    def __init__(self, backends: dict[str, Backend], *, max_batch: int = 8, batch_window_ms: int = 25) -> None:
+    def __init__(self, backends: dict[str, Backend], *, max_batch: int = 8, batch_window_ms: int = 25,
+                 batch_timeout_s: float = 900.0) -> None:
         self.backends = backends
         self.max_batch = max_batch
+        # A backend call that never returns must not hold its jobs forever (the thread itself cannot be killed).
+        self.batch_timeout_s = batch_timeout_s
         self.batch_window = batch_window_ms / 1000
         self._queues: dict[str, asyncio.Queue[_Pending]] = {}
         self._loops: list[asyncio.Task[None]] = []
@@ -74,17 +77,25 @@ class Engine:
                     batch.append(await asyncio.wait_for(queue.get(), timeout))
                 except TimeoutError:
                     break
-            await self._run_batch(name, backend, batch)
+            try:
+                await self._run_batch(name, backend, batch)
+            except Exception as exc:
+                # The loop outlives any batch: a dead loop would leave every later job of this backend waiting
+                # on a future nobody resolves. Each job of this batch sees the error and is retried.
+                log.exception("batch_failed", backend=name, batch_size=len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
 
     async def _run_batch(self, name: str, backend: Backend, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         try:
-            results = await asyncio.to_thread(backend.synthesize_batch, [p.request for p in batch])
-        except Exception as exc:  # the whole batch failed: each job sees the error and is retried
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-            return
+            results = await asyncio.wait_for(
+                asyncio.to_thread(backend.synthesize_batch, [p.request for p in batch]), self.batch_timeout_s)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{name} batch of {len(batch)} took longer than {self.batch_timeout_s:.0f}s") from exc
+        if len(results) != len(batch):
+            raise RuntimeError(f"{name} returned {len(results)} results for a batch of {len(batch)}")
         self.batches_run += 1
         log.info("batch_synthesized", backend=name, batch_size=len(batch),
                  wall_ms=round((time.perf_counter() - started) * 1000, 1))

@@ -15,6 +15,8 @@ class WorkerSettings(CommonSettings):
     max_batch: int = 8
     # How long the first job of a batch waits for company before the batch runs.
     batch_window_ms: int = 25
+    # A batch still running after this fails its jobs, which are retried.
+    batch_timeout_s: float = 900.0
     heartbeat_interval_s: float = 10.0
     max_reference_bytes: int = 25 * 1024 * 1024
     load_on_start: bool = True

@@ -295,3 +295,35 @@ async def test_an_unexpected_model_crash_is_raised_for_retry_not_reported_as_fin
         await engine.close()
     assert bus.events(SynthesisFailed) == []
     assert [e.job_id for e in bus.events(SynthesisCompleted)] == ["j2"]
+
+
+async def test_a_backend_returning_too_few_results_fails_the_batch_and_the_loop_lives_on(
+        http: httpx.AsyncClient) -> None:
+    class ShortBackend(FakeBackend):
+        short = True
+
+        def synthesize_batch(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult | BackendError]:
+            out = super().synthesize_batch(requests)
+            return out[:-1] if self.short else out
+
+    backend = ShortBackend()
+    engine = Engine({"fake": backend}, batch_window_ms=10)
+    bus = FakeBus()
+    try:
+        with pytest.raises(RuntimeError, match="returned 0 results"):
+            await asyncio.wait_for(handle(order(), engine=engine, bus=bus, http=http), 5)
+        backend.short = False
+        await asyncio.wait_for(handle(order("j2"), engine=engine, bus=bus, http=http), 5)
+    finally:
+        await engine.close()
+    assert [e.job_id for e in bus.events(SynthesisCompleted)] == ["j2"]
+
+
+async def test_a_batch_that_never_returns_times_out_and_is_retried(http: httpx.AsyncClient) -> None:
+    backend = FakeBackend(seconds_per_batch=2.0)
+    engine = Engine({"fake": backend}, batch_window_ms=10, batch_timeout_s=0.3)
+    try:
+        with pytest.raises(TimeoutError, match="longer than"):
+            await asyncio.wait_for(handle(order(), engine=engine, bus=FakeBus(), http=http), 5)
+    finally:
+        await engine.close()

@@ -227,3 +227,35 @@ async def test_concurrent_first_calls_on_a_fresh_bus_all_get_answers(bus: Bus, a
         assert reply.n == 10
     finally:
         await fresh.close()
+
+
+async def test_a_deduper_outage_does_not_stall_the_consumer(bus: Bus):
+    """The inbox's database failing must hand the message back, not hold its prefetch slot forever."""
+    from dataclasses import replace
+
+    class FlakyDeduper:
+        def __init__(self) -> None:
+            self.failures, self.ids = 2, set()
+
+        async def seen(self, consumer: str, message_id: str) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("inbox database down")
+            return message_id in self.ids
+
+        async def remember(self, consumer: str, message_id: str) -> None:
+            self.ids.add(message_id)
+
+    handled: list[int] = []
+    done = asyncio.Event()
+
+    async def on_ping(msg, *, envelope):
+        handled.append(msg.n)
+        if set(handled) == {0, 1, 2}:
+            done.set()
+
+    await bus.consume(replace(SPEC, prefetch=1), {PingHappened: on_ping}, deduper=FlakyDeduper())
+    for n in range(3):
+        await bus.publish(PingHappened(n=n))
+    await asyncio.wait_for(done.wait(), 10)
+    assert sorted(handled) == [0, 1, 2]

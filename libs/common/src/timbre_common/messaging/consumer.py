@@ -70,6 +70,13 @@ class Consumer:
             self._inflight.add(task)
         try:
             await self.handle(incoming)
+        except Exception:
+            # Anything the policy itself could not handle (the deduper's database down, say): hand the message
+            # back rather than hold its prefetch slot forever. A quorum queue counts the redelivery against
+            # the delivery limit, so this stays bounded.
+            log.exception("message_handling_failed", queue=self.spec.name, message_id=incoming.message_id)
+            if not incoming.processed:
+                await incoming.nack(requeue=True)
         finally:
             if task is not None:
                 self._inflight.discard(task)
@@ -105,7 +112,11 @@ class Consumer:
                 await self._retry_or_dead_letter(incoming, envelope, exc)
                 return
             if self.deduper and envelope.message_id:
-                await self.deduper.remember(consumer_name, envelope.message_id)
+                try:
+                    await self.deduper.remember(consumer_name, envelope.message_id)
+                except Exception:  # done is done: a redelivery meets an idempotent handler
+                    log.exception("message_dedupe_not_recorded", queue=self.spec.name,
+                                  message_id=envelope.message_id)
             await incoming.ack()
 
     async def _retry_or_dead_letter(self, incoming: aio_pika.abc.AbstractIncomingMessage,
