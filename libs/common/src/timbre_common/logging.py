@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -23,34 +24,49 @@ def _add_correlation_id(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any
     return event
 
 
+# Secrets that can hide inside text (a message, a URL, a library's repr of a payload): signed-URL signatures,
+# S3 credentials in query strings, API keys, Stripe secrets.
+_SECRET_TEXT = re.compile(
+    r"(?i)((?:signature|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&\s'\"]+"
+    r"|\b(tb_)[A-Za-z0-9_-]{16,}"
+    r"|\b((?:sk|rk|whsec)_(?:live|test)?_?)[A-Za-z0-9]{8,}")
+
+
+def _scrub(text: str) -> str:
+    return _SECRET_TEXT.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "[redacted]", text)
+
+
 def _redact(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
-    for key in list(event):
+    for key, value in list(event.items()):
         if any(word in key.lower() for word in _SECRET_KEYS):
             event[key] = "[redacted]"
+        elif isinstance(value, str):
+            event[key] = _scrub(value)
     return event
 
 
-def configure_logging(service: str, level: str = "INFO") -> None:
-    """Route structlog and stdlib logging to one JSON line per event on stdout."""
+def configure_logging(service: str, level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Route structlog and stdlib logging to one JSON line per event on `stream` (stdout by default)."""
+    stream = stream or sys.stdout
     shared = [
         structlog.contextvars.merge_contextvars,
         _add_correlation_id,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact,
     ]
+    # Redaction runs last, on the finished text: tracebacks and library messages included.
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, structlog.processors.JSONRenderer()],
+        processors=[*shared, structlog.processors.format_exc_info, _redact, structlog.processors.JSONRenderer()],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                        structlog.processors.JSONRenderer()],
+                        structlog.processors.format_exc_info, _redact, structlog.processors.JSONRenderer()],
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         )
     )

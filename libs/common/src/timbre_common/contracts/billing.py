@@ -10,16 +10,30 @@ from .base import Command, Event, Reply
 
 
 class CheckQuota(Command):
+    """Whether `characters` more fit; with `reserve`, an allowed answer also holds them (see QuotaDecision)."""
+
     TYPE: ClassVar[str] = "billing.check_quota"
     account_id: str
     characters: int
+    reserve: bool = False
 
 
 class QuotaDecision(Reply):
+    """`hold_id` names the characters held for the request (reserve and billing on): pass it to the job."""
+
     TYPE: ClassVar[str] = "billing.quota_decision"
     allowed: bool
     remaining: int | None = None
     reason: str | None = None
+    hold_id: str | None = None
+
+
+class ReleaseHold(Command):
+    """Give back a hold no job will consume (a cache hit, a joined job, a submission that failed)."""
+
+    TYPE: ClassVar[str] = "billing.release_hold"
+    account_id: str
+    hold_id: str
 
 
 class GetUsage(Command):

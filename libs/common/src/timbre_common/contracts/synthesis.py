@@ -31,6 +31,8 @@ class SubmitSynthesis(Command):
     lang: str
     backend: str
     response_format: str = "wav"
+    # Billing's quota hold for these characters; the job carries it to job.ready / job.failed.
+    hold_id: str | None = None
 
 
 class SynthesisAccepted(Reply):
@@ -44,6 +46,8 @@ class SynthesisAccepted(Reply):
     cache_key: str
     synthesis_ms: int = -1
     expires_at: datetime | None = None
+    # True when a new job took the submission's hold_id; otherwise the caller releases the hold.
+    hold_attached: bool = False
 
 
 class GetJob(Command):
@@ -156,6 +160,7 @@ class JobReady(Event):
     characters: int
     audio_key: str
     expires_at: datetime | None = None
+    hold_id: str | None = None
 
 
 class JobFailed(Event):
@@ -164,6 +169,7 @@ class JobFailed(Event):
     account_id: str
     code: str
     reason: str
+    hold_id: str | None = None
 
 
 class WorkerHeartbeat(Event):

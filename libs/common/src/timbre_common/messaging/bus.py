@@ -57,7 +57,10 @@ class Bus:
         assert self._events is not None, "Bus.connect() first"
         envelope = envelope_for(event, correlation_id=correlation_id or correlation_id_var.get(),
                                 account_id=account_id or getattr(event, "account_id", None), message_id=message_id)
-        await self._events.publish(encode(event, envelope, body=body), routing_key=routing_key or event.routing_key())
+        # Not mandatory: every consumer's queue is declared up front, and an event nobody subscribes to (yet) is
+        # meant to go nowhere, not to come back and be logged whole by the client library.
+        await self._events.publish(encode(event, envelope, body=body), routing_key=routing_key or event.routing_key(),
+                                   mandatory=False)
         log.debug("event_published", type=event.TYPE, message_id=envelope.message_id)
         return envelope.message_id
 

@@ -95,7 +95,7 @@ class RpcServer:
                     out = encode(error, envelope_for(error, correlation_id=incoming.correlation_id, account_id=None),
                                  headers={"x-request-id": incoming.message_id or ""})
                 try:
-                    await self.channel.default_exchange.publish(out, routing_key=incoming.reply_to)
+                    await self.channel.default_exchange.publish(out, routing_key=incoming.reply_to, mandatory=False)
                 except Exception as exc:  # the caller went away; nothing to do
                     log.warning("rpc_reply_undeliverable", service=self.service, error=str(exc))
 
@@ -168,7 +168,8 @@ class RpcClient:
         self._pending[envelope.message_id] = future
         out = encode(command, envelope, body=body, reply_to=REPLY_TO, expiration=wait)
         try:
-            await self.channel.default_exchange.publish(out, routing_key=self.names.rpc_queue(service))
+            await self.channel.default_exchange.publish(out, routing_key=self.names.rpc_queue(service),
+                                                        mandatory=False)
             reply, reply_body = await asyncio.wait_for(future, wait)
         except TimeoutError as exc:
             raise RpcTimeout(f"{service} did not answer {command.TYPE} within {wait:.0f}s") from exc
