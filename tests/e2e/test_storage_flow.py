@@ -124,6 +124,25 @@ def test_upload_rejects_an_unknown_purpose_and_a_missing_file(client, wavs):
     assert client.http.post("/v1/uploads", files={"file": ("a.wav", b"x", "audio/wav")}).status_code == 401
 
 
+def test_an_uploaded_page_is_never_served_as_a_page(client, wavs):
+    """A client claiming text/html gets its bytes back as a sandboxed download, not as a script on our origin."""
+    key = client.new_key()
+    page = b"<html><script>alert(document.cookie)</script></html>"
+    r = _upload(client, key, page, "voice_clone", filename="x.html", content_type="text/html")
+    assert r.status_code == 201, r.text
+    assert r.json()["content_type"] == "application/octet-stream"
+    served = client.http.get(r.json()["url"])
+    assert served.status_code == 200 and served.content == page
+    assert served.headers["content-type"] == "application/octet-stream"
+    assert served.headers["content-disposition"] == "attachment"
+    assert "sandbox" in served.headers["content-security-policy"]
+    assert served.headers["x-content-type-options"] == "nosniff"
+    # Audio still plays inline.
+    audio = _upload(client, key, wavs.valid_wav(1.0), "stt_input").json()
+    played = client.http.get(audio["url"])
+    assert played.headers["content-type"].startswith("audio/wav") and played.headers["content-disposition"] == "inline"
+
+
 def test_voice_created_from_an_upload_id_and_not_from_another_accounts(client, wavs):
     owner, stranger = client.new_key(), client.new_key()
     upload = _upload(client, owner, wavs.valid_wav(6.0), "voice_clone").json()

@@ -5,26 +5,28 @@ import asyncio
 import base64
 import binascii
 import hashlib
-import hmac
 import uuid
 
 
 from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from timbre_common.audio import AudioError, parse_wav, transcode
 from timbre_common.catalogue import BACKEND_LANGUAGES, KNOWN_BACKENDS
 from timbre_common.contracts.accounts import AccountPurgeRequested
-from timbre_common.contracts.billing import CheckQuota, GetUsage, QuotaDecision, UsageReport
+from timbre_common.contracts.billing import CheckQuota, GetUsage, QuotaDecision, ReleaseHold, UsageReport
 from timbre_common.contracts.storage import PutUpload, UploadRecord
 from timbre_common.contracts.synthesis import (FetchJobAudio, GetJob, JobView, LookupJob, PurgeVoiceJobs,
                                                SubmitSynthesis, SynthesisAccepted, SynthesisCompleted,
                                                SynthesisFailed, VoiceSnapshot)
 from timbre_common.contracts.voices import DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceList, VoiceRecord
 from timbre_common.logging import get_logger
+from timbre_common.messaging import RemoteError
 from timbre_common.text import SUPPORTED_LANGUAGES
 
-from .deps import AdminDep, CallerDep, Credentials, Ctx
+from .deps import AdminDep, CallbackSecretDep, CallerDep, Ctx
 from .errors import ApiError, error_responses
 from .idempotency import IdempotencyKey, fingerprint, idempotent
 from .multipart import read_form
@@ -35,6 +37,9 @@ log = get_logger(__name__)
 router = APIRouter(prefix="/v1")
 
 UPLOAD_PURPOSES = ("voice_clone", "stt_input", "watermark_input", "audio_job_input")
+UPLOAD_CONTENT_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "audio/mpeg", "audio/mp3",
+                                  "audio/mp4", "audio/x-m4a", "audio/aac", "audio/ogg", "audio/opus", "audio/webm",
+                                  "audio/flac", "audio/x-flac"})
 AUDIO_CONTENT = {"audio/wav": {}, "audio/mpeg": {}, "audio/ogg": {}, "audio/flac": {}, "audio/L16": {}}
 
 
@@ -257,6 +262,16 @@ async def synthesize(ctx: Ctx, caller: CallerDep, body: SynthesizeRequest,
                             run=lambda: _synthesize(ctx, caller, body))
 
 
+async def _release_hold(ctx, account_id: str, hold_id: str | None) -> None:  # type: ignore[no-untyped-def]
+    """Give billing back a quota hold no job will consume; a failure only logs, as the hold expires anyway."""
+    if hold_id is None:
+        return
+    try:
+        await ctx.bus.call("billing", ReleaseHold(account_id=account_id, hold_id=hold_id))
+    except Exception as exc:  # noqa: BLE001 - the request's own outcome must not depend on this
+        log.warning("quota_hold_release_failed", hold_id=hold_id, error=type(exc).__name__)
+
+
 async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type: ignore[no-untyped-def]
     text = body.text
     if not text.strip():
@@ -267,18 +282,25 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
         raise ApiError(422, "invalid_backend", f"backend must be one of {', '.join(KNOWN_BACKENDS)}")
     if body.lang is not None and body.lang not in SUPPORTED_LANGUAGES:
         raise ApiError(422, "unsupported_language", f"lang must be one of {' '.join(SUPPORTED_LANGUAGES)}")
-    # Two independent questions, asked at once; a voice error still wins over a quota one.
+    # Two independent questions, asked at once; a voice error still wins over a quota one. The quota answer
+    # reserves the characters (a hold) so a burst of requests cannot all pass on the same usage.
     voice_answer, quota_answer = await asyncio.gather(
         _get_voice(ctx, caller.account_id, body.voice_id),
-        ctx.bus.call("billing", CheckQuota(account_id=caller.account_id, characters=len(text)),
+        ctx.bus.call("billing", CheckQuota(account_id=caller.account_id, characters=len(text), reserve=True),
                      expect=QuotaDecision),
         return_exceptions=True)
+    hold_id = None if isinstance(quota_answer, BaseException) else quota_answer[0].hold_id
     if isinstance(voice_answer, BaseException):
+        await _release_hold(ctx, caller.account_id, hold_id)
         raise voice_answer
     voice = voice_answer
     backend = body.backend or voice.backend
     lang = body.lang or voice.lang
-    _check_backend_lang(backend, lang, ctx)
+    try:
+        _check_backend_lang(backend, lang, ctx)
+    except ApiError:
+        await _release_hold(ctx, caller.account_id, hold_id)
+        raise
     if isinstance(quota_answer, BaseException):
         raise quota_answer
     quota, _ = quota_answer
@@ -288,10 +310,20 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
     snapshot = VoiceSnapshot(voice_id=voice.voice_id, backend=voice.backend, lang=voice.lang, kind=voice.kind,
                              reference_key=voice.reference_key, ref_text=voice.ref_text,
                              system_voice=voice.system_voice, profile=voice.profile)
-    accepted, audio = await ctx.bus.call(
-        "dispatcher", SubmitSynthesis(account_id=caller.account_id, voice=snapshot, text=text, lang=lang,
-                                      backend=backend, response_format=body.response_format),
-        expect=SynthesisAccepted)
+    try:
+        accepted, audio = await ctx.bus.call(
+            "dispatcher", SubmitSynthesis(account_id=caller.account_id, voice=snapshot, text=text, lang=lang,
+                                          backend=backend, response_format=body.response_format, hold_id=hold_id),
+            expect=SynthesisAccepted)
+    except RemoteError as exc:
+        # A refusal made no job; a timeout or a server error may have, and that job consumes the hold (else
+        # it expires), so only the refusal gives it back now.
+        if exc.status < 500:
+            await _release_hold(ctx, caller.account_id, hold_id)
+        raise
+    if not accepted.hold_attached:
+        # A cache hit or a joined job in flight: nothing new is billed, so nothing stays held.
+        await _release_hold(ctx, caller.account_id, hold_id)
     headers = {"X-Voice-Id": voice.voice_id, "X-Backend": backend}
     if accepted.cache_hit:
         headers |= {"X-Cache": "HIT", "X-Synthesis-Time-Ms": str(accepted.synthesis_ms),
@@ -329,14 +361,31 @@ async def get_job_audio(ctx: Ctx, caller: CallerDep, job_id: str) -> Response:
     return _audio(audio or b"", view.response_format, headers)
 
 
+def _callback_body(raw: bytes) -> CompletionCallback:
+    """The callback's JSON body, with the same 400/422 answers as a body FastAPI parses."""
+    try:
+        return CompletionCallback.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if any(e["type"] == "model_type" and not e["loc"] for e in errors):
+            raise ApiError(400, "invalid_body", "the request body must be a JSON object") from None
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+
+
+CALLBACK_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": CompletionCallback.model_json_schema()}}}}
+
+
 @router.post("/jobs/{job_id}/complete", response_model=CallbackOutcome, tags=["internal"],
              summary="Completion callback of remote GPU workers (bearer: the callback secret)",
-             responses=error_responses(400, 401, 404, 422))
-async def complete_job(ctx: Ctx, credentials: Credentials, job_id: str, body: CompletionCallback) -> CallbackOutcome:
-    expected = ctx.settings.modal_callback_secret.get_secret_value().encode()
-    given = (credentials.credentials if credentials else "").encode()
-    if not expected or not hmac.compare_digest(given, expected):
-        raise ApiError(401, "invalid_callback_secret", "wrong or missing callback secret")
+             openapi_extra=CALLBACK_BODY,
+             responses=error_responses(400, 401, 404, 413, 422, codes={
+                 400: ["invalid_json", "invalid_body", "missing_field", "job_id_mismatch"],
+                 401: ["invalid_callback_secret"], 413: ["payload_too_large"],
+                 422: ["invalid_request", "invalid_audio"]}))
+async def complete_job(request: Request, ctx: Ctx, _: CallbackSecretDep, job_id: str) -> CallbackOutcome:
+    # Read by hand, so the secret (a dependency) is checked before a byte of the body is read or parsed.
+    body = _callback_body(await request.body())
     if body.job_id != job_id:
         raise ApiError(400, "job_id_mismatch", "job_id in the body differs from the path")
     owner, _ = await ctx.bus.call("dispatcher", LookupJob(job_id=job_id))
@@ -381,7 +430,9 @@ async def create_upload(request: Request, ctx: Ctx, caller: CallerDep) -> Upload
     purpose = form.fields.get("purpose") or None
     if purpose is not None and purpose not in UPLOAD_PURPOSES:
         raise ApiError(422, "invalid_purpose", f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}")
-    content_type = (part.content_type or "application/octet-stream").split(";")[0].strip()[:100]
+    claimed = (part.content_type or "").split(";")[0].strip().lower()
+    # Uploads are audio; a claimed type outside our list is stored as plain bytes, never as a web page.
+    content_type = claimed if claimed in UPLOAD_CONTENT_TYPES else "application/octet-stream"
     record, _ = await ctx.bus.call("storage", PutUpload(account_id=caller.account_id, upload_id=str(uuid.uuid4()),
                                                         purpose=purpose, content_type=content_type,
                                                         filename=(part.filename or None)),

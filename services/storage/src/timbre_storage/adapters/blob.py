@@ -220,7 +220,7 @@ class FsBlobStore:
 
     def verify(self, key: str, expires: str | None, signature: str | None) -> None:
         """Raise SignatureInvalid for a changed URL, UrlExpired for a stale one."""
-        if not expires or not signature or not expires.isdigit() or len(expires) > 12:
+        if not expires or not signature or not (expires.isascii() and expires.isdigit()) or len(expires) > 12:
             raise SignatureInvalid("missing or malformed signature")
         if not hmac.compare_digest(self.signature(key, int(expires)).encode(), signature.encode()):
             raise SignatureInvalid("signature does not match")

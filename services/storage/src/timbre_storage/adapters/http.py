@@ -9,6 +9,19 @@ from timbre_storage.adapters.blob import FsBlobStore, SignatureInvalid, UrlExpir
 from timbre_storage.domain import InvalidId, ObjectMissing
 
 
+# Whatever a client uploaded is never run as a page on this origin: no scripts, no sniffing.
+_SAFE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
+
+
+def _is_audio(content_type: str | None) -> bool:
+    return bool(content_type) and content_type.lower().startswith("audio/")  # type: ignore[union-attr]
+
+
+def _served_type(content_type: str | None) -> str:
+    """Audio plays inline; anything else is bytes to download, whatever type its uploader claimed."""
+    return content_type if _is_audio(content_type) else "application/octet-stream"  # type: ignore[return-value]
+
+
 def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
@@ -37,10 +50,8 @@ def build_http_app(store: FsBlobStore, *, title: str = "timbre-storage") -> Fast
         except (ObjectMissing, InvalidId):
             return _error(404, "object_not_found", "The object does not exist.")
         max_age = max(0, int(expires or 0) - int(store.now()))
-        return Response(
-            content=data,
-            media_type=content_type,
-            headers={"Cache-Control": f"private, max-age={max_age}", "X-Content-Type-Options": "nosniff"},
-        )
+        return Response(content=data, media_type=_served_type(content_type),
+                        headers={"Cache-Control": f"private, max-age={max_age}", **_SAFE_HEADERS,
+                                 "Content-Disposition": "inline" if _is_audio(content_type) else "attachment"})
 
     return app
