@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SUPPORTED_LANGUAGES", "split_sentences"]
+__all__ = ["SUPPORTED_LANGUAGES", "split_sentences", "unstorable_characters"]
 
 SUPPORTED_LANGUAGES: tuple[str, ...] = ("en", "zh", "ja", "ko", "es", "fr", "de", "it", "pt", "ru")
 
@@ -140,3 +140,16 @@ def split_sentences(text: str, max_chars: int = 300) -> list[str]:
                 continue
         chunks.append(piece)
     return chunks
+
+
+def unstorable_characters(value: str) -> str | None:
+    """Why `value` cannot be stored as text (a NUL, a lone surrogate), or None when it can.
+
+    PostgreSQL text refuses NUL, and a lone surrogate cannot be encoded as UTF-8 on the wire: both must be
+    refused at the door with a clear error rather than fail deep inside.
+    """
+    if "\x00" in value:
+        return "contains a NUL character"
+    if any("\ud800" <= ch <= "\udfff" for ch in value):
+        return "contains a lone UTF-16 surrogate"
+    return None

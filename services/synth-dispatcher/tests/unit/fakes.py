@@ -35,7 +35,7 @@ class FakeJobRepository:
 
     async def create(self, *, job_id: str, account_id: str, voice_id: str, text: str, lang: str, backend: str,
                      cache_key: str, response_format: str, request: dict[str, Any],
-                     deadline_s: float) -> dict[str, Any]:
+                     deadline_s: float, hold_id: str | None = None) -> dict[str, Any]:
         assert job_id not in self.rows
         now = self.clock()
         self.rows[job_id] = {
@@ -44,7 +44,7 @@ class FakeJobRepository:
             "status": "pending", "attempts": 1, "characters": len(text), "request": copy.deepcopy(request),
             "audio_key": None, "audio_expires_at": None, "error": None, "error_code": None,
             "synthesis_ms": None, "audio_seconds": None, "executor_ref": None, "created_at": now,
-            "deadline_at": now + timedelta(seconds=deadline_s), "completed_at": None,
+            "deadline_at": now + timedelta(seconds=deadline_s), "completed_at": None, "hold_id": hold_id,
         }
         return self._snap(self.rows[job_id])  # type: ignore[return-value]
 
@@ -54,9 +54,10 @@ class FakeJobRepository:
             return None
         return self._snap(row)
 
-    async def pending_for(self, account_id: str, cache_key: str) -> dict[str, Any] | None:
+    async def pending_for(self, account_id: str, cache_key: str, response_format: str) -> dict[str, Any] | None:
         rows = [r for r in self.rows.values()
-                if r["account_id"] == account_id and r["cache_key"] == cache_key and r["status"] == "pending"]
+                if r["account_id"] == account_id and r["cache_key"] == cache_key and r["status"] == "pending"
+                and r["response_format"] == response_format]
         return self._snap(min(rows, key=lambda r: r["created_at"])) if rows else None
 
     async def mark_ready(self, job_id: str, *, audio_key: str, expires_at: datetime | None,

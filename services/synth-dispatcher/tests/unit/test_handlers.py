@@ -61,9 +61,10 @@ class World:
         return {n: getattr(self, n) for n in names}
 
     async def submit(self, text: str = "Hello there.", *, account: str = ACCOUNT,
-                     voice: VoiceSnapshot | None = None, backend: str = BACKEND) -> Any:
+                     voice: VoiceSnapshot | None = None, backend: str = BACKEND, response_format: str = "wav") -> Any:
         voice = voice or custom_voice()
-        cmd = SubmitSynthesis(account_id=account, voice=voice, text=text, lang="en", backend=backend)
+        cmd = SubmitSynthesis(account_id=account, voice=voice, text=text, lang="en", backend=backend,
+                              response_format=response_format)
         return await handlers.submit(cmd, envelope=ENV, **self.deps("jobs", "cache", "bus", "policy"))
 
     async def stored(self, job_id: str, *, key: str | None = None, account: str = ACCOUNT) -> AudioStored:
@@ -226,6 +227,9 @@ async def test_an_identical_pending_job_is_joined_not_duplicated(world: World) -
     # Another account asking the same is not joined to this account's job.
     third = await world.submit("Same words.", account=OTHER)
     assert third.job_id != first.job_id and len(world.orders()) == 2
+    # The same words in another format are another job: the joined job would answer in the first format.
+    mp3 = await world.submit("Same words.", response_format="mp3")
+    assert mp3.job_id != first.job_id and len(world.orders()) == 3
 
 
 async def test_a_finished_job_is_not_joined(world: World) -> None:

@@ -1,12 +1,12 @@
 """The voice registry's rules: what a voice is and who may see it."""
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from typing import Any
 
 from timbre_common.catalogue import EMBEDDED_BACKEND, SYSTEM_VOICES, SystemVoice, system_voice_by_id
 from timbre_common.contracts.voices import VoiceRecord
+from timbre_common.ids import is_canonical_uuid
 
 NAME_MAX = 200
 FAMILY_MAX = 200
@@ -33,11 +33,7 @@ def find_system_record(voice_id: str) -> VoiceRecord | None:
 
 
 def is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except (ValueError, AttributeError, TypeError):
-        return False
-    return True
+    return is_canonical_uuid(value)
 
 
 def custom_record(row: Any) -> VoiceRecord:

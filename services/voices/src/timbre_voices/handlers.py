@@ -7,25 +7,35 @@ Calls: storage (PutVoiceReference, GetUpload, Presign).
 """
 from __future__ import annotations
 
+import asyncio
 import uuid
+from typing import Any
 
 from timbre_common.audio import AudioError, normalise_reference, quality_report, validate_reference
 from timbre_common.catalogue import KNOWN_BACKENDS, system_voice_by_id
 from timbre_common.contracts import Envelope
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
-from timbre_common.contracts.storage import GetUpload, Presign, PresignedUrl, PutVoiceReference, StoredObject
+from timbre_common.contracts.storage import (GetUpload, ObjectsReleased, Presign, PresignedUrl, PutVoiceReference,
+                                             StoredObject)
 from timbre_common.contracts.voices import (DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceDeleted,
                                             VoiceList, VoiceProfiled, VoiceRecord, VoiceRegistered)
 from timbre_common.logging import get_logger
 from timbre_common.messaging import Invalid, NotFound, RpcError, voice_profile_routing_key
 from timbre_common.ports import MessageBus
-from timbre_common.text import SUPPORTED_LANGUAGES
+from timbre_common.text import SUPPORTED_LANGUAGES, unstorable_characters
 
 from . import domain
 from .adapters.repository import VoiceRepository
 from .settings import VoicesSettings
 
 log = get_logger(__name__)
+
+
+def _analyse(body: bytes, settings: VoicesSettings) -> tuple[Any, dict[str, Any], bytes]:
+    """Validate, grade and normalise a reference (CPU work, run in a thread)."""
+    info = validate_reference(body, min_s=settings.min_reference_s, max_s=settings.max_reference_s,
+                              max_bytes=settings.max_reference_bytes)
+    return info, quality_report(body).to_dict(), normalise_reference(body, target_sr=settings.reference_sample_rate)
 
 
 def _voice_not_found(voice_id: str) -> NotFound:
@@ -48,6 +58,10 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
         raise Invalid("invalid_ref_text", f"ref_text is longer than {domain.REF_TEXT_MAX} characters")
     if cmd.family and len(cmd.family) > domain.FAMILY_MAX:
         raise Invalid("invalid_family", f"family is longer than {domain.FAMILY_MAX} characters")
+    for field, value in (("name", name), ("ref_text", cmd.ref_text), ("family", cmd.family)):
+        problem = unstorable_characters(value or "")
+        if problem:
+            raise Invalid("invalid_field", f"{field} {problem}")
     upload_meta: dict[str, str] = {}
     if cmd.upload_id:
         if body:
@@ -58,10 +72,8 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
     if not body:
         raise RpcError("missing_field", "ref_audio is required", status=400)
     try:
-        info = validate_reference(body, min_s=settings.min_reference_s, max_s=settings.max_reference_s,
-                                  max_bytes=settings.max_reference_bytes)
-        quality = quality_report(body).to_dict()
-        normalised = normalise_reference(body, target_sr=settings.reference_sample_rate)
+        # Seconds of CPU for a long stereo reference: off the event loop, so other requests keep flowing.
+        info, quality, normalised = await asyncio.to_thread(_analyse, body, settings)
     except AudioError as exc:
         raise Invalid(exc.code, exc.message) from exc
     voice_id = str(uuid.uuid4())
@@ -72,14 +84,23 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
                      "format": info.format, "duration_s": round(info.duration_s, 3), "bytes": len(body)},
         **upload_meta,
     }
-    row = await repo.add(voice_id=voice_id, account_id=cmd.account_id, name=name, backend=cmd.backend,
-                         lang=cmd.lang, ref_text=(cmd.ref_text or None), family=(cmd.family or None),
-                         reference_key=stored.key, quality=quality, metadata=metadata)
-    url, _ = await bus.call("storage", Presign(key=stored.key, expires_in=3600), expect=PresignedUrl)
-    await bus.publish(VoiceRegistered(voice_id=voice_id, account_id=cmd.account_id, backend=cmd.backend,
-                                      lang=cmd.lang, reference_key=stored.key, reference_url=url.url,
-                                      ref_text=cmd.ref_text),
-                      routing_key=voice_profile_routing_key(cmd.backend))
+    try:
+        row = await repo.add(voice_id=voice_id, account_id=cmd.account_id, name=name, backend=cmd.backend,
+                             lang=cmd.lang, ref_text=(cmd.ref_text or None), family=(cmd.family or None),
+                             reference_key=stored.key, quality=quality, metadata=metadata)
+    except Exception:
+        # No voice, so no reason to keep its (permanent) reference: release it, then report the failure.
+        await bus.publish(ObjectsReleased(account_id=cmd.account_id, keys=[stored.key]))
+        raise
+    try:
+        url, _ = await bus.call("storage", Presign(key=stored.key, expires_in=3600), expect=PresignedUrl)
+        await bus.publish(VoiceRegistered(voice_id=voice_id, account_id=cmd.account_id, backend=cmd.backend,
+                                          lang=cmd.lang, reference_key=stored.key, reference_url=url.url,
+                                          ref_text=cmd.ref_text),
+                          routing_key=voice_profile_routing_key(cmd.backend))
+    except Exception:
+        # The voice exists; its profile is an optimisation the backend redoes on its first job.
+        log.warning("voice_registration_not_announced", voice_id=voice_id, exc_info=True)
     log.info("voice_registered", voice_id=voice_id, account_id=cmd.account_id, backend=cmd.backend,
              grade=quality.get("grade"))
     return domain.custom_record(row)
@@ -110,11 +131,14 @@ async def delete_voice(cmd: DeleteVoice, *, envelope: Envelope, repo: VoiceRepos
         raise RpcError("system_voice_readonly", "system voices cannot be deleted", status=403)
     if not domain.is_uuid(cmd.voice_id):
         raise _voice_not_found(cmd.voice_id)
-    row = await repo.delete(cmd.account_id, cmd.voice_id)
+    row = await repo.get(cmd.account_id, cmd.voice_id)
     if row is None:
         raise _voice_not_found(cmd.voice_id)
+    # Announce first: if the row's delete then fails, the client's retry finds the voice and announces again
+    # (every consumer is idempotent); the other way round, a lost announcement would leave its audio forever.
     await bus.publish(VoiceDeleted(voice_id=cmd.voice_id, account_id=cmd.account_id,
                                    reference_key=row["reference_key"]))
+    await repo.delete(cmd.account_id, cmd.voice_id)
     log.info("voice_deleted", voice_id=cmd.voice_id, account_id=cmd.account_id)
 
 

@@ -14,11 +14,11 @@ import pytest
 from timbre_common.audio import parse_wav
 from timbre_common.catalogue import SYSTEM_VOICES
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
-from timbre_common.contracts.storage import (GetUpload, Presign, PresignedUrl, PutVoiceReference,
-                                             StoredObject, UploadRecord)
+from timbre_common.contracts.storage import (GetUpload, ObjectsReleased, Presign, PresignedUrl,
+                                             PutVoiceReference, StoredObject, UploadRecord)
 from timbre_common.contracts.voices import (DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceDeleted,
                                             VoiceProfiled, VoiceRecord, VoiceRegistered)
-from timbre_common.messaging import NotFound, RemoteError, RpcError
+from timbre_common.messaging import Invalid, NotFound, RemoteError, RpcError
 from timbre_common.testing import FakeBus, envelope
 from timbre_voices import handlers
 from timbre_voices.settings import VoicesSettings
@@ -314,3 +314,41 @@ async def test_an_account_purge_deletes_only_its_voices_and_confirms(world: Worl
     [purged] = world.bus.events(AccountPurged)
     assert (purged.account_id, purged.purge_id, purged.service) == (ACCOUNT, "p-1", "voices")
     assert purged.removed == 2
+
+
+async def test_a_voice_whose_row_cannot_be_written_releases_its_stored_reference(world: World, reference: bytes):
+    async def broken_add(**_: Any) -> dict[str, Any]:
+        raise ConnectionError("database gone")
+
+    world.repo.add = broken_add  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await world.register(reference)
+    [released] = world.bus.events(ObjectsReleased)
+    assert released.account_id == ACCOUNT and len(released.keys) == 1
+    assert released.keys[0].startswith(f"voices/custom/{ACCOUNT}/")
+    assert world.bus.events(VoiceRegistered) == []
+
+
+async def test_deletion_is_announced_before_the_row_goes_so_a_failed_delete_can_be_retried(
+        world: World, reference: bytes):
+    record = await world.register(reference)
+    real_delete = world.repo.delete
+
+    async def broken_delete(account_id: str, voice_id: str) -> None:
+        raise ConnectionError("database gone")
+
+    world.repo.delete = broken_delete  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        await world.delete(record.voice_id)
+    assert [e.voice_id for e in world.bus.events(VoiceDeleted)] == [record.voice_id]
+    world.repo.delete = real_delete  # type: ignore[method-assign]
+    await world.delete(record.voice_id)  # the retry finds the voice, announces again, and deletes it
+    assert [e.voice_id for e in world.bus.events(VoiceDeleted)] == [record.voice_id] * 2
+    assert record.voice_id not in world.repo.rows
+
+
+@pytest.mark.parametrize("field", ["name", "ref_text", "family"])
+async def test_text_that_cannot_be_stored_is_refused(world: World, reference: bytes, field: str):
+    with pytest.raises(Invalid) as caught:
+        await world.register(reference, **{field: "bad\x00text"})
+    assert caught.value.code == "invalid_field" and world.repo.rows == {}

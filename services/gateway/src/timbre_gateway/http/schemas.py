@@ -2,11 +2,23 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from timbre_common.audio import RESPONSE_FORMATS
+from timbre_common.text import unstorable_characters
+
+
+def _storable(value: str) -> str:
+    problem = unstorable_characters(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# Text a client sends that ends up stored or forwarded: refused at the door when it cannot be stored.
+Text = Annotated[str, AfterValidator(_storable)]
 
 
 class Health(BaseModel):
@@ -16,8 +28,8 @@ class Health(BaseModel):
 
 class CreateKey(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    label: str | None = Field(default=None, max_length=200)
-    account_id: str | None = Field(default=None, description="Add the key to this existing account")
+    label: Text | None = Field(default=None, max_length=200)
+    account_id: Text | None = Field(default=None, description="Add the key to this existing account")
     rate_per_minute: int | None = Field(default=None, ge=1, le=100_000)
     max_concurrent: int | None = Field(default=None, ge=1, le=1000)
 
@@ -75,10 +87,10 @@ class VoiceSummary(BaseModel):
 
 class SynthesizeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    voice_id: str = Field(max_length=100)
-    text: str
-    lang: str | None = Field(default=None, description="Defaults to the voice's language")
-    backend: str | None = Field(default=None, description="Defaults to the voice's backend")
+    voice_id: Text = Field(max_length=100)
+    text: Text
+    lang: Text | None = Field(default=None, description="Defaults to the voice's language")
+    backend: Text | None = Field(default=None, description="Defaults to the voice's backend")
     response_format: Literal[tuple(RESPONSE_FORMATS)] = "wav"  # type: ignore[valid-type]
 
 
@@ -112,9 +124,9 @@ class CompletionCallback(BaseModel):
     wav_b64: str | None = None
     error: str | None = None
     error_code: str | None = None
-    synthesis_ms: int | None = None
-    audio_seconds: float | None = None
-    rtf: float | None = None
+    synthesis_ms: int | None = Field(default=None, ge=0)
+    audio_seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    rtf: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class CallbackOutcome(BaseModel):

@@ -15,13 +15,13 @@ class JobRepository:
 
     async def create(self, *, job_id: str, account_id: str, voice_id: str, text: str, lang: str, backend: str,
                      cache_key: str, response_format: str, request: dict[str, Any],
-                     deadline_s: float) -> asyncpg.Record:
+                     deadline_s: float, hold_id: str | None = None) -> asyncpg.Record:
         return await self.pool.fetchrow(
             "INSERT INTO jobs (job_id, account_id, voice_id, text, lang, backend, cache_key, response_format, "
-            "status, characters, request, deadline_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,'pending',$9,$10, "
-            "now() + make_interval(secs => $11)) RETURNING *",
+            "status, characters, request, deadline_at, hold_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,'pending',$9,$10, "
+            "now() + make_interval(secs => $11), $12) RETURNING *",
             job_id, account_id, voice_id, text, lang, backend, cache_key, response_format, len(text), request,
-            deadline_s)
+            deadline_s, hold_id)
 
     async def get(self, job_id: str, account_id: str | None = None) -> asyncpg.Record | None:
         if account_id is None:
@@ -29,10 +29,11 @@ class JobRepository:
         return await self.pool.fetchrow("SELECT * FROM jobs WHERE job_id = $1 AND account_id = $2",
                                         job_id, account_id)
 
-    async def pending_for(self, account_id: str, cache_key: str) -> asyncpg.Record | None:
+    async def pending_for(self, account_id: str, cache_key: str, response_format: str) -> asyncpg.Record | None:
+        """An identical job in flight: same audio and the same format asked of it."""
         return await self.pool.fetchrow(
-            "SELECT * FROM jobs WHERE account_id = $1 AND cache_key = $2 AND status = 'pending' "
-            "ORDER BY created_at LIMIT 1", account_id, cache_key)
+            "SELECT * FROM jobs WHERE account_id = $1 AND cache_key = $2 AND response_format = $3 "
+            "AND status = 'pending' ORDER BY created_at LIMIT 1", account_id, cache_key, response_format)
 
     async def mark_ready(self, job_id: str, *, audio_key: str, expires_at: datetime | None,
                          synthesis_ms: int | None, audio_seconds: float | None) -> asyncpg.Record | None:
