@@ -363,6 +363,68 @@ def test_period_sync_then_quota_answers_402(billing: BillingPlatform) -> None:
     assert r.json()["error"]["details"] == {"remaining": 0}
 
 
+def _padded(label: str, length: int) -> str:
+    """A distinct sentence of exactly `length` characters (distinct texts never share a job or a cache entry)."""
+    text = f"Burst request {label}, a sentence padded to a fixed length"
+    return text + "." * (length - len(text))
+
+
+def test_a_burst_of_synthesis_requests_cannot_overrun_the_quota(billing: BillingPlatform) -> None:
+    """Requests in flight hold their characters: of a burst worth more than the quota, the ones beyond it are
+    refused at once, and the usage recorded once the jobs finish stays within the quota."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sub = billing.subscribe()
+    started = datetime.now(UTC)
+    url = f"{billing.client.base_url}/v1/synthesize"
+    texts = [_padded(f"number {i}", 100) for i in range(8)]  # 800 characters against a quota of 300
+
+    def post(text: str) -> httpx.Response:
+        with httpx.Client(timeout=60) as http:
+            return http.post(url, json={"voice_id": JOE.voice_id, "text": text}, headers=billing.auth(sub.key))
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        answers = list(pool.map(post, texts))
+    accepted = [r for r in answers if r.status_code == 202]
+    refused = [r for r in answers if r.status_code == 402]
+    assert len(accepted) == QUOTA // 100 and len(refused) == len(texts) - QUOTA // 100, \
+        [(r.status_code, r.text) for r in answers]
+    assert all(r.json()["error"]["code"] == "quota_exceeded" for r in refused)
+    for r in accepted:
+        assert billing.client.wait_job(sub.key, r.json()["job_id"])["status"] == "ready"
+    _until(lambda: _used(billing, sub.key) == QUOTA, "the accepted jobs' usage recorded")
+    usage = billing.http.get("/v1/usage", headers=billing.auth(sub.key)).json()
+    assert (usage["characters_used"], usage["remaining"]) == (QUOTA, 0)
+    # Each finished job's hold became its usage in the same transaction: none is left behind.
+    held = _gateway_sql(billing, "SELECT count(*) AS n FROM billing.quota_holds WHERE created_at >= $1", started)
+    assert held[0]["n"] == 0
+    # Nothing is left held or billed beyond the quota: one more character is refused, usage unchanged.
+    r = billing.http.post("/v1/synthesize", json={"voice_id": JOE.voice_id, "text": "X"},
+                          headers=billing.auth(sub.key))
+    assert r.status_code == 402 and r.json()["error"]["code"] == "quota_exceeded", r.text
+    assert _used(billing, sub.key) == QUOTA
+
+
+def test_a_cache_hit_gives_its_hold_back(billing: BillingPlatform) -> None:
+    """A repeated text is served from the cache: not billed, and its reservation does not linger."""
+    sub = billing.subscribe()
+    first, second = _padded("cached", QUOTA // 2), _padded("after the hit", QUOTA // 2)
+    r = billing.http.post("/v1/synthesize", json={"voice_id": JOE.voice_id, "text": first},
+                          headers=billing.auth(sub.key))
+    assert r.status_code == 202, r.text
+    assert billing.client.wait_job(sub.key, r.json()["job_id"])["status"] == "ready"
+    _until(lambda: _used(billing, sub.key) == QUOTA // 2, "the first job's usage recorded")
+    hit = billing.http.post("/v1/synthesize", json={"voice_id": JOE.voice_id, "text": first},
+                            headers=billing.auth(sub.key))
+    assert hit.status_code == 200 and hit.headers["x-cache"] == "HIT", hit.text
+    # Were the hit's 150 characters still held, 150 used + 150 held + 150 asked would pass the quota.
+    r = billing.http.post("/v1/synthesize", json={"voice_id": JOE.voice_id, "text": second},
+                          headers=billing.auth(sub.key))
+    assert r.status_code == 202, r.text
+    assert billing.client.wait_job(sub.key, r.json()["job_id"])["status"] == "ready"
+    _until(lambda: _used(billing, sub.key) == QUOTA, "the second job's usage recorded")
+
+
 def test_unpaid_suspends_the_key_and_paying_again_restores_it(billing: BillingPlatform) -> None:
     sub = billing.subscribe()
     now = int(time.time())

@@ -59,7 +59,7 @@ async def on_synthesis_requested(order: SynthesisRequested, *, envelope: Envelop
         result = await engine.synthesize(order.backend, request)
     except BackendError as exc:
         await bus.publish(SynthesisFailed(job_id=order.job_id, account_id=order.account_id, code=exc.code,
-                                          reason=exc.reason, retryable=False),
+                                          reason=exc.reason, retryable=False, attempt=order.attempt),
                           message_id=f"{order.job_id}:{order.attempt}:failed")
         log.warning("synthesis_failed", job_id=order.job_id, backend=order.backend, code=exc.code, reason=exc.reason)
         return

@@ -17,18 +17,18 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-async def serve_until_signalled(service: Service, name: str) -> None:
+async def serve_until_signalled(service: Service) -> None:
     """Start `service`, run until a signal arrives, then stop it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await service.start()
-    log.info("service_started", service=name)
+    log.info("service_started")
     await stop.wait()
-    log.info("service_stopping", service=name)
+    log.info("service_stopping")
     await service.stop()
-    log.info("service_stopped", service=name)
+    log.info("service_stopped")
 
 
 def run(name: str, build: Callable[[], Awaitable[Service]], log_level: str = "INFO") -> None:
@@ -37,7 +37,7 @@ def run(name: str, build: Callable[[], Awaitable[Service]], log_level: str = "IN
 
     async def main() -> None:
         service = await build()
-        await serve_until_signalled(service, name)
+        await serve_until_signalled(service)
 
     asyncio.run(main())
 

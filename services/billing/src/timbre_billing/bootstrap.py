@@ -51,7 +51,7 @@ async def build(
 
 
 class BillingService:
-    """The billing process: RPC for the gateway, usage from job.ready."""
+    """The billing process: RPC for the gateway, usage from job.ready, quota holds released on job.failed."""
 
     def __init__(self, deps: BillingDependencies, bus: Bus) -> None:
         self.deps, self.bus = deps, bus
@@ -59,13 +59,14 @@ class BillingService:
     async def start(self) -> None:
         from timbre_common.contracts import billing as c
         from timbre_common.contracts.accounts import AccountPurgeRequested
-        from timbre_common.contracts.synthesis import JobReady
+        from timbre_common.contracts.synthesis import JobFailed, JobReady
 
         from . import bus_adapters as a
 
         d = {"deps": self.deps}
         await self.bus.serve({
             c.CheckQuota: partial(a.check_quota, **d),
+            c.ReleaseHold: partial(a.release_hold, **d),
             c.GetUsage: partial(a.get_usage, **d),
             c.StartCheckout: partial(a.start_checkout, **d),
             c.GetCheckoutStatus: partial(a.checkout_status, **d),
@@ -75,6 +76,7 @@ class BillingService:
         await deduper.ensure()
         await self.bus.consume(QUEUES["billing.events"], {
             JobReady: partial(a.on_job_ready, **d),
+            JobFailed: partial(a.on_job_failed, **d),
             AccountPurgeRequested: partial(a.on_account_purge, bus=self.bus, **d),
         }, deduper=deduper)
 

@@ -1,7 +1,8 @@
 """The billing service on the bus: commands and events translated to the handlers of `handlers.py`.
 
-Serves (RPC): CheckQuota, GetUsage, StartCheckout, GetCheckoutStatus, HandleStripeWebhook.
-Consumes: job.ready (usage, once per job), account.purge_requested.
+Serves (RPC): CheckQuota, ReleaseHold, GetUsage, StartCheckout, GetCheckoutStatus, HandleStripeWebhook.
+Consumes: job.ready (usage, once per job; drops the job's quota hold), job.failed (releases the job's quota hold),
+account.purge_requested.
 Emits: billing.account_provisioning_requested, billing.account_keys_revoked / restored, account.purged.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from contextlib import asynccontextmanager
 from timbre_common.contracts import Envelope, utcnow
 from timbre_common.contracts import billing as c
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
-from timbre_common.contracts.synthesis import JobReady
+from timbre_common.contracts.synthesis import JobFailed, JobReady
 from timbre_common.messaging import Invalid, NotFound, RpcError
 from timbre_common.ports import MessageBus
 
@@ -41,9 +42,14 @@ async def _domain_errors() -> AsyncIterator[None]:
 
 async def check_quota(cmd: c.CheckQuota, *, envelope: Envelope, deps: BillingDependencies) -> c.QuotaDecision:
     decision = await handlers.check_quota(cmd.account_id, cmd.characters, repository=deps.repository,
-                                          settings=deps.settings)
+                                          settings=deps.settings, reserve=cmd.reserve)
     reason = None if decision.allowed else decision.reason
-    return c.QuotaDecision(allowed=decision.allowed, remaining=decision.remaining, reason=reason)
+    return c.QuotaDecision(allowed=decision.allowed, remaining=decision.remaining, reason=reason,
+                           hold_id=decision.hold_id)
+
+
+async def release_hold(cmd: c.ReleaseHold, *, envelope: Envelope, deps: BillingDependencies) -> None:
+    await handlers.release_hold(cmd.account_id, cmd.hold_id, repository=deps.repository)
 
 
 async def get_usage(cmd: c.GetUsage, *, envelope: Envelope, deps: BillingDependencies) -> c.UsageReport:
@@ -98,7 +104,14 @@ async def stripe_webhook(cmd: c.HandleStripeWebhook, *, envelope: Envelope, body
 
 async def on_job_ready(event: JobReady, *, envelope: Envelope, deps: BillingDependencies) -> None:
     await handlers.record_usage(event.job_id, event.account_id, event.characters, envelope.occurred_at,
-                                repository=deps.repository, settings=deps.settings)
+                                repository=deps.repository, settings=deps.settings, hold_id=event.hold_id)
+
+
+async def on_job_failed(event: JobFailed, *, envelope: Envelope, deps: BillingDependencies) -> None:
+    # A failed job is never billed; only its hold (if it had one) is given back. A ready job whose audio later
+    # expires also fails: its hold is long gone and its usage stays.
+    if event.hold_id is not None:
+        await handlers.release_hold(event.account_id, event.hold_id, repository=deps.repository)
 
 
 async def on_account_purge(event: AccountPurgeRequested, *, envelope: Envelope, deps: BillingDependencies,

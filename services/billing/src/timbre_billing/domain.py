@@ -160,6 +160,8 @@ class QuotaDecision:
     remaining: int
     reason: str
     period: BillingPeriod | None = field(default=None, compare=False)
+    # The hold that reserves the characters, when reserved (allowed, billing on).
+    hold_id: str | None = field(default=None, compare=False)
 
 
 def normalize_email(email: str) -> str:

@@ -5,8 +5,10 @@ Consumes:
     -> handle_stripe_webhook
   - StartCheckout RPC -> start_checkout; GetCheckoutStatus RPC -> checkout_status (paid or not: the
     gateway mints and holds the API key itself, billing never sees it)
-  - CheckQuota RPC -> check_quota; GetUsage RPC -> usage
-  - job.ready (characters of a finished job) -> record_usage
+  - CheckQuota RPC -> check_quota (with reserve: holds the characters, under the account's lock);
+    ReleaseHold RPC -> release_hold; GetUsage RPC -> usage
+  - job.ready (characters of a finished job) -> record_usage (and drops the job's hold)
+  - job.failed -> release_hold (the job's hold)
   - account.purge_requested -> the repository's delete_account (in bus_adapters)
 Emits (returned to the caller, who publishes; a redelivered webhook returns the same requests again):
   - WebhookOutcome.provision -> billing.account_provisioning_requested (the gateway creates account
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from urllib.parse import quote
 
@@ -248,13 +250,22 @@ async def record_usage(
     *,
     repository: BillingRepository,
     settings: BillingSettings,
+    hold_id: str | None = None,
 ) -> bool:
-    """Count a finished job's characters once per job; False for a repeat."""
+    """Count a finished job's characters once per job, turning its hold into usage; False for a repeat."""
     if characters < 0:
         raise ValueError("characters must be >= 0")
     subscription = await repository.subscription_for_account(account_id)
     period = current_period(subscription, occurred_at, billing_enabled=settings.enabled)
-    return await repository.record_usage(job_id, account_id, characters, occurred_at, period.start)
+    return await repository.record_usage(job_id, account_id, characters, occurred_at, period.start,
+                                         hold_id=hold_id)
+
+
+async def release_hold(account_id: str, hold_id: str, *, repository: BillingRepository) -> bool:
+    """Give back a hold no job will turn into usage; False when it was already gone."""
+    released = await repository.release_hold(account_id, hold_id)
+    log.info("quota_hold_released" if released else "quota_hold_already_gone", hold_id=hold_id)
+    return released
 
 
 async def usage(
@@ -275,17 +286,30 @@ async def check_quota(
     repository: BillingRepository,
     settings: BillingSettings,
     now: datetime | None = None,
+    reserve: bool = False,
 ) -> QuotaDecision:
-    """Whether `characters` more fit the account's quota this period (always with BILLING=off)."""
+    """Whether `characters` more fit the account's quota this period (always with BILLING=off), counting the
+    characters held for requests still in flight; with `reserve`, an allowed answer holds them too."""
     moment = now or datetime.now(UTC)
     subscription = await repository.subscription_for_account(account_id)
     period = current_period(subscription, moment, billing_enabled=settings.enabled)
-    used = await repository.characters_between(account_id, period.start, period.end)
-    decision = decide_quota(
-        used=used,
-        requested=characters,
-        quota=settings.plan_character_quota,
-        billing_enabled=settings.enabled,
-        subscription_status=subscription.status if subscription else None,
-    )
-    return QuotaDecision(decision.allowed, decision.remaining, decision.reason, period)
+    # Check and hold under the account's lock: a burst of requests is decided one by one, each seeing the
+    # holds of those before it, so together they never pass more than the quota.
+    async with repository.quota_transaction(account_id) as tx:
+        used, held = await tx.committed_characters(period.start, period.end, moment)
+        decision = decide_quota(
+            used=used + held,
+            requested=characters,
+            quota=settings.plan_character_quota,
+            billing_enabled=settings.enabled,
+            subscription_status=subscription.status if subscription else None,
+        )
+        hold_id = None
+        # With billing off nothing is enforced, so nothing needs holding.
+        if reserve and decision.allowed and settings.enabled:
+            hold_id = str(uuid.uuid4())
+            await tx.drop_expired_holds(moment)
+            await tx.add_hold(hold_id, characters, moment, moment + timedelta(seconds=settings.quota_hold_ttl_s))
+    if hold_id is not None:
+        log.info("quota_hold_taken", hold_id=hold_id, characters=characters, held_before=held)
+    return QuotaDecision(decision.allowed, decision.remaining, decision.reason, period, hold_id)

@@ -36,6 +36,9 @@ class BillingSettings(CommonSettings):
     app_base_url: str = "http://127.0.0.1:8000"
     plan_character_quota: int = 500_000
     webhook_tolerance_s: int = 300
+    # How long a quota hold counts when neither job.ready nor job.failed ever arrives for it (a lost event):
+    # longer than any job can stay pending, short enough that a lost event cannot lock an account for long.
+    quota_hold_ttl_s: int = 3600
 
     @field_validator("billing", mode="before")
     @classmethod
@@ -54,7 +57,7 @@ class BillingSettings(CommonSettings):
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else None
 
-    @field_validator("plan_character_quota", "webhook_tolerance_s")
+    @field_validator("plan_character_quota", "webhook_tolerance_s", "quota_hold_ttl_s")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value <= 0:

@@ -69,12 +69,15 @@ class GatewayService:
         await self._server.start()
 
     async def _sweep_forever(self) -> None:
-        """Expire what the gateway keeps for a while: uncollected checkout keys, idempotency records."""
+        """Expire what the gateway keeps for a while (uncollected checkout keys, idempotency records) and ask
+        again for account purges some service has not confirmed."""
         settings = self.ctx.settings
         while True:
             try:
                 await handlers.sweep_checkout_keys(accounts=self.ctx.accounts,
                                                    max_age_s=settings.checkout_key_ttl_s)
+                await handlers.resend_unfinished_purges(accounts=self.ctx.accounts, bus=self.ctx.bus,
+                                                        older_than_s=settings.gateway_sweep_interval_s)
                 if self.ctx.idempotency is not None:
                     purged = await self.ctx.idempotency.purge_expired()
                     if purged:

@@ -26,9 +26,21 @@ async def on_purge_requested(event: AccountPurgeRequested, *, envelope: Envelope
                                     removed=removed))
 
 
+async def resend_unfinished_purges(*, accounts: AccountRepository, bus: MessageBus, older_than_s: float = 60.0,
+                                   within_s: float = 7 * 24 * 3600) -> int:
+    """Ask again for purges a service has not confirmed (a lost request, an event dead-lettered in an outage):
+    every purge consumer deletes idempotently and the first confirmation of each service counts."""
+    unfinished = await accounts.unfinished_purges(older_than_s=older_than_s, within_s=within_s)
+    for row in unfinished:
+        await bus.publish(AccountPurgeRequested(account_id=row["account_id"], purge_id=str(row["purge_id"])))
+        log.warning("purge_requested_again", purge_id=str(row["purge_id"]),
+                    missing=sorted(set(PURGING_SERVICES) - set(row["confirmed"] or {})))
+    return len(unfinished)
+
+
 async def on_purged(event: AccountPurged, *, envelope: Envelope, accounts: AccountRepository) -> None:
     await accounts.confirm_purge(event.purge_id, event.service, event.removed, PURGING_SERVICES)
-    log.info("purge_confirmed", purge_id=event.purge_id, service=event.service, removed=event.removed)
+    log.info("purge_confirmed", purge_id=event.purge_id, confirmed_by=event.service, removed=event.removed)
 
 
 async def on_provisioning_requested(event: AccountProvisioningRequested, *, envelope: Envelope,

@@ -19,6 +19,12 @@ class GatewaySettings(CommonSettings):
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     max_text_chars: int = 5000
     max_upload_bytes: int = 20 * 1024 * 1024
+    # Request body caps, enforced before authentication (uploads: max_upload_bytes plus the multipart fields).
+    max_json_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    # A base64 WAV of the longest synthesis (5000 chars, ~6 min of 24 kHz 16-bit mono) is ~23 MB.
+    max_callback_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # Stripe's event bodies are a few KiB.
+    max_webhook_body_bytes: int = Field(default=1024 * 1024, gt=0)
     # Per-key defaults; a key may carry its own.
     rate_limit_per_minute: int = 120
     max_concurrent_requests: int = 16

@@ -65,6 +65,11 @@ class FakeAccountRepository:
         self.purges[purge_id] = {"account_id": account_id, "confirmed": {}, "completed": False}
         return purge_id
 
+    async def unfinished_purges(self, *, older_than_s: float, within_s: float) -> list[dict[str, Any]]:
+        # The fake has no clock: every unfinished purge counts as old enough.
+        return [{"purge_id": pid, "account_id": p["account_id"], "confirmed": dict(p["confirmed"])}
+                for pid, p in self.purges.items() if not p["completed"]]
+
     async def confirm_purge(self, purge_id: str, service: str, removed: int,
                             required: tuple[str, ...]) -> None:
         purge = self.purges.get(purge_id)
@@ -267,3 +272,18 @@ async def test_absence_proves_nothing_until_the_warmup_has_passed_or_a_worker_ha
     early = BackendRegistry(clock=clock, warmup_s=12.0)
     await early.on_heartbeat(_beat("cpu", "embedded"), envelope=ENV)
     assert early.known_unavailable("qwen3-1.7b") and not early.known_unavailable("embedded")
+
+
+async def test_unfinished_purges_are_asked_for_again_until_every_service_confirms() -> None:
+    accounts, bus = FakeAccountRepository(), FakeBus()
+    done = await accounts.start_purge("acct-done")
+    for service in PURGING_SERVICES:
+        await accounts.confirm_purge(done, service, 0, PURGING_SERVICES)
+    stuck = await accounts.start_purge("acct-stuck")
+    await accounts.confirm_purge(stuck, "gateway", 1, PURGING_SERVICES)
+    assert await handlers.resend_unfinished_purges(accounts=accounts, bus=bus) == 1
+    [again] = bus.events(AccountPurgeRequested)
+    assert (again.account_id, again.purge_id) == ("acct-stuck", stuck)
+    for service in PURGING_SERVICES:
+        await accounts.confirm_purge(stuck, service, 0, PURGING_SERVICES)
+    assert await handlers.resend_unfinished_purges(accounts=accounts, bus=bus) == 0

@@ -113,11 +113,12 @@ async def on_synthesis_completed(event: SynthesisCompleted, *, envelope: Envelop
     obj = await handlers.store_generated_audio(job_id=event.job_id, account_id=event.account_id,
                                                created_at=event.job_created_at or envelope.occurred_at, wav=body,
                                                repo=repo, store=store)
-    # One id per job: a redelivered completion (on any replica) re-announces the same object, and the
-    # dispatcher's inbox drops the repeat.
+    # One id per completion message: its redelivery (on any replica) is dropped by the dispatcher's inbox, while
+    # another attempt's late completion is announced, so the dispatcher can release audio nobody owns any more.
     await bus.publish(c.AudioStored(job_id=event.job_id, account_id=event.account_id, key=obj.key, size=obj.size,
                                     expires_at=obj.expires_at, synthesis_ms=event.synthesis_ms,
-                                    audio_seconds=event.audio_seconds), message_id=f"audio.stored:{event.job_id}")
+                                    audio_seconds=event.audio_seconds),
+                      message_id=f"audio.stored:{event.job_id}:{envelope.message_id}")
 
 
 async def on_voice_deleted(event: VoiceDeleted, *, envelope: Envelope, repo: ObjectRepository,

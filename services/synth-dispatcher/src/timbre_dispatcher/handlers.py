@@ -20,6 +20,7 @@ from timbre_common.contracts.synthesis import (FetchJobAudio, GetJob, JobFailed,
                                                LookupJob, PurgeVoiceJobs, SubmitSynthesis, SynthesisAccepted,
                                                SynthesisFailed, SynthesisRequested)
 from timbre_common.contracts.voices import VoiceDeleted
+from timbre_common.ids import is_canonical_uuid
 from timbre_common.logging import get_logger
 from timbre_common.messaging import NotFound, RemoteError, RpcError, work_routing_key
 from timbre_common.ports import MessageBus
@@ -48,11 +49,7 @@ def _job_not_found(job_id: str) -> NotFound:
 
 
 def _valid_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
+    return is_canonical_uuid(value)
 
 
 async def _work_order(row: Any, *, bus: MessageBus, policy: JobPolicy) -> SynthesisRequested:
@@ -108,7 +105,7 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
             return SynthesisAccepted(cache_hit=True, job_id=str(entry["job_id"]), status=domain.READY,
                                      cache_key=key, synthesis_ms=entry["synthesis_ms"] or 0,
                                      expires_at=stored.expires_at), audio or b""
-    in_flight = await jobs.pending_for(cmd.account_id, key)
+    in_flight = await jobs.pending_for(cmd.account_id, key, cmd.response_format)
     if in_flight is not None:
         return SynthesisAccepted(cache_hit=False, job_id=str(in_flight["job_id"]), cache_key=key)
     profile = (cmd.voice.profile or {}).get(cmd.backend)
@@ -117,12 +114,16 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
     job_id = str(uuid.uuid4())
     row = await jobs.create(job_id=job_id, account_id=cmd.account_id, voice_id=cmd.voice.voice_id, text=cmd.text,
                             lang=cmd.lang, backend=cmd.backend, cache_key=key,
-                            response_format=cmd.response_format, request=request, deadline_s=policy.deadline_s)
+                            response_format=cmd.response_format, request=request, deadline_s=policy.deadline_s,
+                            hold_id=cmd.hold_id)
+    # The new job owns the quota hold now: job.ready or job.failed gives it back to billing.
+    attached = cmd.hold_id is not None
     # Publish after the row exists: a crash in between leaves a pending job the deadline sweep re-sends.
     if not await _dispatch(row, jobs=jobs, bus=bus, policy=policy):
-        return SynthesisAccepted(cache_hit=False, job_id=job_id, status=domain.FAILED, cache_key=key)
+        return SynthesisAccepted(cache_hit=False, job_id=job_id, status=domain.FAILED, cache_key=key,
+                                 hold_attached=attached)
     log.info("job_created", job_id=job_id, backend=cmd.backend, characters=len(cmd.text))
-    return SynthesisAccepted(cache_hit=False, job_id=job_id, cache_key=key)
+    return SynthesisAccepted(cache_hit=False, job_id=job_id, cache_key=key, hold_attached=attached)
 
 
 async def _view(row: Any, *, bus: MessageBus, with_url: bool = True) -> JobView:
@@ -261,16 +262,17 @@ async def on_audio_stored(event: AudioStored, *, envelope: Envelope, jobs: JobRe
                     synthesis_ms=event.synthesis_ms)
     await bus.publish(JobReady(job_id=event.job_id, account_id=row["account_id"], voice_id=row["voice_id"],
                                backend=row["backend"], characters=row["characters"], audio_key=event.key,
-                               expires_at=event.expires_at), message_id=f"job.ready:{event.job_id}")
+                               expires_at=event.expires_at, hold_id=row.get("hold_id")),
+                      message_id=f"job.ready:{event.job_id}")
     log.info("job_ready" if transitioned else "job_ready_reannounced", job_id=event.job_id,
              synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds)
 
 
 async def _fail(job_id: str, account_id: str, code: str, reason: str, *, jobs: JobRepository,
                 bus: MessageBus) -> None:
-    if await jobs.mark_failed(job_id, code=code, reason=reason) is not None:
-        await bus.publish(JobFailed(job_id=job_id, account_id=account_id, code=code, reason=reason),
-                          message_id=f"job.failed:{job_id}")
+    if (failed := await jobs.mark_failed(job_id, code=code, reason=reason)) is not None:
+        await bus.publish(JobFailed(job_id=job_id, account_id=account_id, code=code, reason=reason,
+                                    hold_id=failed.get("hold_id")), message_id=f"job.failed:{job_id}")
         log.warning("job_failed", job_id=job_id, code=code, reason=reason)
 
 
@@ -291,6 +293,10 @@ async def on_synthesis_failed(event: SynthesisFailed, *, envelope: Envelope, job
                               bus: MessageBus, policy: JobPolicy) -> None:
     row = await jobs.get(event.job_id)
     if row is None or row["status"] != domain.PENDING:
+        return
+    if event.attempt is not None and event.attempt < row["attempts"]:
+        # An older attempt failing says nothing about the newer one still running.
+        log.info("stale_failure_ignored", job_id=event.job_id, attempt=event.attempt, current=row["attempts"])
         return
     if event.retryable:
         await _redispatch(row, jobs=jobs, bus=bus, policy=policy, code=event.code, reason=event.reason)

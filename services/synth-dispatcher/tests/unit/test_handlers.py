@@ -76,9 +76,10 @@ class World:
         await handlers.on_audio_stored(event, envelope=envelope(), **self.deps("jobs", "cache", "bus"))
         return event
 
-    async def failed(self, job_id: str, *, retryable: bool, code: str = "worker_crashed") -> None:
+    async def failed(self, job_id: str, *, retryable: bool, code: str = "worker_crashed",
+                     attempt: int | None = None) -> None:
         event = SynthesisFailed(job_id=job_id, account_id=ACCOUNT, code=code, reason="boom",
-                                retryable=retryable)
+                                retryable=retryable, attempt=attempt)
         await handlers.on_synthesis_failed(event, envelope=envelope(), **self.deps("jobs", "bus", "policy"))
 
     def orders(self) -> list[SynthesisRequested]:
@@ -316,6 +317,17 @@ async def test_audio_stored_for_a_deleted_job_releases_the_object(world: World) 
 
 
 # Failures, retries and deadlines --------------------------------------------------------------------------
+
+async def test_a_failure_of_an_older_attempt_does_not_fail_the_newer_one(world: World) -> None:
+    accepted = await world.submit("Twice handed out.")
+    await world.failed(accepted.job_id, retryable=True, attempt=1)  # attempt 2 goes out
+    assert world.jobs.rows[accepted.job_id]["attempts"] == 2
+    await world.failed(accepted.job_id, retryable=False, code="late_news", attempt=1)
+    row = world.jobs.rows[accepted.job_id]
+    assert row["status"] == "pending" and row["attempts"] == 2
+    await world.failed(accepted.job_id, retryable=False, code="real", attempt=2)
+    assert world.jobs.rows[accepted.job_id]["error_code"] == "real"
+
 
 async def test_a_retryable_failure_redispatches_with_the_next_attempt_until_the_maximum(world: World) -> None:
     accepted = await world.submit("Flaky.")

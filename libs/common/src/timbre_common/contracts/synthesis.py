@@ -149,6 +149,8 @@ class SynthesisFailed(Event):
     code: str
     reason: str
     retryable: bool = False
+    # The attempt that failed; a failure of an attempt older than the job's latest is stale and ignored.
+    attempt: int | None = None
 
 
 class JobReady(Event):

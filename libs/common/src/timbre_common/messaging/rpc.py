@@ -65,6 +65,7 @@ class RpcServer:
         self.prefetch = prefetch
         self._queue: aio_pika.abc.AbstractQueue | None = None
         self._tag: str | None = None
+        self._inflight: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         await self.channel.set_qos(prefetch_count=self.prefetch)
@@ -74,13 +75,20 @@ class RpcServer:
         self._tag = await self._queue.consume(self._on_request)
 
     async def stop(self) -> None:
+        """Take no new requests; let those in hand finish (a submit cut off half-way leaves a stray job)."""
         if self._queue is not None and self._tag is not None:
             try:
                 await self._queue.cancel(self._tag)
             except Exception:
                 pass
+        if self._inflight:
+            await asyncio.wait(self._inflight, timeout=30)
 
     async def _on_request(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
         async with incoming.process(requeue=False, ignore_processed=True):
             with correlation(incoming.correlation_id):
                 reply, body = await self._dispatch(incoming)

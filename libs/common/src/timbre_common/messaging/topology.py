@@ -9,8 +9,9 @@ import aio_pika
 from ..catalogue import KNOWN_BACKENDS
 from ..contracts import accounts, billing, storage, synthesis, voices
 
-# Delays (seconds) of the retry tiers: the n-th retry waits RETRY_DELAYS[min(n, len) - 1].
-RETRY_DELAYS: tuple[int, ...] = (1, 5, 30)
+# Delays (seconds) of the retry tiers: the n-th retry waits RETRY_DELAYS[min(n, len) - 1]. With the default of
+# six attempts an event survives about 35 minutes of a dependency being down before it is dead-lettered.
+RETRY_DELAYS: tuple[int, ...] = (1, 5, 30, 300, 1800)
 # Deliveries before the broker itself dead-letters a message that keeps crashing its consumer.
 DELIVERY_LIMIT = 5
 
@@ -22,7 +23,7 @@ class QueueSpec:
     name: str
     bindings: tuple[str, ...]
     quorum: bool = True
-    max_attempts: int = 5
+    max_attempts: int = 6
     # Consumers on one queue share the work; prefetch bounds what one of them holds unacked.
     prefetch: int = 16
     arguments: dict[str, object] = field(default_factory=dict)

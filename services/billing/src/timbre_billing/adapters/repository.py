@@ -137,8 +137,49 @@ class BillingTransaction:
         )
 
 
+class QuotaTransaction:
+    """Statements that run while one account's quota lock is held."""
+
+    def __init__(self, conn: asyncpg.Connection, account_id: str) -> None:
+        self._conn, self._account_id = conn, account_id
+
+    async def committed_characters(self, start: datetime, end: datetime, now: datetime) -> tuple[int, int]:
+        """(used in [start, end), held by unexpired holds), read in one statement so one snapshot: a job.ready
+        committing meanwhile moves its characters from held to used, never out of both."""
+        row = await self._conn.fetchrow(
+            "SELECT (SELECT coalesce(sum(characters), 0) FROM usage_ledger"
+            "        WHERE account_id = $1 AND occurred_at >= $2 AND occurred_at < $3) AS used,"
+            "       (SELECT coalesce(sum(characters), 0) FROM quota_holds"
+            "        WHERE account_id = $1 AND expires_at > $4) AS held",
+            self._account_id,
+            start,
+            end,
+            now,
+        )
+        return int(row["used"]), int(row["held"])
+
+    async def add_hold(self, hold_id: str, characters: int, now: datetime, expires_at: datetime) -> None:
+        """Hold `characters` of the account's quota until a job consumes or releases them, or `expires_at`."""
+        await self._conn.execute(
+            "INSERT INTO quota_holds (hold_id, account_id, characters, created_at, expires_at)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            hold_id,
+            self._account_id,
+            characters,
+            now,
+            expires_at,
+        )
+
+    async def drop_expired_holds(self, now: datetime) -> int:
+        """Forget the account's expired holds (they no longer count; this only keeps the table small)."""
+        status = await self._conn.execute(
+            "DELETE FROM quota_holds WHERE account_id = $1 AND expires_at <= $2", self._account_id, now
+        )
+        return int(status.split()[-1])
+
+
 class BillingRepository:
-    """Customers, checkout tokens, subscriptions, the Stripe event log and the usage ledger."""
+    """Customers, checkout tokens, subscriptions, the Stripe event log, the usage ledger and quota holds."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -148,6 +189,21 @@ class BillingRepository:
         """One connection and one transaction for a webhook event."""
         async with self._pool.acquire() as conn, conn.transaction():
             yield BillingTransaction(conn)
+
+    @asynccontextmanager
+    async def quota_transaction(self, account_id: str) -> AsyncIterator[QuotaTransaction]:
+        """One transaction holding the account's quota lock: concurrent checks of one account run one by one."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            # A transaction-scoped advisory lock: released at commit or rollback, and needs no row to exist.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"quota:{account_id}")
+            yield QuotaTransaction(conn, account_id)
+
+    async def release_hold(self, account_id: str, hold_id: str) -> bool:
+        """Delete a hold; False when it was already gone (consumed, released or purged)."""
+        status = await self._pool.execute(
+            "DELETE FROM quota_holds WHERE hold_id = $1 AND account_id = $2", hold_id, account_id
+        )
+        return status != "DELETE 0"
 
     async def event_seen(self, event_id: str) -> bool:
         """Whether a Stripe event was already recorded."""
@@ -200,18 +256,30 @@ class BillingRepository:
         )
 
     async def record_usage(
-        self, job_id: str, account_id: str, characters: int, occurred_at: datetime, period_start: datetime
+        self,
+        job_id: str,
+        account_id: str,
+        characters: int,
+        occurred_at: datetime,
+        period_start: datetime,
+        hold_id: str | None = None,
     ) -> bool:
-        """Add a job's characters once; False when the job was already recorded."""
-        row = await self._pool.fetchrow(
-            "INSERT INTO usage_ledger (job_id, account_id, characters, occurred_at, period_start)"
-            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
-            job_id,
-            account_id,
-            characters,
-            occurred_at,
-            period_start,
-        )
+        """Add a job's characters once and drop its hold in the same transaction, so the characters are never
+        counted twice (held and used) nor in neither; False when the job was already recorded."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "INSERT INTO usage_ledger (job_id, account_id, characters, occurred_at, period_start)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (job_id) DO NOTHING RETURNING job_id",
+                job_id,
+                account_id,
+                characters,
+                occurred_at,
+                period_start,
+            )
+            if hold_id is not None:
+                await conn.execute(
+                    "DELETE FROM quota_holds WHERE hold_id = $1 AND account_id = $2", hold_id, account_id
+                )
         return row is not None
 
     async def characters_between(self, account_id: str, start: datetime, end: datetime) -> int:
@@ -234,6 +302,7 @@ class BillingRepository:
         """Every row of the account: usage, checkouts, subscriptions and the customer record."""
         async with self._pool.acquire() as conn, conn.transaction():
             usage = await conn.execute("DELETE FROM usage_ledger WHERE account_id = $1", account_id)
+            await conn.execute("DELETE FROM quota_holds WHERE account_id = $1", account_id)
             await conn.execute("DELETE FROM checkout_tokens WHERE account_id = $1", account_id)
             customers = await conn.fetch("DELETE FROM customers WHERE account_id = $1 RETURNING customer_id",
                                          account_id)

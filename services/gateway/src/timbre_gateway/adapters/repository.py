@@ -91,6 +91,13 @@ class AccountRepository:
     async def get_purge(self, purge_id: str) -> asyncpg.Record | None:
         return await self.pool.fetchrow("SELECT * FROM purges WHERE purge_id = $1", purge_id)
 
+    async def unfinished_purges(self, *, older_than_s: float, within_s: float) -> list[asyncpg.Record]:
+        """Purges some service has not confirmed a while after they were asked for (up to `within_s` old)."""
+        return await self.pool.fetch(
+            "SELECT purge_id, account_id, confirmed FROM purges WHERE completed_at IS NULL "
+            "AND requested_at < now() - make_interval(secs => $1) AND requested_at > now() - make_interval(secs => $2)",
+            older_than_s, within_s)
+
     # Keys minted after a checkout ------------------------------------------------------------------
     async def store_checkout_key(self, token: str, account_id: str, api_key: str) -> None:
         await self.pool.execute(

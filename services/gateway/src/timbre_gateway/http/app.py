@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from timbre_common.logging import correlation_id_var, get_logger
 
+from .body_limits import BodyLimitMiddleware, body_limits
 from .errors import document_error_body, install_error_handlers
 from .limits import RateLimitHeadersMiddleware
 from .routes import router
@@ -73,5 +74,7 @@ def create_app(ctx: Any, *, extra_routers: list[Any] | None = None) -> FastAPI:
     for extra in extra_routers or []:
         app.include_router(extra)
     app.add_middleware(RateLimitHeadersMiddleware)
+    # Inside the correlation middleware, so a refused body is logged with its request id.
+    app.add_middleware(BodyLimitMiddleware, limits=body_limits(ctx.settings))
     app.add_middleware(CorrelationMiddleware)
     return app

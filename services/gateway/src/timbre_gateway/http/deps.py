@@ -56,6 +56,14 @@ async def require_admin(ctx: Ctx, credentials: Credentials) -> None:
         raise ApiError(401, "invalid_admin_secret", "wrong or missing admin secret", headers=_UNAUTHORIZED)
 
 
+async def require_callback_secret(ctx: Ctx, credentials: Credentials) -> None:
+    """The remote GPU workers' callback secret, compared in constant time."""
+    expected = ctx.settings.modal_callback_secret.get_secret_value().encode()
+    given = (credentials.credentials if credentials else "").encode()
+    if not expected or not hmac.compare_digest(given, expected):
+        raise ApiError(401, "invalid_callback_secret", "wrong or missing callback secret", headers=_UNAUTHORIZED)
+
+
 async def require_key_within_limits(request: Request, ctx: Ctx,
                                     caller: Annotated[Caller, Depends(require_key)]) -> AsyncIterator[Caller]:
     """The caller, counted against its key's rate limit and holding a concurrency slot until the answer."""
@@ -66,3 +74,4 @@ async def require_key_within_limits(request: Request, ctx: Ctx,
 
 CallerDep = Annotated[Caller, Depends(require_key_within_limits)]
 AdminDep = Annotated[None, Depends(require_admin)]
+CallbackSecretDep = Annotated[None, Depends(require_callback_secret)]

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from .errors import ApiError
@@ -31,7 +32,9 @@ class _TooLarge(Exception):
 
 
 async def read_form(request: Request, *, file_fields: set[str], max_file_bytes: int) -> Form:
-    """Parse the body part by part; stop reading as soon as a file passes `max_file_bytes`."""
+    """Parse the body part by part; stop reading as soon as a file passes `max_file_bytes` or the whole body
+    passes that plus the fields' allowance. Only parts named in `file_fields` may carry a file; a field sent twice
+    is refused rather than letting the second one win."""
     content_type = request.headers.get("content-type", "")
     ctype, params = parse_options_header(content_type)
     if ctype == b"application/x-www-form-urlencoded":
@@ -39,10 +42,13 @@ async def read_form(request: Request, *, file_fields: set[str], max_file_bytes: 
         return await _read_urlencoded(request)
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise ApiError(422, "unsupported_media_type", "send the request as multipart/form-data")
+    max_body_bytes = max_file_bytes + MAX_PARTS * MAX_FIELD_BYTES
+    too_large = ApiError(422, "file_too_large", f"the upload exceeds {max_file_bytes // (1024 * 1024)} MB")
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_file_bytes + MAX_PARTS * MAX_FIELD_BYTES:
-        raise ApiError(422, "file_too_large", f"the upload exceeds {max_file_bytes // (1024 * 1024)} MB")
+    if declared and declared.isdigit() and int(declared) > max_body_bytes:
+        raise too_large
     form = Form()
+    seen: set[str] = set()
     state: dict[str, object] = {"name": None, "filename": None, "ctype": None, "buf": bytearray(),
                                 "header": b"", "headers": {}, "parts": 0}
 
@@ -72,12 +78,22 @@ async def read_form(request: Request, *, file_fields: set[str], max_file_bytes: 
         state["filename"] = filename.decode("utf-8", "replace") if filename is not None else None
         ctype = headers.get(b"content-type")
         state["ctype"] = ctype.decode("latin-1") if ctype else None
+        # Refused before any of the part is buffered: a file only where the route expects one, each name once.
+        field_name = state["name"]
+        if state["filename"] is not None and field_name not in file_fields:
+            raise ApiError(400, "unexpected_file", f"{field_name or 'an unnamed part'} may not be a file; "
+                           f"files go in {', '.join(sorted(file_fields))}")
+        if isinstance(field_name, str):
+            if field_name in seen:
+                raise ApiError(400, "duplicate_field", f"{field_name} was sent twice")
+            seen.add(field_name)
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
+        if not isinstance(state["name"], str):
+            return  # a part with no name is never read, so it is not kept
         buf: bytearray = state["buf"]  # type: ignore[assignment]
         buf.extend(data[start:end])
-        is_file = state["name"] in file_fields or state["filename"] is not None
-        limit = max_file_bytes if is_file else MAX_FIELD_BYTES
+        limit = max_file_bytes if state["name"] in file_fields else MAX_FIELD_BYTES
         if len(buf) > limit:
             raise _TooLarge(state["name"])
 
@@ -86,9 +102,7 @@ async def read_form(request: Request, *, file_fields: set[str], max_file_bytes: 
         if not isinstance(name, str):
             return
         buf = bytes(state["buf"])  # type: ignore[arg-type]
-        if name in file_fields or state["filename"] is not None:
-            if name in form.files:
-                raise ApiError(400, "duplicate_field", f"{name} was sent twice")
+        if name in file_fields:
             form.files[name] = FilePart(state["filename"], state["ctype"], buf)  # type: ignore[arg-type]
         else:
             try:
@@ -100,8 +114,13 @@ async def read_form(request: Request, *, file_fields: set[str], max_file_bytes: 
         "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
         "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
         "on_headers_finished": on_headers_finished})
+    received = 0
     try:
         async for chunk in request.stream():
+            # Per-part limits alone would let many parts add up; the whole body has one budget.
+            received += len(chunk)
+            if received > max_body_bytes:
+                raise too_large
             parser.write(chunk)
         parser.finalize()
     except _TooLarge as exc:
@@ -110,7 +129,7 @@ async def read_form(request: Request, *, file_fields: set[str], max_file_bytes: 
             raise ApiError(422, "file_too_large",
                            f"{field_name} exceeds {max_file_bytes // (1024 * 1024)} MB") from None
         raise ApiError(422, "field_too_large", f"field {field_name} is too large") from None
-    except ApiError:
+    except (ApiError, HTTPException):  # ours, or the body cap's 413
         raise
     except Exception as exc:  # the multipart parser's own errors on a malformed body
         raise ApiError(400, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None

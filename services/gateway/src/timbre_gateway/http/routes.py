@@ -22,6 +22,7 @@ from timbre_common.contracts.synthesis import (FetchJobAudio, GetJob, JobView, L
                                                SubmitSynthesis, SynthesisAccepted, SynthesisCompleted,
                                                SynthesisFailed, VoiceSnapshot)
 from timbre_common.contracts.voices import DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceList, VoiceRecord
+from timbre_common.ids import is_canonical_uuid
 from timbre_common.logging import get_logger
 from timbre_common.messaging import RemoteError
 from timbre_common.text import SUPPORTED_LANGUAGES
@@ -36,6 +37,9 @@ from .schemas import (CallbackOutcome, CompletionCallback, CreateKey, Health, Jo
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1")
 
+# What a remote worker reports when the trouble was its own (a GPU, a network), not the request's: another
+# attempt, maybe on another container, may well succeed; the dispatcher bounds the attempts.
+REMOTE_TRANSIENT_FAILURES = frozenset({"backend_unavailable", "reference_unavailable", "synthesis_failed"})
 UPLOAD_PURPOSES = ("voice_clone", "stt_input", "watermark_input", "audio_job_input")
 UPLOAD_CONTENT_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "audio/mpeg", "audio/mp3",
                                   "audio/mp4", "audio/x-m4a", "audio/aac", "audio/ogg", "audio/opus", "audio/webm",
@@ -57,8 +61,15 @@ SYNTHESIS_HEADERS = {
 IDEMPOTENT_REPLAY_HEADERS = {"Idempotent-Replayed": SYNTHESIS_HEADERS["Idempotent-Replayed"]}
 
 
-def _audio(wav: bytes, fmt: str, headers: dict[str, str], status: int = 200) -> Response:
-    body, content_type = transcode(wav, fmt)
+def _require_uuid(value: str, code: str, message: str) -> None:
+    """An id that cannot name anything is simply not found."""
+    if not is_canonical_uuid(value):
+        raise ApiError(404, code, message)
+
+
+async def _audio(wav: bytes, fmt: str, headers: dict[str, str], status: int = 200) -> Response:
+    # Encoding minutes of mp3 or opus takes seconds of CPU: off the event loop, so other requests keep flowing.
+    body, content_type = transcode(wav, fmt) if fmt == "wav" else await asyncio.to_thread(transcode, wav, fmt)
     return Response(body, status_code=status, media_type=content_type, headers=headers)
 
 
@@ -81,10 +92,7 @@ async def health(ctx: Ctx) -> Health:
 async def create_key(ctx: Ctx, _: AdminDep, body: CreateKey | None = None) -> KeyCreated:
     body = body or CreateKey()
     if body.account_id is not None:
-        try:
-            uuid.UUID(body.account_id)
-        except ValueError:
-            raise ApiError(404, "account_not_found", "no such account") from None
+        _require_uuid(body.account_id, "account_not_found", "no such account")
         if not await ctx.accounts.account_exists(body.account_id):
             raise ApiError(404, "account_not_found", "no such account")
     key, row = await ctx.accounts.create_key(label=body.label, account_id=body.account_id,
@@ -105,9 +113,7 @@ def _key_info(row) -> KeyInfo:  # type: ignore[no-untyped-def]
             responses=error_responses(401))
 async def list_keys(ctx: Ctx, _: AdminDep, account_id: str | None = None) -> list[KeyInfo]:
     if account_id is not None:
-        try:
-            uuid.UUID(account_id)
-        except ValueError:
+        if not is_canonical_uuid(account_id):
             return []
     return [_key_info(r) for r in await ctx.accounts.list_keys(account_id)]
 
@@ -117,10 +123,7 @@ async def list_keys(ctx: Ctx, _: AdminDep, account_id: str | None = None) -> lis
                   400: ["invalid_json", "invalid_body"], 401: ["invalid_admin_secret"], 404: ["key_not_found"],
                   422: ["invalid_request"]}))
 async def update_key(ctx: Ctx, _: AdminDep, key_id: str, body: UpdateKeyLimits) -> KeyInfo:
-    try:
-        uuid.UUID(key_id)
-    except ValueError:
-        raise ApiError(404, "key_not_found", "no such key") from None
+    _require_uuid(key_id, "key_not_found", "no such key")
     row = await ctx.accounts.update_key_limits(key_id, body.model_dump(include=body.model_fields_set))
     if row is None:
         raise ApiError(404, "key_not_found", "no such key")
@@ -132,10 +135,7 @@ async def update_key(ctx: Ctx, _: AdminDep, key_id: str, body: UpdateKeyLimits) 
 @router.delete("/keys/{key_id}", status_code=204, tags=["keys"], summary="Revoke an API key (admin)",
                responses=error_responses(401, 404, codes={401: ["invalid_admin_secret"], 404: ["key_not_found"]}))
 async def revoke_key(ctx: Ctx, _: AdminDep, key_id: str) -> Response:
-    try:
-        uuid.UUID(key_id)
-    except ValueError:
-        raise ApiError(404, "key_not_found", "no such key") from None
+    _require_uuid(key_id, "key_not_found", "no such key")
     if await ctx.accounts.revoke_key(key_id) is None:
         raise ApiError(404, "key_not_found", "no such key")
     return Response(status_code=204)
@@ -161,7 +161,7 @@ VOICE_FORM = {
              openapi_extra=VOICE_FORM, responses={201: {"headers": IDEMPOTENT_REPLAY_HEADERS},
                                                   **error_responses(400, 401, 404, 409, 422, 429, 503, codes={
                                                       400: ["missing_field", "malformed_multipart", "duplicate_field",
-                                                            "too_many_parts", "invalid_field",
+                                                            "too_many_parts", "invalid_field", "unexpected_file",
                                                             "invalid_idempotency_key"],
                                                       404: ["upload_not_found"],
                                                       409: ["idempotency_in_progress"],
@@ -330,7 +330,7 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
                     "X-Job-Id": accepted.job_id or ""}
         if accepted.expires_at:
             headers["X-Expires-At"] = accepted.expires_at.isoformat()
-        return _audio(audio or b"", body.response_format, headers)
+        return await _audio(audio or b"", body.response_format, headers)
     headers |= {"X-Cache": "MISS", "X-Synthesis-Time-Ms": "-1", "Location": f"/v1/jobs/{accepted.job_id}"}
     return JSONResponse({"job_id": accepted.job_id, "status": "pending"}, status_code=202, headers=headers)
 
@@ -358,7 +358,7 @@ async def get_job_audio(ctx: Ctx, caller: CallerDep, job_id: str) -> Response:
     headers = {"X-Job-Id": view.job_id, "X-Voice-Id": view.voice_id, "X-Backend": view.backend}
     if view.expires_at:
         headers["X-Expires-At"] = view.expires_at.isoformat()
-    return _audio(audio or b"", view.response_format, headers)
+    return await _audio(audio or b"", view.response_format, headers)
 
 
 def _callback_body(raw: bytes) -> CompletionCallback:
@@ -406,9 +406,10 @@ async def complete_job(request: Request, ctx: Ctx, _: CallbackSecretDep, job_id:
             rtf=body.rtf if body.rtf is not None else (synthesis_ms / 1000 / seconds if seconds else 0.0),
             job_created_at=owner.created_at, details={"executor": "modal"}), body=wav)
     else:
-        await ctx.bus.publish(SynthesisFailed(job_id=job_id, account_id=owner.account_id,
-                                              code=body.error_code or "synthesis_failed",
-                                              reason=(body.error or "the GPU worker reported no audio")[:2000]))
+        code = body.error_code or "synthesis_failed"
+        await ctx.bus.publish(SynthesisFailed(job_id=job_id, account_id=owner.account_id, code=code,
+                                              reason=(body.error or "the GPU worker reported no audio")[:2000],
+                                              retryable=code in REMOTE_TRANSIENT_FAILURES))
     return CallbackOutcome(status="accepted")
 
 
@@ -472,10 +473,9 @@ async def delete_account(ctx: Ctx, caller: CallerDep) -> Response:
 @router.delete("/admin/accounts/{account_id}", response_model=PurgeOut, tags=["account"],
                summary="Purge any account (admin)", responses=error_responses(401, 404))
 async def purge_account(ctx: Ctx, _: AdminDep, account_id: str) -> Response:
-    try:
-        uuid.UUID(account_id)
-    except ValueError:
-        raise ApiError(404, "account_not_found", "no such account") from None
+    _require_uuid(account_id, "account_not_found", "no such account")
+    if not await ctx.accounts.account_exists(account_id):
+        raise ApiError(404, "account_not_found", "no such account")
     out = await _purge(ctx, account_id)
     return JSONResponse(out.model_dump(), status_code=200 if out.status == "completed" else 202)
 
@@ -483,10 +483,7 @@ async def purge_account(ctx: Ctx, _: AdminDep, account_id: str) -> Response:
 @router.get("/admin/purges/{purge_id}", response_model=PurgeOut, tags=["account"], summary="A purge's progress (admin)",
             responses=error_responses(401, 404))
 async def get_purge(ctx: Ctx, _: AdminDep, purge_id: str) -> PurgeOut:
-    try:
-        uuid.UUID(purge_id)
-    except ValueError:
-        raise ApiError(404, "purge_not_found", "no such purge") from None
+    _require_uuid(purge_id, "purge_not_found", "no such purge")
     row = await ctx.accounts.get_purge(purge_id)
     if row is None:
         raise ApiError(404, "purge_not_found", "no such purge")

@@ -6,6 +6,7 @@ first result), and one whose call is lost is re-sent by the deadline sweep.
 """
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 from timbre_common.contracts import Envelope
@@ -66,13 +67,16 @@ def payload_for(order: SynthesisRequested, *, callback_url: str, callback_secret
 
 
 async def spawn_work_order(order: SynthesisRequested, *, envelope: Envelope, spawner: Spawner, jobs: Any,
-                           public_base_url: str, callback_secret: str) -> None:
+                           public_base_url: str, callback_secret: str, spawn_timeout_s: float = 60.0) -> None:
     """Handler of the Modal executor's queue."""
     row = await jobs.get(order.job_id)
     if row is None or row["status"] != "pending":
         log.info("work_order_skipped", job_id=order.job_id, reason="job no longer pending")
         return
     callback_url = f"{public_base_url.rstrip('/')}/v1/jobs/{order.job_id}/complete"
-    call_id = await spawner.spawn(payload_for(order, callback_url=callback_url, callback_secret=callback_secret))
+    # A spawn that hangs must not hold its work order (and a prefetch slot) forever: time out and retry.
+    call_id = await asyncio.wait_for(
+        spawner.spawn(payload_for(order, callback_url=callback_url, callback_secret=callback_secret)),
+        spawn_timeout_s)
     await jobs.set_executor_ref(order.job_id, call_id)
     log.info("modal_call_spawned", job_id=order.job_id, call_id=call_id, attempt=order.attempt)
