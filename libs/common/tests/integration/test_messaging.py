@@ -259,3 +259,32 @@ async def test_a_deduper_outage_does_not_stall_the_consumer(bus: Bus):
         await bus.publish(PingHappened(n=n))
     await asyncio.wait_for(done.wait(), 10)
     assert sorted(handled) == [0, 1, 2]
+
+
+async def test_dead_lettered_messages_are_redriven_once_the_cause_is_fixed(bus: Bus, amqp_url: str):
+    """The operator's redrive moves parked messages back with fresh attempts; a fixed handler then takes them."""
+    from timbre_common.redrive import depths, peek, redrive
+
+    broken = True
+    handled: list[int] = []
+    done = asyncio.Event()
+
+    async def on_ping(msg, *, envelope):
+        if broken:
+            raise RuntimeError("dependency down")
+        handled.append(msg.n)
+        done.set()
+
+    await bus.consume(SPEC, {PingHappened: on_ping})
+    await bus.publish(PingHappened(n=99), message_id="parked")
+    names = bus.names
+    deadline = asyncio.get_running_loop().time() + 15
+    while (await depths(bus.connection, names, [SPEC])).get(SPEC.name, 0) == 0:
+        assert asyncio.get_running_loop().time() < deadline, "never dead-lettered"
+        await asyncio.sleep(0.2)
+    [line] = await peek(bus.connection, names, SPEC.name, 5)
+    assert line.startswith("parked") and "dependency down" in line
+    broken = False
+    assert await redrive(bus.connection, names, SPEC.name) == 1
+    await asyncio.wait_for(done.wait(), 10)
+    assert handled == [99] and (await depths(bus.connection, names, [SPEC]))[SPEC.name] == 0
