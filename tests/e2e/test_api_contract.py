@@ -376,3 +376,25 @@ def test_delete_voice_removes_reference_cache_jobs_and_audio(client, wavs):
     assert blobs(client, account) == []
     for job in jobs:
         assert client.http.get(job["audio_url"]).status_code == 404
+
+
+def test_voices_are_listed_a_page_at_a_time(client, wavs):
+    key = client.new_key()
+    made = []
+    for i in range(3):
+        r = client.create_voice(key, wavs.valid_wav(6.0), name=f"paged {i}")
+        assert r.status_code == 201, r.text
+        made.append(r.json()["voice_id"])
+    first = client.http.get("/v1/voices", params={"limit": 2}, headers=client.auth(key))
+    assert first.status_code == 200
+    assert [v["kind"] for v in first.json()].count("system") == 2
+    seen = [v["voice_id"] for v in first.json() if v["kind"] == "custom"]
+    assert len(seen) == 2 and first.headers["Link"].endswith('rel="next"')
+    second = client.http.get("/v1/voices", params={"limit": 2, "cursor": first.headers["X-Next-Cursor"]},
+                             headers=client.auth(key))
+    assert [v["voice_id"] for v in second.json()] == made[2:] and "X-Next-Cursor" not in second.headers
+    assert seen + made[2:] == made
+    bad = client.http.get("/v1/voices", params={"cursor": "../../etc"}, headers=client.auth(key))
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_cursor"
+    too_many = client.http.get("/v1/voices", params={"limit": 10_000}, headers=client.auth(key))
+    assert too_many.status_code == 422 and too_many.json()["error"]["code"] == "invalid_request"

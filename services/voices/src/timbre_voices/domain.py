@@ -11,6 +11,7 @@ from timbre_common.ids import is_canonical_uuid
 NAME_MAX = 200
 FAMILY_MAX = 200
 REF_TEXT_MAX = 2000
+LIST_LIMIT_MAX = 500
 
 
 def system_record(voice: SystemVoice) -> VoiceRecord:

@@ -107,9 +107,15 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
 
 
 async def list_voices(cmd: ListVoices, *, envelope: Envelope, repo: VoiceRepository) -> VoiceList:
-    """System voices first, then the account's own."""
-    rows = await repo.list(cmd.account_id)
-    return VoiceList(voices=[*domain.system_records(), *(domain.custom_record(r) for r in rows)])
+    """System voices first, then a page of the account's own; a cursor when more follow."""
+    limit = max(1, min(cmd.limit, domain.LIST_LIMIT_MAX))
+    if cmd.after is not None and not domain.is_uuid(cmd.after):
+        raise Invalid("invalid_cursor", "cursor is not one this API handed out")
+    rows = await repo.list(cmd.account_id, limit=limit + 1, after=cmd.after)
+    page, more = rows[:limit], len(rows) > limit
+    system = domain.system_records() if cmd.after is None else []
+    return VoiceList(voices=[*system, *(domain.custom_record(r) for r in page)],
+                     next_after=str(page[-1]["voice_id"]) if more else None)
 
 
 async def get_voice(cmd: GetVoice, *, envelope: Envelope, repo: VoiceRepository) -> VoiceRecord:

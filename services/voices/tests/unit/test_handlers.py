@@ -61,9 +61,13 @@ class FakeVoiceRepository:
         row = self.rows.get(voice_id)
         return copy.deepcopy(row) if row and row["account_id"] == account_id else None
 
-    async def list(self, account_id: str) -> list[dict[str, Any]]:
-        rows = [r for r in self.rows.values() if r["account_id"] == account_id]
-        return copy.deepcopy(sorted(rows, key=lambda r: (r["created_at"], str(r["voice_id"]))))
+    async def list(self, account_id: str, *, limit: int, after: str | None = None) -> list[dict[str, Any]]:
+        rows = sorted((r for r in self.rows.values() if r["account_id"] == account_id),
+                      key=lambda r: (r["created_at"], str(r["voice_id"])))
+        if after is not None:
+            keys = [str(r["voice_id"]) for r in rows]
+            rows = rows[keys.index(after) + 1:] if after in keys else []
+        return copy.deepcopy(rows[:limit])
 
     async def delete(self, account_id: str, voice_id: str) -> dict[str, Any] | None:
         row = self.rows.get(voice_id)
@@ -352,3 +356,22 @@ async def test_text_that_cannot_be_stored_is_refused(world: World, reference: by
     with pytest.raises(Invalid) as caught:
         await world.register(reference, **{field: "bad\x00text"})
     assert caught.value.code == "invalid_field" and world.repo.rows == {}
+
+
+async def test_custom_voices_come_in_pages_with_a_cursor(world: World, reference: bytes):
+    made = [(await world.register(reference, name=f"v{i}")).voice_id for i in range(5)]
+    first = await handlers.list_voices(ListVoices(account_id=ACCOUNT, limit=2), envelope=ENV, repo=world.repo)
+    system = [v.voice_id for v in first.voices if v.kind == "system"]
+    assert len(system) == len(SYSTEM_VOICES)
+    seen = [v.voice_id for v in first.voices if v.kind == "custom"]
+    after = first.next_after
+    while after is not None:
+        page = await handlers.list_voices(ListVoices(account_id=ACCOUNT, limit=2, after=after), envelope=ENV,
+                                          repo=world.repo)
+        assert all(v.kind == "custom" for v in page.voices)  # system voices lead the first page only
+        seen += [v.voice_id for v in page.voices]
+        after = page.next_after
+    assert seen == made
+    with pytest.raises(Invalid) as caught:
+        await handlers.list_voices(ListVoices(account_id=ACCOUNT, after="nope"), envelope=ENV, repo=world.repo)
+    assert caught.value.code == "invalid_cursor"

@@ -32,6 +32,8 @@ class VoiceRecord(Reply):
 class VoiceList(Reply):
     TYPE: ClassVar[str] = "voices.list"
     voices: list[VoiceRecord]
+    # The cursor of the next page of custom voices; None on the last.
+    next_after: str | None = None
 
 
 class RegisterVoice(Command):
@@ -49,8 +51,12 @@ class RegisterVoice(Command):
 
 
 class ListVoices(Command):
+    """A page of the account's custom voices (system voices lead the first page and do not count)."""
+
     TYPE: ClassVar[str] = "voices.list_voices"
     account_id: str
+    limit: int = 100
+    after: str | None = None  # the last voice of the previous page
 
 
 class GetVoice(Command):

@@ -6,9 +6,9 @@ import base64
 import binascii
 import hashlib
 import uuid
+from typing import Annotated
 
-
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -200,10 +200,24 @@ async def create_voice(request: Request, ctx: Ctx, caller: CallerDep,
 
 
 @router.get("/voices", response_model=list[VoiceSummary], tags=["voices"],
-            summary="System voices and the voices of this key's account",
-            responses=error_responses(401, 429, 503))
-async def list_voices(ctx: Ctx, caller: CallerDep) -> list[VoiceSummary]:
-    reply, _ = await ctx.bus.call("voices", ListVoices(account_id=caller.account_id), expect=VoiceList)
+            summary="System voices and the voices of this key's account, a page at a time",
+            description="System voices lead the first page. When more custom voices follow, the answer carries "
+                        "`X-Next-Cursor` and a `Link: <...>; rel=\"next\"` header for the next page.",
+            responses={200: {"headers": {"X-Next-Cursor": _header("Cursor of the next page, when there is one"),
+                                         "Link": _header("The next page, as rel=\"next\"")}},
+                       **error_responses(400, 401, 429, 503, codes={400: ["invalid_cursor"]})})
+async def list_voices(ctx: Ctx, caller: CallerDep, response: Response,
+                      limit: Annotated[int, Query(ge=1, le=500, description="Custom voices per page")] = 100,
+                      cursor: Annotated[str | None, Query(max_length=64, description="From the previous page's "
+                                                          "Link / X-Next-Cursor header")] = None,
+                      ) -> list[VoiceSummary]:
+    if cursor is not None and not is_canonical_uuid(cursor):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API handed out")
+    reply, _ = await ctx.bus.call("voices", ListVoices(account_id=caller.account_id, limit=limit, after=cursor),
+                                  expect=VoiceList)
+    if reply.next_after:
+        response.headers["X-Next-Cursor"] = reply.next_after
+        response.headers["Link"] = f'</v1/voices?limit={limit}&cursor={reply.next_after}>; rel="next"'
     return [VoiceSummary.model_validate(v.model_dump()) for v in reply.voices]
 
 

@@ -22,9 +22,15 @@ class VoiceRepository:
         return await self.pool.fetchrow(
             "SELECT * FROM voices WHERE voice_id = $1 AND account_id = $2", voice_id, account_id)
 
-    async def list(self, account_id: str) -> list[asyncpg.Record]:
+    async def list(self, account_id: str, *, limit: int, after: str | None = None) -> list[asyncpg.Record]:
+        """Up to `limit` voices in creation order, those after voice `after` (keyset: stable under inserts)."""
+        if after is None:
+            return await self.pool.fetch(
+                "SELECT * FROM voices WHERE account_id = $1 ORDER BY created_at, voice_id LIMIT $2", account_id, limit)
         return await self.pool.fetch(
-            "SELECT * FROM voices WHERE account_id = $1 ORDER BY created_at, voice_id", account_id)
+            "SELECT v.* FROM voices v, (SELECT created_at, voice_id FROM voices WHERE account_id = $1 "
+            "AND voice_id = $3) c WHERE v.account_id = $1 AND (v.created_at, v.voice_id) > (c.created_at, c.voice_id) "
+            "ORDER BY v.created_at, v.voice_id LIMIT $2", account_id, limit, after)
 
     async def delete(self, account_id: str, voice_id: str) -> asyncpg.Record | None:
         return await self.pool.fetchrow(
