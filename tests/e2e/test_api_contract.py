@@ -398,3 +398,15 @@ def test_voices_are_listed_a_page_at_a_time(client, wavs):
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_cursor"
     too_many = client.http.get("/v1/voices", params={"limit": 10_000}, headers=client.auth(key))
     assert too_many.status_code == 422 and too_many.json()["error"]["code"] == "invalid_request"
+
+
+def test_keys_are_listed_a_page_at_a_time(client):
+    account = client.new_key(label="paging-1")["account_id"]
+    extra = [client.new_key(label=f"paging-{i}", account_id=account)["key_id"] for i in (2, 3)]
+    first = client.http.get("/v1/keys", params={"account_id": account, "limit": 2}, headers=client.admin())
+    assert first.status_code == 200 and len(first.json()) == 2 and "rel=\"next\"" in first.headers["Link"]
+    rest = client.http.get("/v1/keys", params={"account_id": account, "limit": 2,
+                                                "cursor": first.headers["X-Next-Cursor"]}, headers=client.admin())
+    assert [k["key_id"] for k in rest.json()] == extra[1:] and "X-Next-Cursor" not in rest.headers
+    assert {k["account_id"] for k in first.json() + rest.json()} == {account}
+    assert "api_key" not in first.text and "key_hash" not in first.text

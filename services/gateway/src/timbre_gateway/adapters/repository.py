@@ -37,11 +37,13 @@ class AccountRepository:
             "SELECT k.*, a.status AS account_status FROM api_keys k JOIN accounts a USING (account_id) "
             "WHERE k.key_hash = $1 AND k.revoked_at IS NULL", hash_api_key(key))
 
-    async def list_keys(self, account_id: str | None = None) -> list[asyncpg.Record]:
-        if account_id:
-            return await self.pool.fetch("SELECT * FROM api_keys WHERE account_id = $1 ORDER BY created_at",
-                                         account_id)
-        return await self.pool.fetch("SELECT * FROM api_keys ORDER BY created_at")
+    async def list_keys(self, account_id: str | None = None, *, limit: int = 100,
+                        after: str | None = None) -> list[asyncpg.Record]:
+        """Keys in creation order, optionally of one account, those after key `after` (a keyset page)."""
+        return await self.pool.fetch(
+            "SELECT k.* FROM api_keys k WHERE ($1::uuid IS NULL OR k.account_id = $1::uuid) AND ($2::uuid IS NULL "
+            "OR (k.created_at, k.key_id) > (SELECT created_at, key_id FROM api_keys WHERE key_id = $2::uuid)) "
+            "ORDER BY k.created_at, k.key_id LIMIT $3", account_id, after, limit)
 
     async def revoke_key(self, key_id: str) -> asyncpg.Record | None:
         return await self.pool.fetchrow(

@@ -109,13 +109,24 @@ def _key_info(row) -> KeyInfo:  # type: ignore[no-untyped-def]
                    rate_per_minute=row["rate_per_minute"], max_concurrent=row["max_concurrent"])
 
 
-@router.get("/keys", response_model=list[KeyInfo], tags=["keys"], summary="List API keys (admin)",
-            responses=error_responses(401))
-async def list_keys(ctx: Ctx, _: AdminDep, account_id: str | None = None) -> list[KeyInfo]:
-    if account_id is not None:
-        if not is_canonical_uuid(account_id):
-            return []
-    return [_key_info(r) for r in await ctx.accounts.list_keys(account_id)]
+@router.get("/keys", response_model=list[KeyInfo], tags=["keys"], summary="List API keys (admin), a page at a time",
+            responses={200: {"headers": {"X-Next-Cursor": _header("Cursor of the next page, when there is one"),
+                                         "Link": _header("The next page, as rel=\"next\"")}},
+                       **error_responses(400, 401, codes={400: ["invalid_cursor"]})})
+async def list_keys(ctx: Ctx, _: AdminDep, response: Response, account_id: str | None = None,
+                    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                    cursor: Annotated[str | None, Query(max_length=64)] = None) -> list[KeyInfo]:
+    if account_id is not None and not is_canonical_uuid(account_id):
+        return []
+    if cursor is not None and not is_canonical_uuid(cursor):
+        raise ApiError(400, "invalid_cursor", "cursor is not one this API handed out")
+    rows = await ctx.accounts.list_keys(account_id, limit=limit + 1, after=cursor)
+    page = rows[:limit]
+    if len(rows) > limit:
+        response.headers["X-Next-Cursor"] = str(page[-1]["key_id"])
+        query = f"limit={limit}&cursor={page[-1]['key_id']}" + (f"&account_id={account_id}" if account_id else "")
+        response.headers["Link"] = f'</v1/keys?{query}>; rel="next"'
+    return [_key_info(r) for r in page]
 
 
 @router.patch("/keys/{key_id}", response_model=KeyInfo, tags=["keys"], summary="Change a key's limits (admin)",
