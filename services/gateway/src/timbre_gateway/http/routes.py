@@ -67,6 +67,20 @@ def _require_uuid(value: str, code: str, message: str) -> None:
         raise ApiError(404, code, message)
 
 
+# The response headers of a paged list, for the OpenAPI document.
+PAGE_HEADERS = {"X-Next-Cursor": _header("Cursor of the next page, when there is one"),
+                "Link": _header("The next page, as rel=\"next\"")}
+
+
+def _link_next_page(response: Response, path: str, cursor: str | None, **params: object) -> None:
+    """Point at the next page of a list (nothing on the last)."""
+    if cursor is None:
+        return
+    query = "&".join(f"{k}={v}" for k, v in {**params, "cursor": cursor}.items() if v is not None)
+    response.headers["X-Next-Cursor"] = cursor
+    response.headers["Link"] = f'<{path}?{query}>; rel="next"'
+
+
 async def _audio(wav: bytes, fmt: str, headers: dict[str, str], status: int = 200) -> Response:
     # Encoding minutes of mp3 or opus takes seconds of CPU: off the event loop, so other requests keep flowing.
     body, content_type = transcode(wav, fmt) if fmt == "wav" else await asyncio.to_thread(transcode, wav, fmt)
@@ -110,9 +124,7 @@ def _key_info(row) -> KeyInfo:  # type: ignore[no-untyped-def]
 
 
 @router.get("/keys", response_model=list[KeyInfo], tags=["keys"], summary="List API keys (admin), a page at a time",
-            responses={200: {"headers": {"X-Next-Cursor": _header("Cursor of the next page, when there is one"),
-                                         "Link": _header("The next page, as rel=\"next\"")}},
-                       **error_responses(400, 401, codes={400: ["invalid_cursor"]})})
+            responses={200: {"headers": PAGE_HEADERS}, **error_responses(400, 401, codes={400: ["invalid_cursor"]})})
 async def list_keys(ctx: Ctx, _: AdminDep, response: Response, account_id: str | None = None,
                     limit: Annotated[int, Query(ge=1, le=500)] = 100,
                     cursor: Annotated[str | None, Query(max_length=64)] = None) -> list[KeyInfo]:
@@ -122,10 +134,8 @@ async def list_keys(ctx: Ctx, _: AdminDep, response: Response, account_id: str |
         raise ApiError(400, "invalid_cursor", "cursor is not one this API handed out")
     rows = await ctx.accounts.list_keys(account_id, limit=limit + 1, after=cursor)
     page = rows[:limit]
-    if len(rows) > limit:
-        response.headers["X-Next-Cursor"] = str(page[-1]["key_id"])
-        query = f"limit={limit}&cursor={page[-1]['key_id']}" + (f"&account_id={account_id}" if account_id else "")
-        response.headers["Link"] = f'</v1/keys?{query}>; rel="next"'
+    _link_next_page(response, "/v1/keys", str(page[-1]["key_id"]) if len(rows) > limit else None,
+                    limit=limit, account_id=account_id)
     return [_key_info(r) for r in page]
 
 
@@ -214,8 +224,7 @@ async def create_voice(request: Request, ctx: Ctx, caller: CallerDep,
             summary="System voices and the voices of this key's account, a page at a time",
             description="System voices lead the first page. When more custom voices follow, the answer carries "
                         "`X-Next-Cursor` and a `Link: <...>; rel=\"next\"` header for the next page.",
-            responses={200: {"headers": {"X-Next-Cursor": _header("Cursor of the next page, when there is one"),
-                                         "Link": _header("The next page, as rel=\"next\"")}},
+            responses={200: {"headers": PAGE_HEADERS},
                        **error_responses(400, 401, 429, 503, codes={400: ["invalid_cursor"]})})
 async def list_voices(ctx: Ctx, caller: CallerDep, response: Response,
                       limit: Annotated[int, Query(ge=1, le=500, description="Custom voices per page")] = 100,
@@ -226,9 +235,7 @@ async def list_voices(ctx: Ctx, caller: CallerDep, response: Response,
         raise ApiError(400, "invalid_cursor", "cursor is not one this API handed out")
     reply, _ = await ctx.bus.call("voices", ListVoices(account_id=caller.account_id, limit=limit, after=cursor),
                                   expect=VoiceList)
-    if reply.next_after:
-        response.headers["X-Next-Cursor"] = reply.next_after
-        response.headers["Link"] = f'</v1/voices?limit={limit}&cursor={reply.next_after}>; rel="next"'
+    _link_next_page(response, "/v1/voices", reply.next_after, limit=limit)
     return [VoiceSummary.model_validate(v.model_dump()) for v in reply.voices]
 
 
