@@ -13,7 +13,7 @@ export STORAGE_ROOT ?= $(CURDIR)/var/blobs
 export BILLING ?= off
 export BACKENDS ?= embedded,qwen3-1.7b,qwen3-0.6b
 
-.PHONY: install up test test-fast bench services lint clean
+.PHONY: install up test test-fast lint bench services clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ up: install services
 
 test: install services
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
 
 # Everything but the end-to-end suite.
 test-fast: install services

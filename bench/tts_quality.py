@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| ---: | ---: | ---: | ---: | --- |")
     wers: list[float] = []
     sims: list[float] = []
-    for i, (text, res) in enumerate(zip(speed.SENTENCES, results)):
+    for i, (text, res) in enumerate(zip(speed.SENTENCES, results, strict=True)):
         if not hasattr(res, "samples"):
             print(f"| {i} | - | - | - | failed: {res} |")
             continue

@@ -37,7 +37,7 @@ _CORPUS = [
 
 def _tokenizer_files(target: Path) -> dict[str, int]:
     """Trains a byte-level BPE offline and saves it as Qwen2 slow-tokenizer files; returns special ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     # Qwen2's split rule, so "assistant" and "\n" stay separate tokens as the prompt slicing in

@@ -352,8 +352,8 @@ def test_period_sync_then_quota_answers_402(billing: BillingPlatform) -> None:
         job = billing.client.wait_job(sub.key, r.json()["job_id"])
         assert job["status"] == "ready", job
         used += len(text)
-        _until(lambda: billing.http.get("/v1/usage", headers=billing.auth(sub.key)).json()["characters_used"]
-               == used, f"usage {used} recorded")
+        _until(lambda expected=used: billing.http.get("/v1/usage", headers=billing.auth(sub.key)).json()[
+            "characters_used"] == expected, f"usage {used} recorded")
     usage = billing.http.get("/v1/usage", headers=billing.auth(sub.key)).json()
     assert (usage["characters_used"], usage["quota"], usage["remaining"]) == (QUOTA, QUOTA, 0)
     r = billing.http.post("/v1/synthesize", json={"voice_id": JOE.voice_id, "text": "One more."},

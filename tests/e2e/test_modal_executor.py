@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.e2e.conftest import running_platform
 from timbre_common.audio import decode_wav, encode_wav, parse_wav
 from timbre_common.catalogue import SYSTEM_VOICES
 from timbre_gpu_worker.remote import httpx_fetch, httpx_post, process_jobs
-
-from tests.e2e.conftest import running_platform
 
 pytestmark = pytest.mark.e2e
 JOE = next(v for v in SYSTEM_VOICES if v.name == "joe")
@@ -190,7 +189,8 @@ def test_a_job_goes_spawn_callback_storage_ready(platform, modal: FakeModal):
     audio = platform.http.get(f"/v1/jobs/{job_id}/audio", headers=platform.auth(key)).content
     assert audio == base64.b64decode(sent["wav_b64"])
     assert parse_wav(audio).duration_s == pytest.approx(sent["audio_seconds"], abs=0.01)
-    assert re.search(rf'"modal_call_spawned".*{job_id}|{job_id}.*"modal_call_spawned"', platform.platform.log("dispatcher"))
+    spawned = rf'"modal_call_spawned".*{job_id}|{job_id}.*"modal_call_spawned"'
+    assert re.search(spawned, platform.platform.log("dispatcher"))
 
 
 def test_wrong_secret_is_refused_and_a_replay_is_ignored(platform, modal: FakeModal):

@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.e2e.conftest import ROOT, Client, load_module, running_platform
 from timbre_common.audio import decode_wav, parse_wav
 from timbre_common.catalogue import SYSTEM_VOICES
-
-from tests.e2e.conftest import ROOT, Client, load_module, running_platform
 
 pytestmark = pytest.mark.e2e
 if importlib.util.find_spec("qwen_tts") is None:  # pragma: no cover - the CI image installs requirements/qwen*.txt

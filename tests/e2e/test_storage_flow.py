@@ -6,7 +6,7 @@ import io
 import re
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +265,7 @@ def test_stored_keys_follow_the_seed_layout(client, wavs):
     generation = _generation_file(client, account, job["job_id"]).relative_to(_root(client)).as_posix()
     match = GENERATION_KEY.fullmatch(generation)
     assert match, generation
-    created = _parse(job["created_at"]).astimezone(timezone.utc)
+    created = _parse(job["created_at"]).astimezone(UTC)
     assert match["account"] == account and match["job"] == job["job_id"]
     assert (match["y"], match["m"], match["d"], match["hms"]) == \
         (f"{created:%Y}", f"{created:%m}", f"{created:%d}", f"{created:%H%M%S}")

@@ -26,9 +26,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from botocore.credentials import Credentials
 
-from timbre_common.catalogue import SYSTEM_VOICES
-
 from tests.e2e.conftest import running_platform
+from timbre_common.catalogue import SYSTEM_VOICES
 
 pytestmark = pytest.mark.e2e
 JOE = next(v for v in SYSTEM_VOICES if v.name == "joe")
@@ -102,7 +101,7 @@ def _check_presigned(url: str, moto: dict[str, Any], key: str, expires: int = 36
     signed_at = dt.datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ")
     assert query["X-Amz-Credential"] == f"{ACCESS_KEY}/{signed_at:%Y%m%d}/{REGION}/s3/aws4_request"
     assert int(query["X-Amz-Expires"]) == expires
-    assert abs((dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - signed_at).total_seconds()) < 300
+    assert abs((dt.datetime.now(dt.UTC).replace(tzinfo=None) - signed_at).total_seconds()) < 300
 
     def botocore_signature(secret: str, region: str = REGION) -> str:
         original = botocore.auth.get_current_datetime
@@ -176,7 +175,7 @@ def test_core_flow_on_s3(s3_client, moto, wavs):
     # The worker took the reference through a presigned S3 URL (it holds no bucket credentials to do otherwise).
     assert _presigned_gets(moto, reference_key) > fetched_before, moto["requests"].lines[-20:]
     generation = _generation_key(moto, account, job["job_id"])
-    created = dt.datetime.fromisoformat(job["created_at"]).astimezone(dt.timezone.utc)
+    created = dt.datetime.fromisoformat(job["created_at"]).astimezone(dt.UTC)
     assert generation == f"generations/{account}/{created:%Y/%m/%d/%H%M%S}-{job['job_id']}.wav"
     audio = client.http.get(f"/v1/jobs/{job['job_id']}/audio", headers=client.auth(key))
     assert audio.status_code == 200 and audio.content[:4] == b"RIFF"

@@ -284,6 +284,6 @@ def test_concurrent_batches_from_worker_threads(backend: EmbeddedBackend) -> Non
     voices = ["heart", "joe", "heart", "joe"]
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(lambda v: backend.synthesize_batch([_request(system_voice=v)])[0], voices))
-    for voice, result in zip(voices, results):
+    for voice, result in zip(voices, results, strict=True):
         res = _ok(result)
         assert res.details["voice"] == voice and 1.5 <= res.audio_seconds <= 8.0

@@ -108,7 +108,7 @@ def test_batch_of_three_in_one_call(backend: Qwen3Backend) -> None:
     reqs = [_req(f"b{i}", t, voice=f"bv{i}", seed=i + 3) for i, t in enumerate(texts)]
     results = backend.synthesize_batch(reqs)
     assert backend.generate_calls - before == 1
-    for text, result in zip(texts, results):
+    for text, result in zip(texts, results, strict=True):
         _assert_audio(result, backend, text)
         assert result.details["batch_size"] == 3
 

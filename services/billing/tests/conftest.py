@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+
 from timbre_billing.adapters.repository import BillingRepository
 from timbre_billing.adapters.stripe_gateway import StripeGateway
 from timbre_billing.settings import BillingSettings

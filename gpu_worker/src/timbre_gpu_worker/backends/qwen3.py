@@ -261,7 +261,7 @@ class Qwen3Backend:
         if sr != SAMPLE_RATE:
             wavs = [resample(np.asarray(w, dtype=np.float32), sr, SAMPLE_RATE) for w in wavs]
         out = []
-        for w, wav in zip(batch, wavs):
+        for w, wav in zip(batch, wavs, strict=True):
             # The batch runs to its longest member's bound; hold each chunk to its own.
             wav = np.asarray(wav, dtype=np.float32).reshape(-1)[: w.max_new_tokens * SAMPLES_PER_TOKEN]
             if wav.size == 0 or not np.all(np.isfinite(wav)):
@@ -317,7 +317,7 @@ class Qwen3Backend:
                         log.exception("chunk %d of request %d failed", w.chunk_index, w.request_index)
                         failed.setdefault(w.request_index, BackendError("synthesis_failed", str(exc)))
                         wavs.append(None)
-            for w, wav in zip(batch, wavs):
+            for w, wav in zip(batch, wavs, strict=True):
                 if wav is not None:
                     audio[(w.request_index, w.chunk_index)] = wav
 

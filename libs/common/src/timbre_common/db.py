@@ -60,7 +60,8 @@ async def migrate(pool: asyncpg.Pool, schema: str, migrations_dir: Path) -> list
                 f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations '
                 "(name text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
             )
-            done = {r["name"]: r["checksum"] for r in await conn.fetch(f'SELECT name, checksum FROM "{schema}".schema_migrations')}
+            rows = await conn.fetch(f'SELECT name, checksum FROM "{schema}".schema_migrations')
+            done = {r["name"]: r["checksum"] for r in rows}
             for path in files:
                 sql = path.read_text()
                 checksum = hashlib.sha256(sql.encode()).hexdigest()
@@ -71,9 +72,8 @@ async def migrate(pool: asyncpg.Pool, schema: str, migrations_dir: Path) -> list
                 async with conn.transaction():
                     await conn.execute(f'SET LOCAL search_path TO "{schema}", public')
                     await conn.execute(sql)
-                    await conn.execute(
-                        f'INSERT INTO "{schema}".schema_migrations (name, checksum) VALUES ($1, $2)', path.name, checksum
-                    )
+                    await conn.execute(f'INSERT INTO "{schema}".schema_migrations (name, checksum) VALUES ($1, $2)',
+                                       path.name, checksum)
                 applied_now.append(path.name)
                 log.info("migration_applied", schema=schema, migration=path.name)
         finally:

@@ -52,7 +52,7 @@ hw = _load_hostile_module()
 
 
 @cache
-def _corpus() -> dict[str, "hw.HostileWav"]:
+def _corpus() -> dict[str, hw.HostileWav]:
     return {entry.name: entry for entry in hw.hostile_wavs()}
 
 

@@ -6,6 +6,7 @@ from functools import partial
 from pathlib import Path
 
 import asyncpg
+
 from timbre_common.db import create_pool, migrate
 from timbre_common.messaging import QUEUES, Bus, PgDeduper
 

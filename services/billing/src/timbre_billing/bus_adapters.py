@@ -18,9 +18,9 @@ from timbre_common.messaging import Invalid, NotFound, RpcError
 from timbre_common.ports import MessageBus
 
 from . import handlers
+from .adapters.stripe_gateway import StripeUnavailable
 from .adapters.webhooks import WebhookRejected
 from .bootstrap import BillingDependencies
-from .adapters.stripe_gateway import StripeUnavailable
 from .domain import BillingDisabled, InvalidEmail, UnknownCheckoutToken
 
 

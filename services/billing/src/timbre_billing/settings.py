@@ -5,6 +5,7 @@ import re
 from typing import Literal
 
 from pydantic import SecretStr, field_validator, model_validator
+
 from timbre_common.settings import CommonSettings
 
 # Values copied from docs and templates that must never reach Stripe.

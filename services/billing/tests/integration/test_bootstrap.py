@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncpg
+
 from timbre_billing import bootstrap
 from timbre_billing.adapters.stripe_gateway import StripeGateway
 from timbre_billing.settings import BillingSettings

@@ -8,6 +8,7 @@ from urllib.parse import parse_qs, urlparse
 
 import asyncpg
 import pytest
+
 from timbre_billing import handlers
 from timbre_billing.adapters.repository import BillingRepository
 from timbre_billing.adapters.stripe_gateway import StripeGateway, StripeUnavailable

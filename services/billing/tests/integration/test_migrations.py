@@ -6,6 +6,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+
 from timbre_billing.adapters.repository import BillingRepository
 from timbre_common.db import create_pool, drop_schema, migrate
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
+
 from timbre_billing import bus_adapters, handlers
 from timbre_billing.adapters.repository import BillingRepository
 from timbre_billing.bootstrap import BillingDependencies

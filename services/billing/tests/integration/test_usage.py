@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+
 from timbre_billing import handlers
 from timbre_billing.adapters.repository import BillingRepository
 from timbre_billing.domain import SubscriptionSnapshot

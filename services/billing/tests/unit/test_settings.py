@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
+
 from timbre_billing.settings import BillingSettings, is_placeholder
 
 GOOD = {

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import stripe
+
 from timbre_billing.adapters.webhooks import MalformedEvent, SignatureExpired, SignatureInvalid, verify_event
 from timbre_billing.bus_adapters import _domain_errors
 from timbre_common.messaging import RpcError

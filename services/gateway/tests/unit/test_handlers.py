@@ -8,8 +8,7 @@ import pytest
 
 from timbre_common.catalogue import BACKEND_PREFERENCE
 from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurged, AccountPurgeRequested
-from timbre_common.contracts.billing import (AccountKeysRestored, AccountKeysRevoked,
-                                             AccountProvisioningRequested)
+from timbre_common.contracts.billing import AccountKeysRestored, AccountKeysRevoked, AccountProvisioningRequested
 from timbre_common.contracts.synthesis import WorkerHeartbeat
 from timbre_common.testing import FakeBus, envelope
 from timbre_gateway import handlers

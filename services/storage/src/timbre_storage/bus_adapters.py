@@ -11,8 +11,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from timbre_common.contracts import Envelope, utcnow
-from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
 from timbre_common.contracts import storage as c
+from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
 from timbre_common.contracts.synthesis import SynthesisCompleted
 from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.logging import get_logger

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 # Ids become path segments: one segment of safe characters, never "." or "..", never "/".
@@ -173,7 +173,7 @@ def ext_for_content_type(content_type: str, filename: str | None = None) -> str:
 def _utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         raise ValueError("timestamps must be timezone-aware")
-    return moment.astimezone(timezone.utc)
+    return moment.astimezone(UTC)
 
 
 def _dated(prefix: str, account_id: str, at: datetime, ident: str, ext: str) -> str:

@@ -15,7 +15,7 @@ Every write is idempotent: a redelivered message writes the same key and answers
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from timbre_storage.adapters.blob import BlobStore
@@ -51,7 +51,7 @@ class PresignedGet(NamedTuple):
 
 
 def _now(now: datetime | None) -> datetime:
-    return now if now is not None else datetime.now(timezone.utc)
+    return now if now is not None else datetime.now(UTC)
 
 
 async def _write(obj: StoredObject, data: bytes, *, repo: ObjectRepository, store: BlobStore) -> StoredObject:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -19,8 +19,8 @@ from timbre_storage.domain import (
     UploadPurpose,
 )
 
-NOW = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
-JOB_CREATED = datetime(2026, 5, 1, 11, 59, 58, tzinfo=timezone.utc)
+NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
+JOB_CREATED = datetime(2026, 5, 1, 11, 59, 58, tzinfo=UTC)
 JOB = "6f1c2d3e-4a5b-4c6d-8e7f-8091a2b3c4d5"
 
 

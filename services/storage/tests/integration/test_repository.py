@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from timbre_storage.adapters.repository import ObjectRepository
 from timbre_storage.domain import ObjectKind, RetentionClass, StoredObject, UploadPurpose
 
-NOW = datetime(2026, 5, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
 
 def obj(key: str, *, account: str | None = "acc1", expires: datetime | None = None, size: int = 3) -> StoredObject:

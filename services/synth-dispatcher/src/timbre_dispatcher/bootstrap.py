@@ -7,14 +7,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from timbre_common.catalogue import KNOWN_BACKENDS
 from timbre_common.contracts.accounts import AccountPurgeRequested
 from timbre_common.contracts.storage import AudioStored, ObjectsExpired
-from timbre_common.contracts.synthesis import (FetchJobAudio, GetJob, LookupJob, PurgeVoiceJobs, SubmitSynthesis,
-                                               SynthesisFailed, SynthesisRequested, WorkerHeartbeat)
+from timbre_common.contracts.synthesis import (
+    FetchJobAudio,
+    GetJob,
+    LookupJob,
+    PurgeVoiceJobs,
+    SubmitSynthesis,
+    SynthesisFailed,
+    SynthesisRequested,
+    WorkerHeartbeat,
+)
 from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.db import create_pool, migrate
 from timbre_common.logging import get_logger
-from timbre_common.catalogue import KNOWN_BACKENDS
 from timbre_common.messaging import QUEUES, Bus, PgDeduper, QueueSpec, local_work_queue, modal_executor_queue
 
 from . import handlers

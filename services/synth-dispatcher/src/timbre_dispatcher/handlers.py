@@ -14,11 +14,29 @@ from typing import Any
 
 from timbre_common.contracts import Envelope
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
-from timbre_common.contracts.storage import (AudioStored, GetObject, ObjectsExpired, ObjectsReleased, Presign,
-                                             PresignedUrl, StoredObject)
-from timbre_common.contracts.synthesis import (FetchJobAudio, GetJob, JobFailed, JobOwner, JobReady, JobView,
-                                               LookupJob, PurgeVoiceJobs, SubmitSynthesis, SynthesisAccepted,
-                                               SynthesisFailed, SynthesisRequested)
+from timbre_common.contracts.storage import (
+    AudioStored,
+    GetObject,
+    ObjectsExpired,
+    ObjectsReleased,
+    Presign,
+    PresignedUrl,
+    StoredObject,
+)
+from timbre_common.contracts.synthesis import (
+    FetchJobAudio,
+    GetJob,
+    JobFailed,
+    JobOwner,
+    JobReady,
+    JobView,
+    LookupJob,
+    PurgeVoiceJobs,
+    SubmitSynthesis,
+    SynthesisAccepted,
+    SynthesisFailed,
+    SynthesisRequested,
+)
 from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.ids import is_canonical_uuid
 from timbre_common.logging import get_logger

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -111,7 +111,7 @@ async def test_pending_for_ignores_finished_jobs(jobs: JobRepository) -> None:
 
 async def test_mark_ready_first_terminal_transition_wins(jobs: JobRepository) -> None:
     job_id = await new_job(jobs)
-    expires = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    expires = datetime(2030, 1, 1, tzinfo=UTC)
     row = await jobs.mark_ready(job_id, audio_key="a/1.wav", expires_at=expires, synthesis_ms=40, audio_seconds=2.5)
     assert row is not None
     assert row["status"] == READY and row["audio_key"] == "a/1.wav" and row["audio_expires_at"] == expires
@@ -186,7 +186,7 @@ async def test_overdue_claims_only_pending_jobs_past_deadline(jobs: JobRepositor
     claimed = await jobs.overdue()
     assert ids(claimed) == {late}
     # Claiming pushes the deadline so the next sweep (or a replica) does not act on it again at once.
-    assert claimed[0]["deadline_at"] > datetime.now(timezone.utc) + timedelta(seconds=10)
+    assert claimed[0]["deadline_at"] > datetime.now(UTC) + timedelta(seconds=10)
     assert claimed[0]["status"] == PENDING
     assert await jobs.overdue() == []
 
@@ -287,7 +287,7 @@ async def put(cache: CacheIndex, *, account: str = "acc1", key: str = "k1", voic
 
 
 def future(days: float = 1) -> datetime:
-    return datetime.now(timezone.utc) + timedelta(days=days)
+    return datetime.now(UTC) + timedelta(days=days)
 
 
 async def test_cache_put_get_scoped_by_account(cache: CacheIndex) -> None:
@@ -313,7 +313,7 @@ async def test_cache_put_upserts(cache: CacheIndex) -> None:
 
 
 async def test_cache_get_ignores_expired_entries(cache: CacheIndex) -> None:
-    await put(cache, key="old", expires_at=datetime.now(timezone.utc) - timedelta(seconds=1))
+    await put(cache, key="old", expires_at=datetime.now(UTC) - timedelta(seconds=1))
     await put(cache, key="forever", expires_at=None)
     await put(cache, key="fresh", expires_at=future())
     assert await cache.get("acc1", "old") is None
@@ -339,7 +339,7 @@ async def test_cache_drop_and_drop_audio(cache: CacheIndex) -> None:
 
 async def test_cache_delete_voice_returns_audio_keys(cache: CacheIndex) -> None:
     await put(cache, key="k1", voice="v1", audio="a/1.wav")
-    await put(cache, key="k2", voice="v1", audio="a/2.wav", expires_at=datetime(2000, 1, 1, tzinfo=timezone.utc))
+    await put(cache, key="k2", voice="v1", audio="a/2.wav", expires_at=datetime(2000, 1, 1, tzinfo=UTC))
     await put(cache, key="k3", voice="v2", audio="a/3.wav")
     await put(cache, key="k4", voice="v1", audio="a/4.wav", account="acc2")
     # Expired entries are deleted (and their audio reported) too: nothing of the voice may remain.

@@ -13,9 +13,19 @@ import pytest
 
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
 from timbre_common.contracts.storage import AudioStored, GetObject, ObjectsExpired, ObjectsReleased
-from timbre_common.contracts.synthesis import (FetchJobAudio, GetJob, JobFailed, JobReady, LookupJob,
-                                               PurgeVoiceJobs, SubmitSynthesis, SynthesisAccepted,
-                                               SynthesisFailed, SynthesisRequested, VoiceSnapshot)
+from timbre_common.contracts.synthesis import (
+    FetchJobAudio,
+    GetJob,
+    JobFailed,
+    JobReady,
+    LookupJob,
+    PurgeVoiceJobs,
+    SubmitSynthesis,
+    SynthesisAccepted,
+    SynthesisFailed,
+    SynthesisRequested,
+    VoiceSnapshot,
+)
 from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.messaging import NotFound, RemoteError, RpcError, work_routing_key
 from timbre_common.testing import FakeBus, envelope

@@ -10,8 +10,7 @@ from typing import Any
 import pytest
 
 from timbre_common.contracts.storage import AudioStored
-from timbre_common.contracts.synthesis import (JobFailed, JobReady, SubmitSynthesis, SynthesisFailed,
-                                               VoiceSnapshot)
+from timbre_common.contracts.synthesis import JobFailed, JobReady, SubmitSynthesis, SynthesisFailed, VoiceSnapshot
 from timbre_common.testing import FakeBus, envelope
 from timbre_dispatcher import domain, handlers
 

@@ -15,10 +15,25 @@ from timbre_common.audio import AudioError, normalise_reference, quality_report,
 from timbre_common.catalogue import KNOWN_BACKENDS, system_voice_by_id
 from timbre_common.contracts import Envelope
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
-from timbre_common.contracts.storage import (GetUpload, ObjectsReleased, Presign, PresignedUrl, PutVoiceReference,
-                                             StoredObject)
-from timbre_common.contracts.voices import (DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceDeleted,
-                                            VoiceList, VoiceProfiled, VoiceRecord, VoiceRegistered)
+from timbre_common.contracts.storage import (
+    GetUpload,
+    ObjectsReleased,
+    Presign,
+    PresignedUrl,
+    PutVoiceReference,
+    StoredObject,
+)
+from timbre_common.contracts.voices import (
+    DeleteVoice,
+    GetVoice,
+    ListVoices,
+    RegisterVoice,
+    VoiceDeleted,
+    VoiceList,
+    VoiceProfiled,
+    VoiceRecord,
+    VoiceRegistered,
+)
 from timbre_common.logging import get_logger
 from timbre_common.messaging import Invalid, NotFound, RpcError, voice_profile_routing_key
 from timbre_common.ports import MessageBus

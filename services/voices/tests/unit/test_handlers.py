@@ -14,10 +14,25 @@ import pytest
 from timbre_common.audio import parse_wav
 from timbre_common.catalogue import SYSTEM_VOICES
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
-from timbre_common.contracts.storage import (GetUpload, ObjectsReleased, Presign, PresignedUrl,
-                                             PutVoiceReference, StoredObject, UploadRecord)
-from timbre_common.contracts.voices import (DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceDeleted,
-                                            VoiceProfiled, VoiceRecord, VoiceRegistered)
+from timbre_common.contracts.storage import (
+    GetUpload,
+    ObjectsReleased,
+    Presign,
+    PresignedUrl,
+    PutVoiceReference,
+    StoredObject,
+    UploadRecord,
+)
+from timbre_common.contracts.voices import (
+    DeleteVoice,
+    GetVoice,
+    ListVoices,
+    RegisterVoice,
+    VoiceDeleted,
+    VoiceProfiled,
+    VoiceRecord,
+    VoiceRegistered,
+)
 from timbre_common.messaging import Invalid, NotFound, RemoteError, RpcError
 from timbre_common.testing import FakeBus, envelope
 from timbre_voices import handlers

@@ -153,8 +153,11 @@ async def declare_topology(channel: aio_pika.abc.AbstractChannel, names: Names,
         await declare_queue(channel, names, spec)
 
 
+RPC_SERVICES: tuple[str, ...] = ("gateway", "voices", "dispatcher", "storage", "billing")
+
+
 async def delete_topology(channel: aio_pika.abc.AbstractChannel, names: Names,
-                          services: tuple[str, ...] = ("gateway", "voices", "dispatcher", "storage", "billing")) -> None:
+                          services: tuple[str, ...] = RPC_SERVICES) -> None:
     """Remove every queue and exchange of a namespace (test runs clean up after themselves)."""
     for spec in [*QUEUES.values(), *(local_work_queue(b) for b in KNOWN_BACKENDS),
                  *(voice_profile_queue(b) for b in KNOWN_BACKENDS), modal_executor_queue(())]:

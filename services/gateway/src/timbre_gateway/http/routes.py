@@ -18,9 +18,18 @@ from timbre_common.catalogue import BACKEND_LANGUAGES, KNOWN_BACKENDS
 from timbre_common.contracts.accounts import AccountPurgeRequested
 from timbre_common.contracts.billing import CheckQuota, GetUsage, QuotaDecision, ReleaseHold, UsageReport
 from timbre_common.contracts.storage import PutUpload, UploadRecord
-from timbre_common.contracts.synthesis import (FetchJobAudio, GetJob, JobView, LookupJob, PurgeVoiceJobs,
-                                               SubmitSynthesis, SynthesisAccepted, SynthesisCompleted,
-                                               SynthesisFailed, VoiceSnapshot)
+from timbre_common.contracts.synthesis import (
+    FetchJobAudio,
+    GetJob,
+    JobView,
+    LookupJob,
+    PurgeVoiceJobs,
+    SubmitSynthesis,
+    SynthesisAccepted,
+    SynthesisCompleted,
+    SynthesisFailed,
+    VoiceSnapshot,
+)
 from timbre_common.contracts.voices import DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceList, VoiceRecord
 from timbre_common.ids import is_canonical_uuid
 from timbre_common.logging import get_logger
@@ -31,8 +40,22 @@ from .deps import AdminDep, CallbackSecretDep, CallerDep, Ctx
 from .errors import ApiError, error_responses
 from .idempotency import IdempotencyKey, fingerprint, idempotent
 from .multipart import read_form
-from .schemas import (CallbackOutcome, CompletionCallback, CreateKey, Health, JobAccepted, JobOut, KeyCreated,
-                      KeyInfo, PurgeOut, SynthesizeRequest, UpdateKeyLimits, UploadOut, VoiceOut, VoiceSummary)
+from .schemas import (
+    CallbackOutcome,
+    CompletionCallback,
+    CreateKey,
+    Health,
+    JobAccepted,
+    JobOut,
+    KeyCreated,
+    KeyInfo,
+    PurgeOut,
+    SynthesizeRequest,
+    UpdateKeyLimits,
+    UploadOut,
+    VoiceOut,
+    VoiceSummary,
+)
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1")

@@ -14,8 +14,14 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, ValidationError
 
-from timbre_common.contracts.billing import (CheckoutStarted, CheckoutStatus, GetCheckoutStatus,
-                                             HandleStripeWebhook, StartCheckout, WebhookOutcome)
+from timbre_common.contracts.billing import (
+    CheckoutStarted,
+    CheckoutStatus,
+    GetCheckoutStatus,
+    HandleStripeWebhook,
+    StartCheckout,
+    WebhookOutcome,
+)
 from timbre_common.logging import get_logger
 
 from .deps import Ctx

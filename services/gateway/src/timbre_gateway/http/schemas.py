@@ -72,7 +72,8 @@ class VoiceOut(BaseModel):
     family: str | None = None
     description: str | None = None
     quality: dict[str, Any] | None = Field(default=None, description="Reference-audio quality report")
-    profile: dict[str, Any] | None = Field(default=None, description="Per-backend profile, e.g. the nearest bundled voice")
+    profile: dict[str, Any] | None = Field(default=None,
+                                           description="Per-backend profile, e.g. the nearest bundled voice")
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 

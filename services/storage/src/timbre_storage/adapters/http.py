@@ -8,7 +8,6 @@ from fastapi.responses import JSONResponse, Response
 from timbre_storage.adapters.blob import FsBlobStore, SignatureInvalid, UrlExpired
 from timbre_storage.domain import InvalidId, ObjectMissing
 
-
 # Whatever a client uploaded is never run as a page on this origin: no scripts, no sniffing.
 _SAFE_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox"}
 
