@@ -1,59 +1,27 @@
 """Signup and success pages in headless Chromium, under their own CSP, served from loopback."""
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from timbre_common.testing import headless_dom
+from timbre_common.testing import LoopbackServer, headless_dom
 from timbre_gateway.http.pages import security_headers, signup_page, success_page
 
 KEY = "tk_live_<b>not-html</b>_0123456789"
 
 
-class _LoopbackServer:
-    """An ASGI app under uvicorn on a free 127.0.0.1 port, in a daemon thread."""
-
-    def __init__(self, app: Any) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", loop="asyncio",
-                                http="h11")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
-                                        daemon=True)
-
-    def start(self) -> _LoopbackServer:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("loopback server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=5)
-        self._sock.close()
-
-
 @pytest.fixture
 def serve() -> Iterator[Callable[[Any], str]]:
     """Start an ASGI app on loopback for the test; returns its base URL."""
-    servers: list[_LoopbackServer] = []
+    servers: list[LoopbackServer] = []
 
     def _serve(app: Any) -> str:
-        servers.append(_LoopbackServer(app).start())
+        servers.append(LoopbackServer(app).start())
         return servers[-1].url
 
     yield _serve
