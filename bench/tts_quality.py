@@ -10,18 +10,16 @@ system voice).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import re
 from pathlib import Path
 
 import numpy as np
 
+from timbre_common.testing import load_module
+
 _HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("timbre_bench_speed", _HERE / "tts_speed.py")
-speed = importlib.util.module_from_spec(_spec)
-assert _spec.loader is not None
-_spec.loader.exec_module(speed)
+speed = load_module("timbre_bench_speed", _HERE / "tts_speed.py")
 
 _ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
         "seventeen eighteen nineteen".split()

@@ -10,7 +10,6 @@ lengths (and so RTF) only measure the machinery, not the trained model.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from timbre_common.testing import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
 for src in (ROOT / "libs" / "common" / "src", ROOT / "gpu_worker" / "src"):
@@ -39,14 +40,6 @@ SENTENCES = [
 LONG_TEXT = " ".join(SENTENCES[:4])
 
 
-def _builder() -> Any:
-    spec = importlib.util.spec_from_file_location("timbre_qwen_tiny", ROOT / "gpu_worker" / "tests" / "qwen_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_backend(name: str, model_dir: Path | None = None) -> tuple[Any, str]:
     """Build and load a backend by name; returns it and a line saying what weights it runs."""
     if name == "embedded":
@@ -64,7 +57,7 @@ def make_backend(name: str, model_dir: Path | None = None) -> tuple[Any, str]:
         backend.load()
         return backend, f"{name}: real checkpoint at {model_dir} on {backend.resolved_device()}"
     tmp = Path(tempfile.mkdtemp(prefix="timbre-qwen-bench-"))
-    builder = _builder()
+    builder = load_module("timbre_qwen_tiny", ROOT / "gpu_worker" / "tests" / "qwen_tiny.py")
     if torch.cuda.is_available():
         preset = name.removeprefix("qwen3-")
         builder.build_random_model(tmp, preset, device="cuda")

@@ -2,8 +2,7 @@
 
 The real weights cannot be downloaded here, so tests load this directory through the same
 `Qwen3TTSModel.from_pretrained` path production uses. Import it from any test file by path:
-
-    spec = importlib.util.spec_from_file_location("qwen_tiny", GPU_WORKER / "tests" / "qwen_tiny.py")
+``timbre_common.testing.load_module("timbre_qwen_tiny", GPU_WORKER / "tests" / "qwen_tiny.py")``.
 """
 from __future__ import annotations
 

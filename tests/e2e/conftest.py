@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import secrets
+import select
 import socket
-import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
@@ -17,6 +18,7 @@ import httpx
 import pytest
 
 from timbre_common.supervisor import Platform, drop_database, ensure_database
+from timbre_common.testing import load_module
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN = "e2e-admin-" + secrets.token_hex(16)
@@ -27,17 +29,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def load_module(name: str, path: Path):  # type: ignore[no-untyped-def]
-    """Import a test helper module by path (tests are not packages)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 class Client:
@@ -75,12 +66,64 @@ class Client:
             time.sleep(0.25)
         raise AssertionError(f"job {job_id} not {until} within {timeout}s; last: {r.json()}\n{self.tail_logs()}")
 
+    def sql(self, query: str, *args: object) -> list:
+        """Run one statement on the platform's database (to look at, or age, what the services keep)."""
+        import asyncpg
+
+        async def run() -> list:
+            conn = await asyncpg.connect(self.env["DATABASE_URL"])
+            try:
+                return await conn.fetch(query, *args)
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
     def tail_logs(self, lines: int = 15) -> str:
         out = []
         for name in self.platform.processes:
             text = self.platform.log(name).strip().splitlines()[-lines:]
             out.append(f"--- {name}\n" + "\n".join(text))
         return "\n".join(out)
+
+
+def send_chunked(client: Client, path: str, pieces: Iterable[bytes],
+                 headers: dict[str, str]) -> tuple[int, dict, int, bool]:
+    """POST `pieces` chunked over a raw socket (no Content-Length), stopping as soon as an answer arrives.
+
+    Returns (status, JSON body, bytes sent, whether every piece was sent): what a refusal while streaming
+    looks like from the client's side.
+    """
+    url = urlparse(client.base_url)
+    sock = socket.create_connection((url.hostname, url.port), timeout=10)
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {url.hostname}\r\n{lines}"
+                 "Transfer-Encoding: chunked\r\n\r\n".encode())
+    sent, finished = 0, False
+    try:
+        for piece in pieces:
+            if select.select([sock], [], [], 0)[0]:
+                break  # answered already
+            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            sent += len(piece)
+        else:
+            sock.sendall(b"0\r\n\r\n")
+            finished = True
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        pass  # the server stopped reading and closed: its answer is waiting
+    response, deadline = b"", time.monotonic() + 10
+    while (b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}")) and time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            break
+        if not chunk:
+            break
+        response += chunk
+    sock.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower(), response[:500]
+    return int(head.split(b" ")[1]), json.loads(body[body.index(b"{"):]), sent, finished
 
 
 def wait_healthy(client: Client, *, backend: str = "embedded", timeout: float = 120.0) -> None:

@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import select
-import socket
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+from tests.e2e.conftest import send_chunked
 from timbre_common.audio import parse_wav
 from timbre_common.catalogue import SYSTEM_VOICES
 
@@ -296,38 +293,10 @@ def test_unknown_route_and_method_use_the_error_body(client, key):
 
 
 # Body caps before authentication --------------------------------------------------------------------------
-def _send_chunked(client, path: str, total: int, headers: dict[str, str]) -> tuple[int, dict, int]:
-    """POST `total` bytes chunked, stopping when the answer arrives; (status, error body, bytes sent)."""
-    url = urlparse(client.base_url)
-    sock = socket.create_connection((url.hostname, url.port), timeout=10)
-    lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {url.hostname}\r\n{lines}"
-                 "Transfer-Encoding: chunked\r\n\r\n".encode())
-    piece, sent = b'{"text": "' + b"a" * (256 * 1024 - 10), 0
-    try:
-        while sent < total and not select.select([sock], [], [], 0)[0]:
-            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
-            sent += len(piece)
-    except (BrokenPipeError, ConnectionResetError, TimeoutError):
-        pass  # the server answered and closed: the answer is waiting
-    response, deadline = b"", time.monotonic() + 10
-    while not response.rstrip().endswith(b"}") and time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not chunk:
-            break
-        response += chunk
-    sock.close()
-    head, _, body = response.partition(b"\r\n\r\n")
-    assert b"application/json" in head.lower(), response[:500]
-    return int(head.split(b" ")[1]), json.loads(body[body.index(b"{"):]), sent
-
-
 def test_unauthenticated_huge_chunked_body_is_413_before_it_is_read(client):
-    status, body, sent = _send_chunked(client, "/v1/synthesize", 50 * 1024 * 1024,
-                                       {"Content-Type": "application/json"})
+    piece = b'{"text": "' + b"a" * (256 * 1024 - 10)
+    status, body, sent, _ = send_chunked(client, "/v1/synthesize", [piece] * 200,  # 50 MiB
+                                         {"Content-Type": "application/json"})
     assert status == 413 and set(body) == {"error"} and body["error"]["code"] == "payload_too_large", body
     print(f"chunked JSON body: 413 after {sent / 2**20:.1f} MiB of 50 MiB sent")
     assert sent < 20 * 1024 * 1024  # the 1 MiB cap plus what the sockets buffer

@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import io
-import select
-import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode, checks
+
+from tests.e2e.conftest import send_chunked
 
 pytestmark = pytest.mark.e2e
 
@@ -158,52 +156,16 @@ def test_oversized_chunked_upload_is_refused_before_it_is_all_read(client, wavs)
     key = client.new_key(label="chunked")
     boundary = "hostileboundary"
     total_payload = 64 * 1024 * 1024
-    consumed = {"bytes": 0}
-
-    def body() -> Iterator[bytes]:
-        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nbig\r\n--{boundary}\r\n"
-                "Content-Disposition: form-data; name=\"ref_audio\"; filename=\"big.wav\"\r\n"
-                "Content-Type: audio/wav\r\n\r\n").encode()
-        for piece in [head, wavs.valid_wav(5.0)] + [b"\x00" * (256 * 1024)] * (total_payload // (256 * 1024)) + \
-                [f"\r\n--{boundary}--\r\n".encode()]:
-            consumed["bytes"] += len(piece)
-            yield piece
-
-    url = urlparse(client.base_url)
-    sock = socket.create_connection((url.hostname, url.port), timeout=10)
-    sock.sendall((f"POST /v1/voices HTTP/1.1\r\nHost: {url.hostname}\r\n"
-                  f"Authorization: Bearer {key['api_key']}\r\n"
-                  f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-                  "Transfer-Encoding: chunked\r\n\r\n").encode())
-    answered_early = False
-    try:
-        for piece in body():
-            if select.select([sock], [], [], 0)[0]:
-                answered_early = True
-                break
-            sock.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
-        else:
-            sock.sendall(b"0\r\n\r\n")
-    except (BrokenPipeError, ConnectionResetError, TimeoutError):
-        answered_early = True  # the server stopped reading and closed: its answer is waiting
-    response = b""
-    deadline = time.monotonic() + 10
-    while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
-        if time.monotonic() > deadline:
-            break
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            break
-        if not chunk:
-            break
-        response += chunk
-    sock.close()
-    status_line = response.split(b"\r\n", 1)[0]
-    assert b" 422 " in status_line, response[:500]
-    assert b'"code":"file_too_large"' in response
-    assert answered_early
-    sent_mb = consumed["bytes"] / 2**20
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nbig\r\n--{boundary}\r\n"
+            "Content-Disposition: form-data; name=\"ref_audio\"; filename=\"big.wav\"\r\n"
+            "Content-Type: audio/wav\r\n\r\n").encode()
+    pieces = [head, wavs.valid_wav(5.0)] + [b"\x00" * (256 * 1024)] * (total_payload // (256 * 1024)) + \
+        [f"\r\n--{boundary}--\r\n".encode()]
+    status, body, sent, finished = send_chunked(client, "/v1/voices", pieces, {
+        "Authorization": f"Bearer {key['api_key']}", "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert (status, body["error"]["code"]) == (422, "file_too_large"), body
+    assert not finished
+    sent_mb = sent / 2**20
     print(f"chunked upload: 422 after {sent_mb:.1f} MB of {total_payload / 2**20:.0f} MB")
     assert 20 < sent_mb < 30, f"{sent_mb:.1f} MB consumed before the answer"
     assert _stored(client, key["account_id"]) == []

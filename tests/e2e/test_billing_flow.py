@@ -3,18 +3,15 @@ at a local fake Stripe, webhooks signed the way Stripe signs them and posted to 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import secrets
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -25,7 +22,7 @@ import pytest
 from timbre_common.catalogue import SYSTEM_VOICES
 from timbre_common.contracts.synthesis import JobReady
 from timbre_common.messaging import Bus
-from timbre_common.testing import headless_dom
+from timbre_common.testing import headless_dom, load_module
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,21 +36,8 @@ PRICE = "price_e2e_hobby"
 QUOTA = 300
 
 
-def _module(name: str, path: Path) -> ModuleType:
-    """A helper module by path (tests are not packages); the already-loaded copy when pytest has one."""
-    for module in list(sys.modules.values()):
-        if getattr(module, "__file__", None) == str(path):
-            return module
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-e2e = _module("timbre_e2e_conftest", ROOT / "tests/e2e/conftest.py")
-fake_stripe = _module("timbre_billing_tests_fake_stripe", ROOT / "services/billing/tests/fake_stripe.py")
+e2e = load_module("timbre_e2e_conftest", ROOT / "tests/e2e/conftest.py")
+fake_stripe = load_module("timbre_billing_tests_fake_stripe", ROOT / "services/billing/tests/fake_stripe.py")
 
 
 def _free_port() -> int:
@@ -255,28 +239,16 @@ def test_concurrent_reads_show_the_key_to_one_reader(billing: BillingPlatform) -
     assert all(r == {"ready": True, "already_shown": True} for r in seen if "api_key" not in r and r["ready"])
 
 
-def _gateway_sql(billing: BillingPlatform, query: str, *args: object) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(billing.client.env["DATABASE_URL"],
-                                     server_settings={"search_path": "gateway"})
-        try:
-            return list(await conn.fetch(query, *args))
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
-
-
 def test_uncollected_key_expires(billing: BillingPlatform) -> None:
     """A key nobody came for within CHECKOUT_KEY_TTL_S is erased, and the success page says it expired."""
     sub = billing.pay(f"late.{uuid.uuid4().hex[:8]}@example.com")
-    _until(lambda: _gateway_sql(billing, "SELECT 1 FROM checkout_keys WHERE checkout_token = $1", sub.token),
+    _until(lambda: billing.client.sql("SELECT 1 FROM gateway.checkout_keys WHERE checkout_token = $1", sub.token),
            "the gateway minted the checkout's key")
-    _gateway_sql(billing, "UPDATE checkout_keys SET created_at = now() - interval '25 hours'"
+    billing.client.sql("UPDATE gateway.checkout_keys SET created_at = now() - interval '25 hours'"
                           " WHERE checkout_token = $1", sub.token)
     assert billing.status(sub.token) == {"ready": True, "expired": True}
     assert billing.status(sub.token) == {"ready": True, "expired": True}
-    row = _gateway_sql(billing, "SELECT api_key, shown_at FROM checkout_keys WHERE checkout_token = $1",
+    row = billing.client.sql("SELECT api_key, shown_at FROM gateway.checkout_keys WHERE checkout_token = $1",
                        sub.token)[0]
     assert row["api_key"] is None and row["shown_at"] is None
 
@@ -396,7 +368,7 @@ def test_a_burst_of_synthesis_requests_cannot_overrun_the_quota(billing: Billing
     usage = billing.http.get("/v1/usage", headers=billing.auth(sub.key)).json()
     assert (usage["characters_used"], usage["remaining"]) == (QUOTA, 0)
     # Each finished job's hold became its usage in the same transaction: none is left behind.
-    held = _gateway_sql(billing, "SELECT count(*) AS n FROM billing.quota_holds WHERE created_at >= $1", started)
+    held = billing.client.sql("SELECT count(*) AS n FROM billing.quota_holds WHERE created_at >= $1", started)
     assert held[0]["n"] == 0
     # Nothing is left held or billed beyond the quota: one more character is refused, usage unchanged.
     r = billing.http.post("/v1/synthesize", json={"voice_id": JOE.voice_id, "text": "X"},

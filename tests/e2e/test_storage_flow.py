@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from timbre_common.catalogue import SYSTEM_VOICES
@@ -23,18 +22,6 @@ GENERATION_KEY = re.compile(r"^generations/(?P<account>[0-9a-f-]{36})/(?P<y>\d{4
                             r"(?P<hms>\d{6})-(?P<job>[0-9a-f-]{36})\.wav$")
 # The purge's own receipt: it names the account so GET /v1/admin/purges/{id} can answer who was purged.
 PURGE_RECEIPTS = {("gateway", "purges")}
-
-
-def _sql(client: Any, query: str, *args: object) -> list[asyncpg.Record]:
-    """Run one statement on the platform's database."""
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(client.env["DATABASE_URL"])
-        try:
-            return await conn.fetch(query, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 def _root(client: Any) -> Path:
@@ -233,20 +220,20 @@ def test_sweeper_deletes_expired_audio_and_its_owners_forget_it(client):
     assert _parse(job["expires_at"]) - _parse(job["completed_at"]) > timedelta(days=6, hours=23)
     path = _generation_file(client, account, job["job_id"])
     object_key = path.relative_to(_root(client)).as_posix()
-    assert _sql(client, "SELECT 1 FROM dispatch.cache_entries WHERE audio_key = $1", object_key)
+    assert client.sql("SELECT 1 FROM dispatch.cache_entries WHERE audio_key = $1", object_key)
     # An untouched object of the same account must survive the sweep.
     keep = _ready_job(client, key, _unique("Survivor"))
-    updated = _sql(client, "UPDATE storage.objects SET expires_at = now() - interval '1 second' "
+    updated = client.sql("UPDATE storage.objects SET expires_at = now() - interval '1 second' "
                            "WHERE key = $1 RETURNING key", object_key)
     assert len(updated) == 1
     # Past its retention the audio is gone for its owner at once, swept or not: 410, never "missing".
     gone = client.http.get(f"/v1/jobs/{job['job_id']}/audio", headers=client.auth(key))
     assert gone.status_code == 410 and gone.json()["error"]["code"] == "audio_expired", gone.text
-    _poll("expired object swept", lambda: not path.exists() and not _sql(
-        client, "SELECT 1 FROM storage.objects WHERE key = $1", object_key))
-    _poll("cache entry dropped", lambda: not _sql(
-        client, "SELECT 1 FROM dispatch.cache_entries WHERE audio_key = $1", object_key))
-    _poll("job marked expired", lambda: _sql(client, "SELECT 1 FROM dispatch.jobs WHERE job_id = $1 AND "
+    _poll("expired object swept", lambda: not path.exists() and not client.sql(
+        "SELECT 1 FROM storage.objects WHERE key = $1", object_key))
+    _poll("cache entry dropped", lambda: not client.sql(
+        "SELECT 1 FROM dispatch.cache_entries WHERE audio_key = $1", object_key))
+    _poll("job marked expired", lambda: client.sql("SELECT 1 FROM dispatch.jobs WHERE job_id = $1 AND "
                                                      "status = 'failed'", uuid.UUID(job["job_id"])))
     view = client.http.get(f"/v1/jobs/{job['job_id']}", headers=client.auth(key)).json()
     assert view["status"] == "failed" and view["error_code"] == "audio_expired" and "audio_url" not in view, view
@@ -296,7 +283,7 @@ def _account_prefixes(account: str) -> list[str]:
 
 def _rows_of_account(client: Any, account: str) -> dict[str, int]:
     """Rows naming the account in every table of every schema that has an account_id column."""
-    tables = _sql(client, "SELECT table_schema, table_name FROM information_schema.columns "
+    tables = client.sql("SELECT table_schema, table_name FROM information_schema.columns "
                           "WHERE column_name = 'account_id' AND table_schema NOT IN ('pg_catalog', "
                           "'information_schema') AND (table_schema, table_name) IN (SELECT table_schema, "
                           "table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE')")
@@ -308,7 +295,7 @@ def _rows_of_account(client: Any, account: str) -> dict[str, int]:
     for t in tables:
         if (t["table_schema"], t["table_name"]) in PURGE_RECEIPTS:
             continue
-        n = _sql(client, f'SELECT count(*) AS n FROM "{t["table_schema"]}"."{t["table_name"]}" '
+        n = client.sql(f'SELECT count(*) AS n FROM "{t["table_schema"]}"."{t["table_name"]}" '
                          f"WHERE account_id::text = $1", account)[0]["n"]
         counts[f"{t['table_schema']}.{t['table_name']}"] = n
     return counts

@@ -6,7 +6,6 @@ so each presigned URL is recomputed with botocore's own SigV4 signer at the URL'
 """
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import io
 import json
@@ -18,7 +17,6 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import asyncpg
 import boto3
 import botocore.auth
 import pytest
@@ -120,17 +118,6 @@ def _check_presigned(url: str, moto: dict[str, Any], key: str, expires: int = 36
     assert query["X-Amz-Signature"] != botocore_signature(SECRET_KEY, "auto")
 
 
-def _sql(client: Any, query: str, *args: object) -> list[asyncpg.Record]:
-    async def run() -> list[asyncpg.Record]:
-        conn = await asyncpg.connect(client.env["DATABASE_URL"])
-        try:
-            return await conn.fetch(query, *args)
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
-
-
 def _ready_job(client: Any, key: dict, voice_id: str, text: str) -> dict:
     r = client.http.post("/v1/synthesize", json={"voice_id": voice_id, "text": text}, headers=client.auth(key))
     assert r.status_code == 202 and r.headers["X-Cache"] == "MISS", r.text
@@ -216,12 +203,12 @@ def test_self_heal_and_sweep_on_s3(s3_client, moto):
     assert view["status"] == "failed" and view["error_code"] == "audio_missing"
     expiring = _ready_job(client, key, JOE.voice_id, f"Expiring audio {uuid.uuid4().int % 10000}.")
     object_key = _generation_key(moto, account, expiring["job_id"])
-    assert _sql(client, "UPDATE storage.objects SET expires_at = now() - interval '1 second' WHERE key = $1 "
+    assert client.sql("UPDATE storage.objects SET expires_at = now() - interval '1 second' WHERE key = $1 "
                         "RETURNING key", object_key)
     _poll("expired object swept from the bucket", lambda: object_key not in _keys(moto, f"generations/{account}/"))
-    _poll("index row gone", lambda: not _sql(client, "SELECT 1 FROM storage.objects WHERE key = $1", object_key))
+    _poll("index row gone", lambda: not client.sql("SELECT 1 FROM storage.objects WHERE key = $1", object_key))
     # Read the job once the dispatcher has handled objects.expired (an earlier poll would self-heal it).
-    _poll("job marked expired", lambda: _sql(client, "SELECT 1 FROM dispatch.jobs WHERE job_id = $1 AND "
+    _poll("job marked expired", lambda: client.sql("SELECT 1 FROM dispatch.jobs WHERE job_id = $1 AND "
                                                      "status = 'failed'", uuid.UUID(expiring["job_id"])))
     job = client.http.get(f"/v1/jobs/{expiring['job_id']}", headers=client.auth(key)).json()
     assert job["status"] == "failed" and job["error_code"] == "audio_expired", job
@@ -247,7 +234,7 @@ def test_two_storage_replicas_sweep_each_expired_object_once(s3_client, moto, wa
         uploads.append(r.json())
     assert len(_keys(moto, f"uploads/{account}/")) == 12
     before = _swept(client)
-    expired = _sql(client, "UPDATE storage.objects SET expires_at = now() - interval '1 second' "
+    expired = client.sql("UPDATE storage.objects SET expires_at = now() - interval '1 second' "
                            "WHERE account_id = $1 AND key LIKE 'uploads/%' RETURNING key", account)
     assert len(expired) == 12
     _poll("expired uploads swept", lambda: _keys(moto, f"uploads/{account}/") == [])
@@ -256,7 +243,7 @@ def test_two_storage_replicas_sweep_each_expired_object_once(s3_client, moto, wa
     after = _swept(client)
     print("swept per replica:", {n: after[n] - before[n] for n in after})
     assert sum(after.values()) - sum(before.values()) == 12, (before, after)
-    assert not _sql(client, "SELECT 1 FROM storage.uploads WHERE account_id = $1", account)
+    assert not client.sql("SELECT 1 FROM storage.uploads WHERE account_id = $1", account)
     for upload in uploads:
         assert client.http.get(upload["url"]).status_code == 404
 
@@ -283,7 +270,7 @@ def test_purge_empties_the_accounts_prefixes_in_the_bucket(s3_client, moto, wavs
     assert r.status_code == 200 and r.json()["status"] == "completed", r.text
     assert set(r.json()["confirmed"]) == {"gateway", "voices", "dispatcher", "storage", "billing"}
     assert not any(doomed["account_id"] in k for k in _keys(moto)), _keys(moto)
-    assert not _sql(client, "SELECT key FROM storage.objects WHERE account_id = $1", doomed["account_id"])
+    assert not client.sql("SELECT key FROM storage.objects WHERE account_id = $1", doomed["account_id"])
     assert [k for p in prefixes(other["account_id"]) for k in _keys(moto, p)] == others_before
     assert client.http.get("/v1/voices", headers=client.auth(doomed)).status_code == 401
     assert client.http.get("/v1/voices", headers=client.auth(other)).status_code == 200

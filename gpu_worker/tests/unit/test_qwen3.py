@@ -14,23 +14,16 @@ pytest.importorskip("transformers", reason="the qwen stack is installed from req
 if importlib.util.find_spec("qwen_tts") is None:
     pytest.skip("qwen-tts not installed (requirements/qwen-nodeps.txt)", allow_module_level=True)
 
+from timbre_common.testing import load_module
 from timbre_gpu_worker.backends.base import BackendError, BackendUnavailable, SynthesisRequest  # noqa: E402
 from timbre_gpu_worker.backends.qwen3 import SAMPLES_PER_TOKEN, Qwen3Backend  # noqa: E402
 
 _TINY = Path(__file__).resolve().parents[1] / "qwen_tiny.py"
 
 
-def _load_builder():
-    spec = importlib.util.spec_from_file_location("timbre_qwen_tiny", _TINY)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module.build_tiny_model
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _load_builder()(tmp_path_factory.mktemp("qwen3-tiny"))
+    return load_module("timbre_qwen_tiny", _TINY).build_tiny_model(tmp_path_factory.mktemp("qwen3-tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,7 @@
 """A corpus of malformed and hostile WAV uploads, plus a generator of valid speech-like WAVs.
 
-Load it by path from any test (it depends only on numpy), for example::
-
-    spec = importlib.util.spec_from_file_location("hostile_wavs", path)
-    module = importlib.util.module_from_spec(spec); sys.modules["hostile_wavs"] = module
-    spec.loader.exec_module(module)
+Load it by path from any test (it depends only on numpy):
+``timbre_common.testing.load_module("hostile_wavs", path)``.
 """
 
 from __future__ import annotations

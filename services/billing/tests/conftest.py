@@ -1,13 +1,10 @@
 """Billing test fixtures: a fresh PostgreSQL schema per test, the fake Stripe server, settings."""
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import asyncpg
@@ -17,6 +14,7 @@ from timbre_billing.adapters.repository import BillingRepository
 from timbre_billing.adapters.stripe_gateway import StripeGateway
 from timbre_billing.settings import BillingSettings
 from timbre_common.db import create_pool, drop_schema, migrate
+from timbre_common.testing import load_module
 
 MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 DSN = os.environ.get("BILLING_TEST_DATABASE_URL") or os.environ.get(
@@ -26,19 +24,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 WEBHOOK_SECRETS = ("whsec_current_a1b2c3", "whsec_previous_d4e5f6")
 
 
-def _load_fake_stripe() -> ModuleType:
-    # Tests are imported with --import-mode=importlib, so sibling helpers are loaded by path.
-    name = "timbre_billing_tests_fake_stripe"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_stripe.py"))
-        assert spec and spec.loader
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fake_stripe = _load_fake_stripe()
+# Tests are imported with --import-mode=importlib, so sibling helpers are loaded by path.
+fake_stripe = load_module("timbre_billing_tests_fake_stripe", Path(__file__).with_name("fake_stripe.py"))
 
 
 class FakeStripe:

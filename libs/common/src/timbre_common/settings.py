@@ -1,16 +1,31 @@
 """Settings shared by every service: broker, database, logging. Fail fast on bad values."""
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "placeholder", "xxx", "todo"})
+# Values copied from docs and templates that must never be taken for a secret.
+_PLACEHOLDER_WORDS = frozenset(
+    {"", "changeme", "change-me", "change_me", "secret", "placeholder", "xxx", "todo", "none", "null", "dummy"}
+)
+_PLACEHOLDER_RE = re.compile(
+    r"^(?:(?:sk|rk|pk)_(?:test|live)_|whsec_|price_)?(?:x+|\.\.\.|changeme|placeholder|your[_-].*|<.*>|\*+)$",
+    re.IGNORECASE,
+)
+
+
+def is_placeholder(value: str) -> bool:
+    """True for an empty value or one that only looks like a secret (`sk_test_xxx`, `changeme`, `<key>`...)."""
+    v = value.strip()
+    return v.lower() in _PLACEHOLDER_WORDS or bool(_PLACEHOLDER_RE.match(v)) or "changeme" in v.lower()
 
 
 def require_real_secret(name: str, value: SecretStr | None, *, env: str) -> None:
     """Refuse an empty or placeholder secret outside development."""
     raw = value.get_secret_value() if value is not None else ""
-    if env != "dev" and raw.strip().lower() in PLACEHOLDER_SECRETS:
+    if env != "dev" and is_placeholder(raw):
         raise ValueError(f"{name} must be set to a real secret when TIMBRE_ENV={env}")
 
 

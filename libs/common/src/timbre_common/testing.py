@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from .contracts import Command, Envelope, Event
@@ -41,6 +42,24 @@ class FakeBus:
 
     def events(self, cls: type[Event]) -> list[Event]:
         return [e for e, _, _ in self.published if isinstance(e, cls)]
+
+
+def load_module(name: str, path: Path) -> ModuleType:
+    """A helper module of the tests by path (tests are not packages), loaded once whoever asks first."""
+    import importlib.util
+    import sys
+
+    path = Path(path).resolve()
+    for module in list(sys.modules.values()):  # pytest may have loaded it already, under another name
+        if getattr(module, "__file__", None) and Path(module.__file__).resolve() == path:
+            return module
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: dataclasses look their module up in sys.modules while being built.
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def envelope(**kwargs: Any) -> Envelope:

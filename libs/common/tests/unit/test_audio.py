@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import struct
 import sys
 from functools import cache
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -33,22 +31,9 @@ from timbre_common.audio import (
     transcode,
     validate_reference,
 )
+from timbre_common.testing import load_module
 
-
-def _load_hostile_module() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "hostile_wavs.py"
-    if "hostile_wavs" in sys.modules:
-        return sys.modules["hostile_wavs"]
-    spec = importlib.util.spec_from_file_location("hostile_wavs", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the class is being built.
-    sys.modules["hostile_wavs"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-hw = _load_hostile_module()
+hw = load_module("hostile_wavs", Path(__file__).resolve().parents[1] / "hostile_wavs.py")
 
 
 @cache

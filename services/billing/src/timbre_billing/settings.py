@@ -1,28 +1,11 @@
 """Billing settings from the environment; with BILLING=on, missing or placeholder secrets fail at start."""
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import SecretStr, field_validator, model_validator
 
-from timbre_common.settings import CommonSettings
-
-# Values copied from docs and templates that must never reach Stripe.
-_PLACEHOLDER_WORDS = frozenset(
-    {"", "changeme", "change-me", "change_me", "secret", "placeholder", "xxx", "todo", "none", "null",
-     "dummy"}
-)
-_PLACEHOLDER_RE = re.compile(
-    r"^(?:(?:sk|rk|pk)_(?:test|live)_|whsec_|price_)?(?:x+|\.\.\.|changeme|placeholder|your[_-].*|<.*>|\*+)$",
-    re.IGNORECASE,
-)
-
-
-def is_placeholder(value: str) -> bool:
-    """True for an empty value or one that only looks like a secret (`sk_test_xxx`, `changeme`...)."""
-    v = value.strip()
-    return v.lower() in _PLACEHOLDER_WORDS or bool(_PLACEHOLDER_RE.match(v)) or "changeme" in v.lower()
+from timbre_common.settings import CommonSettings, is_placeholder
 
 
 class BillingSettings(CommonSettings):

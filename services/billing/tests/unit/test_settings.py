@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from timbre_billing.settings import BillingSettings, is_placeholder
+from timbre_billing.settings import BillingSettings
+from timbre_common.settings import is_placeholder
 
 GOOD = {
     "billing": "on",

@@ -10,10 +10,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from timbre_common.settings import PLACEHOLDER_SECRETS, CommonSettings
+from timbre_common.settings import CommonSettings, is_placeholder
 
 DEV_SIGNING_KEY = "timbre-dev-signing-key-do-not-use-outside-dev"
-_PLACEHOLDERS = PLACEHOLDER_SECRETS | {"changethis", "dev", "test", DEV_SIGNING_KEY}
+# Beyond the common placeholders: words that only name an environment, and the dev default itself.
+_WEAK_KEYS = {"changethis", "dev", "test", DEV_SIGNING_KEY}
 _R2_ACCOUNT_RE = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -77,7 +78,7 @@ class StorageSettings(CommonSettings):
         if self.is_dev and not key:
             self.storage_signing_key = SecretStr(DEV_SIGNING_KEY)
             return
-        if key.strip().lower() in _PLACEHOLDERS or len(key) < 32:
+        if is_placeholder(key) or key.strip().lower() in _WEAK_KEYS or len(key) < 32:
             raise ValueError(
                 "STORAGE_SIGNING_KEY must be set to a random secret of at least 32 characters when "
                 "STORAGE_BACKEND=fs (only TIMBRE_ENV=dev may leave it unset); "

@@ -66,10 +66,6 @@ def _job_not_found(job_id: str) -> NotFound:
     return NotFound("job_not_found", f"job {job_id} not found")
 
 
-def _valid_uuid(value: str) -> bool:
-    return is_canonical_uuid(value)
-
-
 async def _work_order(row: Any, *, bus: MessageBus, policy: JobPolicy) -> SynthesisRequested:
     """The job's stored request with a fresh presigned reference URL and its attempt number."""
     request = dict(row["request"])
@@ -179,7 +175,7 @@ def _expired(job_id: str) -> RpcError:
 async def get_job(cmd: GetJob, *, envelope: Envelope, jobs: JobRepository, bus: MessageBus,
                   cache: CacheIndex | None = None) -> JobView:
     """A job's view; polling a ready job whose object has vanished self-heals it to failed."""
-    if not _valid_uuid(cmd.job_id):
+    if not is_canonical_uuid(cmd.job_id):
         raise _job_not_found(cmd.job_id)
     row = await jobs.get(cmd.job_id, cmd.account_id)
     if row is None:
@@ -198,7 +194,7 @@ async def get_job(cmd: GetJob, *, envelope: Envelope, jobs: JobRepository, bus: 
 async def fetch_audio(cmd: FetchJobAudio, *, envelope: Envelope, jobs: JobRepository, cache: CacheIndex,
                       bus: MessageBus) -> tuple[JobView, bytes]:
     """The WAV of a ready job; a ready job whose object has vanished self-heals to failed."""
-    if not _valid_uuid(cmd.job_id):
+    if not is_canonical_uuid(cmd.job_id):
         raise _job_not_found(cmd.job_id)
     row = await jobs.get(cmd.job_id, cmd.account_id)
     if row is None:
@@ -222,7 +218,7 @@ async def fetch_audio(cmd: FetchJobAudio, *, envelope: Envelope, jobs: JobReposi
 
 
 async def lookup_job(cmd: LookupJob, *, envelope: Envelope, jobs: JobRepository) -> JobOwner:
-    if not _valid_uuid(cmd.job_id):
+    if not is_canonical_uuid(cmd.job_id):
         raise _job_not_found(cmd.job_id)
     row = await jobs.get(cmd.job_id)
     if row is None:

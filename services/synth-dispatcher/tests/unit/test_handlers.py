@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -28,20 +26,10 @@ from timbre_common.contracts.synthesis import (
 )
 from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.messaging import NotFound, RemoteError, RpcError, work_routing_key
-from timbre_common.testing import FakeBus, envelope
+from timbre_common.testing import FakeBus, envelope, load_module
 from timbre_dispatcher import domain, handlers
 
-
-def _load(name: str, path: Path) -> Any:
-    """Import a helper module of this test folder by path (tests are not packages)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-fakes = _load("timbre_dispatcher_unit_fakes", Path(__file__).with_name("fakes.py"))
+fakes = load_module("timbre_dispatcher_unit_fakes", Path(__file__).with_name("fakes.py"))
 
 ACCOUNT, OTHER = "acc-1", "acc-2"
 VOICE = "0b6c1d8e-2f0a-4c1e-9a51-6f2d3b7a8c90"

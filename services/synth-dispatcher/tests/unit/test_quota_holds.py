@@ -1,8 +1,6 @@
 """Billing's quota hold on a job: kept by a new job, carried to job.ready / job.failed, refused by hits and joins."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -11,22 +9,10 @@ import pytest
 
 from timbre_common.contracts.storage import AudioStored
 from timbre_common.contracts.synthesis import JobFailed, JobReady, SubmitSynthesis, SynthesisFailed, VoiceSnapshot
-from timbre_common.testing import FakeBus, envelope
+from timbre_common.testing import FakeBus, envelope, load_module
 from timbre_dispatcher import domain, handlers
 
-
-def _fakes() -> Any:
-    """The fakes module of this folder, shared with test_handlers when it is already loaded."""
-    name = "timbre_dispatcher_unit_fakes"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fakes.py"))
-        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        sys.modules[name] = module
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return sys.modules[name]
-
-
-fakes = _fakes()
+fakes = load_module("timbre_dispatcher_unit_fakes", Path(__file__).with_name("fakes.py"))
 ACCOUNT = "acc-holds"
 VOICE = "sys-joe"
 BACKEND = "embedded"

@@ -6,7 +6,6 @@ from typing import Any
 
 from timbre_common.catalogue import EMBEDDED_BACKEND, SYSTEM_VOICES, SystemVoice, system_voice_by_id
 from timbre_common.contracts.voices import VoiceRecord
-from timbre_common.ids import is_canonical_uuid
 
 NAME_MAX = 200
 FAMILY_MAX = 200
@@ -31,10 +30,6 @@ def system_records() -> list[VoiceRecord]:
 def find_system_record(voice_id: str) -> VoiceRecord | None:
     voice = system_voice_by_id(voice_id)
     return system_record(voice) if voice else None
-
-
-def is_uuid(value: str) -> bool:
-    return is_canonical_uuid(value)
 
 
 def custom_record(row: Any) -> VoiceRecord:

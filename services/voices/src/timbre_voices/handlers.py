@@ -34,6 +34,7 @@ from timbre_common.contracts.voices import (
     VoiceRecord,
     VoiceRegistered,
 )
+from timbre_common.ids import is_canonical_uuid
 from timbre_common.logging import get_logger
 from timbre_common.messaging import Invalid, NotFound, RpcError, voice_profile_routing_key
 from timbre_common.ports import MessageBus
@@ -124,7 +125,7 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
 async def list_voices(cmd: ListVoices, *, envelope: Envelope, repo: VoiceRepository) -> VoiceList:
     """System voices first, then a page of the account's own; a cursor when more follow."""
     limit = max(1, min(cmd.limit, domain.LIST_LIMIT_MAX))
-    if cmd.after is not None and not domain.is_uuid(cmd.after):
+    if cmd.after is not None and not is_canonical_uuid(cmd.after):
         raise Invalid("invalid_cursor", "cursor is not one this API handed out")
     rows = await repo.list(cmd.account_id, limit=limit + 1, after=cmd.after)
     page, more = rows[:limit], len(rows) > limit
@@ -138,7 +139,7 @@ async def get_voice(cmd: GetVoice, *, envelope: Envelope, repo: VoiceRepository)
     system = domain.find_system_record(cmd.voice_id)
     if system is not None:
         return system
-    if not domain.is_uuid(cmd.voice_id):
+    if not is_canonical_uuid(cmd.voice_id):
         raise _voice_not_found(cmd.voice_id)
     row = await repo.get(cmd.account_id, cmd.voice_id)
     if row is None:
@@ -150,7 +151,7 @@ async def delete_voice(cmd: DeleteVoice, *, envelope: Envelope, repo: VoiceRepos
     """Forget the voice and announce it: storage drops the reference, the dispatcher the jobs and cache."""
     if system_voice_by_id(cmd.voice_id) is not None:
         raise RpcError("system_voice_readonly", "system voices cannot be deleted", status=403)
-    if not domain.is_uuid(cmd.voice_id):
+    if not is_canonical_uuid(cmd.voice_id):
         raise _voice_not_found(cmd.voice_id)
     row = await repo.get(cmd.account_id, cmd.voice_id)
     if row is None:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -34,21 +32,11 @@ from timbre_common.contracts.voices import (
     VoiceRegistered,
 )
 from timbre_common.messaging import Invalid, NotFound, RemoteError, RpcError
-from timbre_common.testing import FakeBus, envelope
+from timbre_common.testing import FakeBus, envelope, load_module
 from timbre_voices import handlers
 from timbre_voices.settings import VoicesSettings
 
-
-def _load(name: str, path: Path) -> Any:
-    """Import a helper module by path (tests are not packages)."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[name] = module
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-wavs = _load("timbre_hostile_wavs", Path(__file__).resolve().parents[4] / "libs/common/tests/hostile_wavs.py")
+wavs = load_module("timbre_hostile_wavs", Path(__file__).resolve().parents[4] / "libs/common/tests/hostile_wavs.py")
 
 ACCOUNT, OTHER = "acc-1", "acc-2"
 ENV = envelope()

@@ -43,9 +43,6 @@ class Message(BaseModel):
     # True when the message carries binary data (audio) as the AMQP body, its fields in a header.
     BINARY: ClassVar[bool] = False
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         if cls.TYPE:

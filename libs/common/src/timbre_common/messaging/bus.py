@@ -105,6 +105,8 @@ class Bus:
     @property
     async def rpc(self) -> RpcClient:
         """The RPC client (one channel, created on first use, once even under concurrent first calls)."""
+        if self._rpc is not None:
+            return self._rpc
         async with self._rpc_lock:
             if self._rpc is None:
                 assert self.connection is not None, "Bus.connect() first"

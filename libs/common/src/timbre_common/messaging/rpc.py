@@ -145,6 +145,8 @@ class RpcClient:
         self._start_lock = asyncio.Lock()
 
     async def start(self) -> None:
+        if self._started:
+            return
         async with self._start_lock:
             if self._started:
                 return

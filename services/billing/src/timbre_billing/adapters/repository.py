@@ -282,11 +282,6 @@ class BillingRepository:
                 )
         return row is not None
 
-    async def characters_between(self, account_id: str, start: datetime, end: datetime) -> int:
-        """Characters of an account's jobs that occurred in [start, end)."""
-        characters, _ = await self.usage_between(account_id, start, end)
-        return characters
-
     async def usage_between(self, account_id: str, start: datetime, end: datetime) -> tuple[int, int]:
         """(characters, jobs) of an account's jobs that occurred in [start, end)."""
         row = await self._pool.fetchrow(

@@ -285,15 +285,23 @@ async def delete_voice(ctx: Ctx, caller: CallerDep, voice_id: str) -> Response:
 
 
 # Synthesis ------------------------------------------------------------------------------------------
-def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ignore[no-untyped-def]
+def _require_known_backend(backend: str) -> None:
     if backend not in KNOWN_BACKENDS:
         raise ApiError(422, "invalid_backend", f"backend must be one of {', '.join(KNOWN_BACKENDS)}")
+
+
+def _require_known_lang(lang: str) -> None:
+    if lang not in SUPPORTED_LANGUAGES:
+        raise ApiError(422, "unsupported_language", f"lang must be one of {' '.join(SUPPORTED_LANGUAGES)}")
+
+
+def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ignore[no-untyped-def]
+    _require_known_backend(backend)
     if ctx is not None and ctx.backends.known_unavailable(backend):
         raise ApiError(422, "backend_unavailable",
                        f"backend {backend} is not running on this deployment; available: "
                        f"{', '.join(ctx.backends.available()) or 'none'}")
-    if lang not in SUPPORTED_LANGUAGES:
-        raise ApiError(422, "unsupported_language", f"lang must be one of {' '.join(SUPPORTED_LANGUAGES)}")
+    _require_known_lang(lang)
     if lang not in BACKEND_LANGUAGES[backend]:
         raise ApiError(422, "unsupported_language",
                        f"backend {backend} speaks {' '.join(BACKEND_LANGUAGES[backend])}, not {lang}")
@@ -333,10 +341,11 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
         raise ApiError(400, "missing_field", "text is required", details={"fields": ["text"]})
     if len(text) > ctx.settings.max_text_chars:
         raise ApiError(422, "text_too_long", f"text is longer than {ctx.settings.max_text_chars} characters")
-    if body.backend is not None and body.backend not in KNOWN_BACKENDS:
-        raise ApiError(422, "invalid_backend", f"backend must be one of {', '.join(KNOWN_BACKENDS)}")
-    if body.lang is not None and body.lang not in SUPPORTED_LANGUAGES:
-        raise ApiError(422, "unsupported_language", f"lang must be one of {' '.join(SUPPORTED_LANGUAGES)}")
+    # Names nobody knows are refused before any service is asked (or any quota held).
+    if body.backend is not None:
+        _require_known_backend(body.backend)
+    if body.lang is not None:
+        _require_known_lang(body.lang)
     # Two independent questions, asked at once; a voice error still wins over a quota one. The quota answer
     # reserves the characters (a hold) so a burst of requests cannot all pass on the same usage.
     voice_answer, quota_answer = await asyncio.gather(
