@@ -21,8 +21,9 @@ $(STAMP): requirements/*.txt scripts/install.sh
 	./scripts/install.sh
 	touch $(STAMP)
 
-services:
+services: install
 	./scripts/ensure_services.sh
+	$(PY) -c 'import asyncio, os; from timbre_common.supervisor import ensure_database; asyncio.run(ensure_database(os.environ["DATABASE_URL"]))'
 
 up: install services
 	$(PY) -m timbre_common.supervisor
