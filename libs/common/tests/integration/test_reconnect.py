@@ -175,3 +175,12 @@ async def test_calls_during_an_outage_fail_fast_as_unavailable(platform: Platfor
     finally:
         await asyncio.to_thread(platform.broker.start_app)
     await _works(platform, 6)
+
+
+async def test_the_healthcheck_probe_pings_a_service_over_the_broker(platform: Platform):
+    from timbre_common.probe import ping
+
+    ns = platform.server.names.ns
+    await ping(platform.server_name, url=platform.broker.url, namespace=ns, timeout=3)
+    with pytest.raises(RpcTimeout):
+        await ping("nobody", url=platform.broker.url, namespace=ns, timeout=1)

@@ -19,6 +19,7 @@ from timbre_common.runtime import HttpServer
 
 from . import handlers
 from .adapters.backends import BackendRegistry
+from .adapters.dependencies import DependencyProbe
 from .adapters.idempotency import IdempotencyStore
 from .adapters.limits import RedisLimiter
 from .adapters.repository import AccountRepository
@@ -42,6 +43,7 @@ class GatewayContext:
     redis: Any = None
     limiter: RedisLimiter | None = None
     idempotency: IdempotencyStore | None = None
+    probe: DependencyProbe | None = None
 
 
 class GatewayService:
@@ -109,7 +111,8 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     limiter = RedisLimiter(redis, namespace=settings.bus_namespace, lease_ttl_s=settings.concurrency_lease_s)
     return GatewayContext(settings=settings, bus=bus, pool=pool, accounts=AccountRepository(pool),
                           backends=BackendRegistry(grace=settings.heartbeat_grace), extras={},
-                          redis=redis, limiter=limiter, idempotency=IdempotencyStore(pool))
+                          redis=redis, limiter=limiter, idempotency=IdempotencyStore(pool),
+                          probe=DependencyProbe(pool=pool, bus=bus))
 
 
 async def build(settings: GatewaySettings | None = None) -> GatewayService:

@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 import aio_pika
 import aio_pika.exceptions
 
-from ..contracts import Ack, Command, ErrorReply, Message, Reply
+from ..availability import unavailable_dependency
+from ..contracts import Ack, Command, ErrorReply, Message, Ping, Reply
 from ..logging import correlation, correlation_id_var, get_logger
 from .codec import UndecodableMessage, decode, encode, envelope_for
 from .topology import Names
@@ -122,6 +123,8 @@ class RpcServer:
             msg, envelope, body = decode(incoming)
         except UndecodableMessage as exc:
             return ErrorReply(code="bad_request", message=str(exc), status=400), None
+        if isinstance(msg, Ping):
+            return Ack(), None
         handler = self.handlers.get(type(msg))  # type: ignore[arg-type]
         if handler is None:
             return ErrorReply(code="unknown_command", message=f"{envelope.type} is not served here", status=400), None
@@ -131,6 +134,12 @@ class RpcServer:
         except RpcError as exc:
             return ErrorReply(code=exc.code, message=exc.message, status=exc.status, details=exc.details), None
         except Exception as exc:
+            dependency = unavailable_dependency(exc)
+            if dependency is not None:
+                log.warning("rpc_dependency_unavailable", service=self.service, command=envelope.type,
+                            dependency=dependency, error=f"{type(exc).__name__}: {exc}")
+                return ErrorReply(code="service_unavailable", message=f"{self.service}: {dependency} unavailable",
+                                  status=503, details={"dependency": dependency}), None
             log.exception("rpc_handler_failed", service=self.service, command=envelope.type)
             return ErrorReply(code="internal_error", message=f"{self.service} failed: {type(exc).__name__}",
                               status=500), None

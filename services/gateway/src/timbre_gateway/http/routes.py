@@ -50,6 +50,7 @@ from .schemas import (
     KeyCreated,
     KeyInfo,
     PurgeOut,
+    Readiness,
     SynthesizeRequest,
     UpdateKeyLimits,
     UploadOut,
@@ -115,10 +116,27 @@ def _voice_out(v: VoiceRecord) -> VoiceOut:
 
 
 # Health and keys -------------------------------------------------------------------------------------
-@router.get("/health", response_model=Health, tags=["health"], summary="Liveness and the runnable backends")
+@router.get("/health", response_model=Health, tags=["health"],
+            summary="The runnable backends, and whether the database, the broker and every service answer")
 async def health(ctx: Ctx) -> Health:
     backends = ctx.backends.available()
-    return Health(status="ok" if backends else "degraded", backends=backends)
+    dependencies = await ctx.probe.check() if ctx.probe is not None else {}
+    failing = [name for name, state in dependencies.items() if state != "ok"]
+    if not backends:
+        failing.append("backends")
+    return Health(status="degraded" if failing else "ok", backends=backends, dependencies=dependencies,
+                  failing=failing)
+
+
+@router.get("/ready", response_model=Readiness, tags=["health"],
+            summary="Readiness for load balancers: 200 while this gateway reaches its database and the broker",
+            responses={503: {"model": Readiness, "description": "Not ready: the database or the broker is down"}})
+async def ready(ctx: Ctx) -> JSONResponse:
+    dependencies = await ctx.probe.check() if ctx.probe is not None else {}
+    own = {name: dependencies.get(name, "ok") for name in ("database", "broker")}
+    ok = all(state == "ok" for state in own.values())
+    return JSONResponse(Readiness(ready=ok, dependencies=own).model_dump(), status_code=200 if ok else 503,
+                        headers={} if ok else {"Retry-After": "5"})
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated, tags=["keys"],
