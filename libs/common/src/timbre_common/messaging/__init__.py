@@ -2,6 +2,7 @@
 from .bus import Bus, PgDeduper
 from .codec import UndecodableMessage, decode, encode, envelope_for
 from .consumer import Consumer, Deduper
+from .outbox import OutboxBus, TransactionalPool
 from .rpc import BrokerUnavailable, Conflict, Invalid, NotFound, RemoteError, RpcClient, RpcError, RpcServer, RpcTimeout
 from .topology import (
                        QUEUES,
@@ -17,6 +18,7 @@ from .topology import (
 )
 
 __all__ = ["Bus", "PgDeduper", "UndecodableMessage", "decode", "encode", "envelope_for", "Consumer", "Deduper",
+           "OutboxBus", "TransactionalPool",
            "BrokerUnavailable", "Conflict", "Invalid", "NotFound", "RemoteError", "RpcClient", "RpcError",
            "RpcServer", "RpcTimeout",
            "QUEUES", "RETRY_DELAYS", "Names", "QueueSpec", "declare_topology", "local_work_queue",

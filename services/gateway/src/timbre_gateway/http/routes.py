@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from timbre_common.audio import AudioError, parse_wav, transcode
 from timbre_common.catalogue import BACKEND_LANGUAGES, KNOWN_BACKENDS
-from timbre_common.contracts.accounts import AccountPurgeRequested
+from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurgeRequested
 from timbre_common.contracts.billing import CheckQuota, GetUsage, QuotaDecision, ReleaseHold, UsageReport
 from timbre_common.contracts.storage import PutUpload, UploadRecord
 from timbre_common.contracts.synthesis import (
@@ -530,17 +530,33 @@ async def usage(ctx: Ctx, caller: CallerDep) -> UsageReport:
     return report
 
 
+def _purge_out(row) -> PurgeOut:  # type: ignore[no-untyped-def]
+    confirmed = dict(row["confirmed"] or {})
+    if row["completed_at"]:
+        status = "completed"
+    elif row.get("failed_at"):
+        status = "failed"
+    else:
+        status = "pending"
+    missing = list(row.get("missing") or []) if status == "failed" else \
+        sorted(set(PURGING_SERVICES) - set(confirmed))
+    return PurgeOut(purge_id=str(row["purge_id"]), account_id=row["account_id"], status=status,
+                    confirmed=confirmed, missing=missing, failed_at=row.get("failed_at"))
+
+
 async def _purge(ctx, account_id: str) -> PurgeOut:  # type: ignore[no-untyped-def]
-    purge_id = await ctx.accounts.start_purge(account_id)
-    await ctx.bus.publish(AccountPurgeRequested(account_id=account_id, purge_id=purge_id))
+    # The purge row and its request commit together (the outbox): a crash cannot leave a purge nobody was asked.
+    outbox = getattr(ctx, "outbox", None) or ctx.bus
+    async with outbox.transaction():
+        purge_id = await ctx.accounts.start_purge(account_id)
+        await outbox.publish(AccountPurgeRequested(account_id=account_id, purge_id=purge_id))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ctx.settings.purge_wait_s
     row = await ctx.accounts.get_purge(purge_id)
     while row["completed_at"] is None and loop.time() < deadline:
         await asyncio.sleep(0.1)
         row = await ctx.accounts.get_purge(purge_id)
-    return PurgeOut(purge_id=purge_id, account_id=account_id,
-                    status="completed" if row["completed_at"] else "pending", confirmed=row["confirmed"])
+    return _purge_out(row)
 
 
 @router.delete("/account", response_model=PurgeOut, tags=["account"],
@@ -569,7 +585,6 @@ async def get_purge(ctx: Ctx, _: AdminDep, purge_id: str) -> PurgeOut:
     row = await ctx.accounts.get_purge(purge_id)
     if row is None:
         raise ApiError(404, "purge_not_found", "no such purge")
-    return PurgeOut(purge_id=purge_id, account_id=row["account_id"],
-                    status="completed" if row["completed_at"] else "pending", confirmed=row["confirmed"])
+    return _purge_out(row)
 
 

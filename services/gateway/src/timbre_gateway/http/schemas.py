@@ -155,5 +155,8 @@ class UploadOut(BaseModel):
 class PurgeOut(BaseModel):
     purge_id: str
     account_id: str
-    status: Literal["completed", "pending"]
+    status: Literal["completed", "pending", "failed"] = Field(
+        description="`failed`: some service never confirmed within the purge deadline (see `missing`)")
     confirmed: dict[str, int]
+    missing: list[str] = Field(default_factory=list, description="Services that have not confirmed (yet)")
+    failed_at: datetime | None = None
