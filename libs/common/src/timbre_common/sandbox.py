@@ -46,6 +46,7 @@ class PrivateBroker:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root or tempfile.mkdtemp(prefix="timbre-rabbit-"))
+        self.root.mkdir(parents=True, exist_ok=True)
         self.node = f"timbre-fault-{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_port()
         self.dist_port = free_port()
@@ -143,6 +144,8 @@ class PrivatePostgres:
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root or tempfile.mkdtemp(prefix="timbre-pg-"))
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o755)
         self.data = self.root / "data"
         self.port = free_port()
         self.bin = _pg_bin()

@@ -137,3 +137,15 @@ async def test_probes_are_cached_briefly():
         for _ in range(5):
             await http.get("/v1/ready")
     assert pool.queries == 1
+
+
+def test_a_backend_whose_workers_just_stopped_beating_is_an_outage_not_a_refusal():
+    now = [1000.0]
+    registry = BackendRegistry(grace=3.0, clock=lambda: now[0], warmup_s=0)
+    assert not registry.recently_lost("embedded")  # never seen: this deployment lacks it
+    registry._seen["w1"] = (now[0], 1.0, ["embedded"])
+    assert not registry.recently_lost("embedded") and not registry.known_unavailable("embedded")
+    now[0] += 10  # its worker was restarting
+    assert registry.recently_lost("embedded") and registry.known_unavailable("embedded")
+    now[0] += 3600  # gone for good
+    assert not registry.recently_lost("embedded")

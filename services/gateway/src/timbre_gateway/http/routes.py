@@ -315,6 +315,10 @@ def _require_known_lang(lang: str) -> None:
 
 def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ignore[no-untyped-def]
     _require_known_backend(backend)
+    if ctx is not None and ctx.backends.recently_lost(backend):
+        # Its workers were beating a moment ago (one restarting, say): retry shortly, not a refusal.
+        raise ApiError(503, "service_unavailable", f"no worker runs backend {backend} right now; retry shortly",
+                       headers={"Retry-After": "5"}, details={"dependency": f"backend {backend}"})
     if ctx is not None and ctx.backends.known_unavailable(backend):
         raise ApiError(422, "backend_unavailable",
                        f"backend {backend} is not running on this deployment; available: "
