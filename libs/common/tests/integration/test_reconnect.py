@@ -166,10 +166,9 @@ async def test_calls_during_an_outage_fail_fast_as_unavailable(platform: Platfor
     await _works(platform, 1)
     await asyncio.to_thread(platform.broker.stop_app)
     try:
-        started = time.monotonic()
-        with pytest.raises((BrokerUnavailable, RpcTimeout)):
-            await platform.client.call(platform.server_name, Triple(n=5), timeout=30)
-        assert time.monotonic() - started < 15
+        # Unavailable, not a timeout: the call did not sit out its (long) RPC timeout.
+        with pytest.raises(BrokerUnavailable):
+            await platform.client.call(platform.server_name, Triple(n=5), timeout=120)
         with pytest.raises(BrokerUnavailable):
             await platform.client.publish(Pinged(n=5))
     finally:
@@ -184,3 +183,25 @@ async def test_the_healthcheck_probe_pings_a_service_over_the_broker(platform: P
     await ping(platform.server_name, url=platform.broker.url, namespace=ns, timeout=3)
     with pytest.raises(RpcTimeout):
         await ping("nobody", url=platform.broker.url, namespace=ns, timeout=1)
+
+
+async def test_a_server_whose_database_is_down_answers_unavailable_not_internal_error(broker: PrivateBroker):
+    import asyncpg
+
+    from timbre_common.messaging import RemoteError
+
+    ns = f"r{uuid.uuid4().hex[:8]}"
+    server = await Bus(url=broker.url, namespace=ns, service="srv", rpc_timeout=3).connect()
+    client = await Bus(url=broker.url, namespace=ns, service="cli", rpc_timeout=3).connect()
+    try:
+        async def triple(cmd: Triple, *, envelope) -> Tripled:
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+
+        await server.serve({Triple: triple})
+        with pytest.raises(RemoteError) as err:
+            await client.call("srv", Triple(n=1))
+        assert (err.value.status, err.value.code) == (503, "service_unavailable")
+        assert err.value.details == {"dependency": "database"}
+    finally:
+        await client.close()
+        await server.close()
