@@ -13,7 +13,7 @@ export STORAGE_ROOT ?= $(CURDIR)/var/blobs
 export BILLING ?= off
 export BACKENDS ?= embedded,qwen3-1.7b,qwen3-0.6b
 
-.PHONY: install up test test-fast lint bench services clean
+.PHONY: install up test test-fast lint bench chaos services clean
 
 install: $(STAMP)
 
@@ -46,6 +46,13 @@ bench: install
 	$(PY) bench/tts_quality.py embedded --voice heart
 	$(PY) bench/tts_speed.py qwen3-0.6b
 	$(PY) bench/tts_quality.py qwen3-0.6b
+
+# Fault injection under load (tests/chaos/chaos.py) on a private RabbitMQ node and PostgreSQL cluster:
+# every service SIGKILLed and restarted, broker connections dropped, broker and database restarted.
+CHAOS_JOBS ?= 40
+CHAOS_CLIENTS ?= 4
+chaos: install
+	$(PY) tests/chaos/chaos.py --jobs $(CHAOS_JOBS) --clients $(CHAOS_CLIENTS)
 
 clean:
 	rm -rf var $(VENV)

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.e2e
 
 # Every route of the public API (billing's own routes aside) and the test below that covers it.
 COVERED = {
-    ("GET", "/v1/health"): "public",
+    ("GET", "/v1/health"): "public", ("GET", "/v1/ready"): "public",
     ("POST", "/v1/keys"): "admin", ("GET", "/v1/keys"): "admin", ("PATCH", "/v1/keys/{key_id}"): "admin",
     ("DELETE", "/v1/keys/{key_id}"): "admin", ("DELETE", "/v1/admin/accounts/{account_id}"): "admin",
     ("GET", "/v1/admin/purges/{purge_id}"): "admin",

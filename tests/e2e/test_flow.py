@@ -27,7 +27,13 @@ def _speech_seconds(wav: bytes) -> float:
 def test_health_lists_the_backends_that_run(client):
     r = client.http.get("/v1/health")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "backends": ["embedded"]}
+    body = r.json()
+    assert (body["status"], body["backends"], body["failing"]) == ("ok", ["embedded"], [])
+    assert body["dependencies"] == dict.fromkeys(("database", "broker", "voices", "dispatcher", "storage", "billing"),
+                                                 "ok")
+    ready = client.http.get("/v1/ready")
+    assert ready.status_code == 200 and ready.json() == {"ready": True,
+                                                          "dependencies": {"database": "ok", "broker": "ok"}}
 
 
 def test_keys_need_the_admin_secret(client):

@@ -1,6 +1,8 @@
-"""What handlers need of the bus: publish events, call other services. Fakes implement the same."""
+"""What handlers need of the bus: publish events, call other services, and a transaction in which state changes
+and the events announcing them commit together (the outbox). Fakes implement the same."""
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from .contracts import Command, Event
@@ -14,3 +16,5 @@ class MessageBus(Protocol):
     async def call(self, service: str, command: Command, *, body: bytes | None = None,
                    account_id: str | None = None, timeout: float | None = None,
                    expect: type | None = None) -> tuple[Any, bytes | None]: ...
+
+    def transaction(self) -> AbstractAsyncContextManager[None]: ...

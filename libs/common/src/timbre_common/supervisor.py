@@ -1,7 +1,8 @@
 """Runs the whole platform as local processes (`make up`), and lets tests start, kill and restart them.
 
-`python -m timbre_common.supervisor` starts every service in the foreground; Ctrl-C stops them all
-cleanly. If one dies, the others are stopped and the exit status says so.
+`python -m timbre_common.supervisor` starts every service in the foreground. A service that dies is restarted
+with back-off (1 s, 2 s, 4 s ... 30 s), loudly; the others keep running. Ctrl-C stops them all cleanly; so
+does a crash loop (one service dying RESTART_LIMIT times within RESTART_WINDOW_S), with exit status 1.
 """
 from __future__ import annotations
 
@@ -132,12 +133,65 @@ class Platform:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
+class Supervisor:
+    """Restarts dead services with back-off; gives up on a crash loop."""
+
+    def __init__(self, platform: Platform, *, backoff_s: float = 1.0, max_backoff_s: float = 30.0,
+                 restart_limit: int = 5, window_s: float = 120.0, stable_s: float = 60.0,
+                 clock=time.monotonic, say=None) -> None:
+        self.platform = platform
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.restart_limit, self.window_s, self.stable_s = restart_limit, window_s, stable_s
+        self.clock = clock
+        self.say = say or (lambda text: print(f"timbre: {text}", file=sys.stderr, flush=True))
+        self.started_at: dict[str, float] = {}
+        self.deaths: dict[str, list[float]] = {}
+        self.due: dict[str, float] = {}  # service -> when to start it again
+        self.crash_loop: str | None = None
+
+    def start_all(self) -> None:
+        self.platform.start_all()
+        now = self.clock()
+        self.started_at = dict.fromkeys(self.platform.processes, now)
+
+    def poll(self) -> None:
+        """Notice deaths, schedule restarts, run those due; sets `crash_loop` when a service keeps dying."""
+        now = self.clock()
+        for name, code in self.platform.exited().items():
+            if name in self.due:
+                continue
+            ran = now - self.started_at.get(name, now)
+            deaths = [t for t in self.deaths.get(name, []) if now - t <= self.window_s]
+            if ran >= self.stable_s:
+                deaths = []  # it had recovered: a new death starts the back-off again
+            deaths.append(now)
+            self.deaths[name] = deaths
+            how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            if len(deaths) > self.restart_limit:
+                self.say(f"!!! {name} died {len(deaths)} times within {self.window_s:.0f}s ({how}): crash loop, "
+                         "stopping everything")
+                self.crash_loop = name
+                return
+            delay = min(self.max_backoff_s, self.backoff_s * 2 ** (len(deaths) - 1))
+            self.say(f"!!! {name} died ({how}) after {ran:.1f}s; restarting in {delay:.0f}s "
+                     f"(restart {len(deaths)} of at most {self.restart_limit} within {self.window_s:.0f}s)")
+            self.due[name] = now + delay
+        for name, when in list(self.due.items()):
+            if now >= when:
+                del self.due[name]
+                self.platform.start(name)
+                self.started_at[name] = self.clock()
+                self.say(f"{name} restarted (pid {self.platform.processes[name].pid})")
+
+
 def main() -> int:
     from .settings import CommonSettings
 
     settings = CommonSettings()
     asyncio.run(ensure_database(settings.database_url.get_secret_value()))
     platform = Platform(env={})
+    supervisor = Supervisor(platform, restart_limit=int(os.environ.get("RESTART_LIMIT", "5")),
+                            window_s=float(os.environ.get("RESTART_WINDOW_S", "120")))
     stop = {"signal": None}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -145,14 +199,13 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    platform.start_all()
+    supervisor.start_all()
     print(f"timbre: {len(SERVICES)} services starting; gateway on http://127.0.0.1:{os.environ.get('PORT', '8000')}"
-          " (Ctrl-C stops everything)", file=sys.stderr, flush=True)
+          " (Ctrl-C stops everything; a service that dies is restarted)", file=sys.stderr, flush=True)
     status = 0
     while stop["signal"] is None:
-        dead = platform.exited()
-        if dead:
-            print(f"timbre: service(s) exited: {dead}; stopping the rest", file=sys.stderr, flush=True)
+        supervisor.poll()
+        if supervisor.crash_loop is not None:
             status = 1
             break
         time.sleep(0.5)

@@ -1,7 +1,8 @@
 """Fakes for unit tests of handlers: a bus that records what is published and answers calls."""
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,6 +20,11 @@ class FakeBus:
         self.routing_keys: list[str] = []
         self.calls: list[tuple[str, Command, bytes | None]] = []
         self.responders: dict[type[Command], Responder] = {}
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """The outbox's transaction (timbre_common.messaging.outbox); in memory, nothing to commit."""
+        yield
 
     def on(self, command: type[Command], responder: Responder) -> None:
         self.responders[command] = responder

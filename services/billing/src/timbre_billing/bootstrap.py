@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 
 from timbre_common.db import create_pool, migrate
-from timbre_common.messaging import QUEUES, Bus, PgDeduper
+from timbre_common.messaging import QUEUES, Bus, OutboxBus, PgDeduper, TransactionalPool
 
 from .adapters.repository import BillingRepository
 from .adapters.stripe_gateway import StripeGateway
@@ -45,6 +45,8 @@ async def build(
     """Pool (migrated), repository and Stripe gateway for billing."""
     if pool is None:
         pool = await create_pool(settings.database_url.get_secret_value(), schema=schema)
+    if not isinstance(pool, TransactionalPool):
+        pool = TransactionalPool(pool)  # the repository's queries join the outbox's transactions
     await migrate(pool, schema, MIGRATIONS_DIR)
     if stripe is None and settings.enabled:
         stripe = StripeGateway.from_settings(settings)
@@ -55,7 +57,10 @@ class BillingService:
     """The billing process: RPC for the gateway, usage from job.ready, quota holds released on job.failed."""
 
     def __init__(self, deps: BillingDependencies, bus: Bus) -> None:
-        self.deps, self.bus = deps, bus
+        self.deps = deps
+        self.broker = bus
+        # Handlers publish through the outbox: events commit with the state they announce.
+        self.bus = OutboxBus(bus, deps.pool)  # type: ignore[arg-type]
 
     async def start(self) -> None:
         from timbre_common.contracts import billing as c
@@ -65,7 +70,9 @@ class BillingService:
         from . import bus_adapters as a
 
         d = {"deps": self.deps}
-        await self.bus.serve({
+        await self.bus.ensure()
+        self.bus.start()
+        await self.broker.serve({
             c.CheckQuota: partial(a.check_quota, **d),
             c.ReleaseHold: partial(a.release_hold, **d),
             c.GetUsage: partial(a.get_usage, **d),
@@ -75,14 +82,15 @@ class BillingService:
         })
         deduper = PgDeduper(self.deps.pool)
         await deduper.ensure()
-        await self.bus.consume(QUEUES["billing.events"], {
+        await self.broker.consume(QUEUES["billing.events"], {
             JobReady: partial(a.on_job_ready, **d),
             JobFailed: partial(a.on_job_failed, **d),
             AccountPurgeRequested: partial(a.on_account_purge, bus=self.bus, **d),
         }, deduper=deduper)
 
     async def stop(self) -> None:
-        await self.bus.close()
+        await self.bus.stop()
+        await self.broker.close()
         await self.deps.aclose()
 
 

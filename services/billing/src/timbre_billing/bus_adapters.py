@@ -116,6 +116,7 @@ async def on_job_failed(event: JobFailed, *, envelope: Envelope, deps: BillingDe
 
 async def on_account_purge(event: AccountPurgeRequested, *, envelope: Envelope, deps: BillingDependencies,
                            bus: MessageBus) -> None:
-    removed = await deps.repository.delete_account(event.account_id)
-    await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="billing",
-                                    removed=removed))
+    async with bus.transaction():
+        removed = await deps.repository.delete_account(event.account_id)
+        await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="billing",
+                                        removed=removed))

@@ -14,11 +14,12 @@ from timbre_common.contracts.billing import AccountKeysRestored, AccountKeysRevo
 from timbre_common.contracts.synthesis import WorkerHeartbeat
 from timbre_common.db import create_pool, migrate
 from timbre_common.logging import get_logger
-from timbre_common.messaging import QUEUES, Bus, PgDeduper
+from timbre_common.messaging import QUEUES, Bus, OutboxBus, PgDeduper, TransactionalPool
 from timbre_common.runtime import HttpServer
 
 from . import handlers
 from .adapters.backends import BackendRegistry
+from .adapters.dependencies import DependencyProbe
 from .adapters.idempotency import IdempotencyStore
 from .adapters.limits import RedisLimiter
 from .adapters.repository import AccountRepository
@@ -42,6 +43,9 @@ class GatewayContext:
     redis: Any = None
     limiter: RedisLimiter | None = None
     idempotency: IdempotencyStore | None = None
+    probe: DependencyProbe | None = None
+    # Events that announce a committed change go through the outbox (the purge request, account.purged).
+    outbox: OutboxBus | None = None
 
 
 class GatewayService:
@@ -56,8 +60,11 @@ class GatewayService:
         deduper = PgDeduper(ctx.pool)
         await deduper.ensure()
         deps = {"accounts": ctx.accounts}
+        if ctx.outbox is not None:
+            await ctx.outbox.ensure()
+            ctx.outbox.start()
         await ctx.bus.consume(QUEUES["gateway.events"], {
-            AccountPurgeRequested: partial(handlers.on_purge_requested, bus=ctx.bus, **deps),
+            AccountPurgeRequested: partial(handlers.on_purge_requested, bus=ctx.outbox or ctx.bus, **deps),
             AccountPurged: partial(handlers.on_purged, **deps),
             AccountProvisioningRequested: partial(handlers.on_provisioning_requested, **deps),
             AccountKeysRevoked: partial(handlers.on_keys_revoked, **deps),
@@ -77,7 +84,9 @@ class GatewayService:
                 await handlers.sweep_checkout_keys(accounts=self.ctx.accounts,
                                                    max_age_s=settings.checkout_key_ttl_s)
                 await handlers.resend_unfinished_purges(accounts=self.ctx.accounts, bus=self.ctx.bus,
-                                                        older_than_s=settings.gateway_sweep_interval_s)
+                                                        older_than_s=settings.gateway_sweep_interval_s,
+                                                        within_s=settings.purge_deadline_s)
+                await handlers.fail_overdue_purges(accounts=self.ctx.accounts, deadline_s=settings.purge_deadline_s)
                 if self.ctx.idempotency is not None:
                     purged = await self.ctx.idempotency.purge_expired()
                     if purged:
@@ -92,6 +101,8 @@ class GatewayService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.stop()
+        if self.ctx.outbox is not None:
+            await self.ctx.outbox.stop()
         await self.ctx.bus.close()
         if self.ctx.redis is not None:
             await self.ctx.redis.aclose()
@@ -99,7 +110,7 @@ class GatewayService:
 
 
 async def build_context(settings: GatewaySettings) -> GatewayContext:
-    pool = await create_pool(settings.database_url.get_secret_value(), schema=settings.db_schema)
+    pool = TransactionalPool(await create_pool(settings.database_url.get_secret_value(), schema=settings.db_schema))
     await migrate(pool, settings.db_schema, MIGRATIONS)
     bus = await Bus(url=settings.amqp_url.get_secret_value(), namespace=settings.bus_namespace,
                     service="gateway", rpc_timeout=settings.rpc_timeout_s).connect()
@@ -109,7 +120,8 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     limiter = RedisLimiter(redis, namespace=settings.bus_namespace, lease_ttl_s=settings.concurrency_lease_s)
     return GatewayContext(settings=settings, bus=bus, pool=pool, accounts=AccountRepository(pool),
                           backends=BackendRegistry(grace=settings.heartbeat_grace), extras={},
-                          redis=redis, limiter=limiter, idempotency=IdempotencyStore(pool))
+                          redis=redis, limiter=limiter, idempotency=IdempotencyStore(pool),
+                          probe=DependencyProbe(pool=pool, bus=bus), outbox=OutboxBus(bus, pool))
 
 
 async def build(settings: GatewaySettings | None = None) -> GatewayService:

@@ -4,7 +4,8 @@ Consumes: account.purge_requested (delete keys and accounts), account.purged (re
 billing.account_provisioning_requested (mint a key after a checkout), billing.account_keys_revoked /
 restored (suspend or reactivate an account); a timer in bootstrap -> sweep_checkout_keys (erase the
 plaintext of checkout keys nobody collected).
-Emits: account.purged.
+Emits: account.purged (through the outbox, with the deletion); account.purge_requested again for purges left
+unconfirmed; a purge still unconfirmed after PURGE_DEADLINE_S ends `failed` and is logged as an alert.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ log = get_logger(__name__)
 
 async def on_purge_requested(event: AccountPurgeRequested, *, envelope: Envelope, accounts: AccountRepository,
                              bus: MessageBus) -> None:
-    removed = await accounts.delete_account(event.account_id)
-    await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="gateway",
-                                    removed=removed))
+    async with bus.transaction():
+        removed = await accounts.delete_account(event.account_id)
+        await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="gateway",
+                                        removed=removed))
 
 
 async def resend_unfinished_purges(*, accounts: AccountRepository, bus: MessageBus, older_than_s: float = 60.0,
@@ -36,6 +38,16 @@ async def resend_unfinished_purges(*, accounts: AccountRepository, bus: MessageB
         log.warning("purge_requested_again", purge_id=str(row["purge_id"]),
                     missing=sorted(set(PURGING_SERVICES) - set(row["confirmed"] or {})))
     return len(unfinished)
+
+
+async def fail_overdue_purges(*, accounts: AccountRepository, deadline_s: float) -> int:
+    """A purge not confirmed by every service within `deadline_s` ends `failed`: an operator must look."""
+    failed = await accounts.fail_overdue_purges(deadline_s=deadline_s, required=PURGING_SERVICES)
+    for row in failed:
+        log.error("purge_failed", alert=True, purge_id=str(row["purge_id"]), account=row["account_id"],
+                  missing=list(row["missing"] or []), requested_at=row["requested_at"].isoformat(),
+                  deadline_s=deadline_s)
+    return len(failed)
 
 
 async def on_purged(event: AccountPurged, *, envelope: Envelope, accounts: AccountRepository) -> None:

@@ -35,6 +35,8 @@ class GatewaySettings(CommonSettings):
     gateway_sweep_interval_s: float = Field(default=300.0, gt=0)
     # An in-flight request's concurrency slot lapses after this unless renewed, so a crashed replica frees it.
     concurrency_lease_s: float = 120.0
+    # A purge some service has not confirmed this long after it was asked for ends `failed` (PURGE_DEADLINE_S).
+    purge_deadline_s: float = Field(default=3600.0, gt=0)
     # How long DELETE /v1/account waits for every service to confirm before answering 202.
     purge_wait_s: float = 10.0
     # A backend is advertised while a worker's heartbeat is younger than this many intervals.

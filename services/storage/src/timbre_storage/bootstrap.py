@@ -11,7 +11,7 @@ from timbre_common.contracts.synthesis import SynthesisCompleted
 from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.db import create_pool, migrate
 from timbre_common.logging import get_logger
-from timbre_common.messaging import QUEUES, Bus, PgDeduper
+from timbre_common.messaging import QUEUES, Bus, OutboxBus, PgDeduper, TransactionalPool
 from timbre_common.runtime import HttpServer
 
 from . import bus_adapters as a
@@ -26,14 +26,19 @@ log = get_logger(__name__)
 
 class StorageService:
     def __init__(self, settings: StorageSettings, bus: Bus, pool: Any, store: BlobStore) -> None:
-        self.settings, self.bus, self.pool, self.store = settings, bus, pool, store
+        self.settings, self.pool, self.store = settings, pool, store
+        self.broker = bus
+        # Handlers publish through the outbox: events commit with the state they announce.
+        self.bus = OutboxBus(bus, pool)
         self.repo = ObjectRepository(pool)
         self._tasks: list[asyncio.Task[Any]] = []
         self._server: HttpServer | None = None
 
     async def start(self) -> None:
         d = {"repo": self.repo, "store": self.store}
-        await self.bus.serve({
+        await self.bus.ensure()
+        self.bus.start()
+        await self.broker.serve({
             c.PutVoiceReference: partial(a.put_voice_reference, **d),
             c.PutUpload: partial(a.put_upload, **d),
             c.GetUpload: partial(a.get_upload, **d),
@@ -43,7 +48,7 @@ class StorageService:
         })
         deduper = PgDeduper(self.pool)
         await deduper.ensure()
-        await self.bus.consume(QUEUES["storage.events"], {
+        await self.broker.consume(QUEUES["storage.events"], {
             SynthesisCompleted: partial(a.on_synthesis_completed, bus=self.bus, **d),
             VoiceDeleted: partial(a.on_voice_deleted, **d),
             c.ObjectsReleased: partial(a.on_objects_released, **d),
@@ -77,14 +82,15 @@ class StorageService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.bus.close()
+        await self.bus.stop()
+        await self.broker.close()
         await self.store.close()
         await self.pool.close()
 
 
 async def build(settings: StorageSettings | None = None) -> StorageService:
     settings = settings or StorageSettings()
-    pool = await create_pool(settings.database_url.get_secret_value(), schema=SCHEMA)
+    pool = TransactionalPool(await create_pool(settings.database_url.get_secret_value(), schema=SCHEMA))
     await migrate(pool, SCHEMA, MIGRATIONS_DIR)
     store = await build_blob_store(settings)
     bus = await Bus(url=settings.amqp_url.get_secret_value(), namespace=settings.bus_namespace,

@@ -110,15 +110,16 @@ async def delete_objects(cmd: c.DeleteObjects, *, envelope: Envelope, repo: Obje
 async def on_synthesis_completed(event: SynthesisCompleted, *, envelope: Envelope, body: bytes,
                                  repo: ObjectRepository, store: BlobStore, bus: MessageBus) -> None:
     """Write the WAV under the account's prefix (idempotent) and announce it."""
-    obj = await handlers.store_generated_audio(job_id=event.job_id, account_id=event.account_id,
-                                               created_at=event.job_created_at or envelope.occurred_at, wav=body,
-                                               repo=repo, store=store)
-    # One id per completion message: its redelivery (on any replica) is dropped by the dispatcher's inbox, while
-    # another attempt's late completion is announced, so the dispatcher can release audio nobody owns any more.
-    await bus.publish(c.AudioStored(job_id=event.job_id, account_id=event.account_id, key=obj.key, size=obj.size,
-                                    expires_at=obj.expires_at, synthesis_ms=event.synthesis_ms,
-                                    audio_seconds=event.audio_seconds),
-                      message_id=f"audio.stored:{event.job_id}:{envelope.message_id}")
+    async with bus.transaction():
+        obj = await handlers.store_generated_audio(job_id=event.job_id, account_id=event.account_id,
+                                                   created_at=event.job_created_at or envelope.occurred_at, wav=body,
+                                                   repo=repo, store=store)
+        # One id per completion message: its redelivery (on any replica) is dropped by the dispatcher's inbox,
+        # while another attempt's late completion is announced, so the dispatcher can release audio nobody owns.
+        await bus.publish(c.AudioStored(job_id=event.job_id, account_id=event.account_id, key=obj.key,
+                                        size=obj.size, expires_at=obj.expires_at, synthesis_ms=event.synthesis_ms,
+                                        audio_seconds=event.audio_seconds),
+                          message_id=f"audio.stored:{event.job_id}:{envelope.message_id}")
 
 
 async def on_voice_deleted(event: VoiceDeleted, *, envelope: Envelope, repo: ObjectRepository,
@@ -135,19 +136,23 @@ async def on_objects_released(event: c.ObjectsReleased, *, envelope: Envelope, r
 
 async def on_account_purge(event: AccountPurgeRequested, *, envelope: Envelope, repo: ObjectRepository,
                            store: BlobStore, bus: MessageBus) -> None:
-    removed = await handlers.purge_account(account_id=event.account_id, repo=repo, store=store)
-    await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="storage",
-                                    removed=removed), message_id=f"account.purged:{event.purge_id}:storage")
+    async with bus.transaction():
+        removed = await handlers.purge_account(account_id=event.account_id, repo=repo, store=store)
+        await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="storage",
+                                        removed=removed), message_id=f"account.purged:{event.purge_id}:storage")
 
 
 async def sweep(*, repo: ObjectRepository, store: BlobStore, bus: MessageBus, batch: int = 200) -> int:
     """Delete everything expired, batch by batch, telling owners what went."""
     total = 0
     while True:
-        gone = await handlers.sweep_expired(now=utcnow(), batch=batch, repo=repo, store=store)
+        # The rows' deletion and objects.expired commit together: owners always learn what went.
+        async with bus.transaction():
+            gone = await handlers.sweep_expired(now=utcnow(), batch=batch, repo=repo, store=store)
+            if gone:
+                await bus.publish(c.ObjectsExpired(keys=[o.key for o in gone]))
         if not gone:
             return total
-        await bus.publish(c.ObjectsExpired(keys=[o.key for o in gone]))
         total += len(gone)
 
 

@@ -23,7 +23,16 @@ from timbre_common.contracts.synthesis import (
 from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.db import create_pool, migrate
 from timbre_common.logging import get_logger
-from timbre_common.messaging import QUEUES, Bus, PgDeduper, QueueSpec, local_work_queue, modal_executor_queue
+from timbre_common.messaging import (
+    QUEUES,
+    Bus,
+    OutboxBus,
+    PgDeduper,
+    QueueSpec,
+    TransactionalPool,
+    local_work_queue,
+    modal_executor_queue,
+)
 
 from . import handlers
 from .adapters.modal_executor import HttpSpawner, ModalSpawner, Spawner, spawn_work_order
@@ -52,7 +61,10 @@ def spawner_for(settings: DispatcherSettings) -> Spawner:
 
 class DispatcherService:
     def __init__(self, settings: DispatcherSettings, bus: Bus, pool: Any, spawner: Spawner | None = None) -> None:
-        self.settings, self.bus, self.pool = settings, bus, pool
+        self.settings, self.pool = settings, pool
+        self.broker = bus
+        # Handlers publish through the outbox: events commit with the state they announce.
+        self.bus = OutboxBus(bus, pool)
         self.jobs = JobRepository(pool)
         self.cache = CacheIndex(pool)
         self.policy = handlers.JobPolicy(deadline_s=settings.job_deadline_s, max_attempts=settings.job_max_attempts,
@@ -62,7 +74,9 @@ class DispatcherService:
 
     async def start(self) -> None:
         d = {"jobs": self.jobs, "bus": self.bus}
-        await self.bus.serve({
+        await self.bus.ensure()
+        self.bus.start()
+        await self.broker.serve({
             SubmitSynthesis: partial(handlers.submit, cache=self.cache, policy=self.policy, **d),
             GetJob: partial(handlers.get_job, cache=self.cache, **d),
             FetchJobAudio: partial(handlers.fetch_audio, cache=self.cache, **d),
@@ -71,7 +85,7 @@ class DispatcherService:
         })
         deduper = PgDeduper(self.pool)
         await deduper.ensure()
-        await self.bus.consume(QUEUES["dispatcher.events"], {
+        await self.broker.consume(QUEUES["dispatcher.events"], {
             AudioStored: partial(handlers.on_audio_stored, cache=self.cache, **d),
             SynthesisFailed: partial(handlers.on_synthesis_failed, policy=self.policy, **d),
             ObjectsExpired: partial(handlers.on_objects_expired, cache=self.cache, **d),
@@ -80,7 +94,7 @@ class DispatcherService:
         }, deduper=deduper)
         if self.settings.executor == "modal":
             spawner = self.spawner or spawner_for(self.settings)
-            await self.bus.consume(modal_executor_queue(self.settings.modal_backend_names),
+            await self.broker.consume(modal_executor_queue(self.settings.modal_backend_names),
                                    {SynthesisRequested: partial(
                 spawn_work_order, spawner=spawner, jobs=self.jobs, public_base_url=self.settings.public_base_url,
                 callback_secret=self.settings.modal_callback_secret.get_secret_value())})
@@ -101,7 +115,7 @@ class DispatcherService:
         backends = self.settings.modal_backend_names
         while True:
             with contextlib.suppress(Exception):
-                await self.bus.publish(WorkerHeartbeat(worker_id="modal", backends=backends, executor="modal",
+                await self.broker.publish(WorkerHeartbeat(worker_id="modal", backends=backends, executor="modal",
                                                        interval_s=self.settings.modal_heartbeat_interval_s))
             await asyncio.sleep(self.settings.modal_heartbeat_interval_s)
 
@@ -109,13 +123,14 @@ class DispatcherService:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.bus.close()
+        await self.bus.stop()
+        await self.broker.close()
         await self.pool.close()
 
 
 async def build(settings: DispatcherSettings | None = None, *, spawner: Spawner | None = None) -> DispatcherService:
     settings = settings or DispatcherSettings()
-    pool = await create_pool(settings.database_url.get_secret_value(), schema=settings.db_schema)
+    pool = TransactionalPool(await create_pool(settings.database_url.get_secret_value(), schema=settings.db_schema))
     await migrate(pool, settings.db_schema, MIGRATIONS)
     bus = await Bus(url=settings.amqp_url.get_secret_value(), namespace=settings.bus_namespace,
                     service="dispatcher", rpc_timeout=settings.rpc_timeout_s).connect(declare=work_queues(settings))

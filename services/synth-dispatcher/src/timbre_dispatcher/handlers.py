@@ -157,11 +157,12 @@ async def _self_heal(row: Any, *, expired: bool, jobs: JobRepository, cache: Cac
     """A ready job whose object is gone (expired, or vanished): mark it failed with why, forget its cache entry."""
     job_id = str(row["job_id"])
     code, reason = _EXPIRED if expired else _MISSING
-    healed = await jobs.mark_failed(job_id, code=code, reason=reason, from_status=(domain.READY,))
-    await cache.drop_audio([row["audio_key"]])
-    if healed is not None:  # only the request that made the transition announces it
-        await bus.publish(JobFailed(job_id=job_id, account_id=row["account_id"], code=code, reason=reason),
-                          message_id=f"job.failed:{job_id}")
+    async with bus.transaction():
+        healed = await jobs.mark_failed(job_id, code=code, reason=reason, from_status=(domain.READY,))
+        await cache.drop_audio([row["audio_key"]])
+        if healed is not None:  # only the request that made the transition announces it
+            await bus.publish(JobFailed(job_id=job_id, account_id=row["account_id"], code=code, reason=reason),
+                              message_id=f"job.failed:{job_id}")
     if expired:
         log.info("job_audio_expired", job_id=job_id, audio_key=row["audio_key"])
     else:
@@ -229,11 +230,12 @@ async def lookup_job(cmd: LookupJob, *, envelope: Envelope, jobs: JobRepository)
 
 async def _purge_voice(account_id: str, voice_id: str, *, jobs: JobRepository, cache: CacheIndex,
                        bus: MessageBus) -> int:
-    removed = await jobs.delete_voice(account_id, voice_id)
-    cached = await cache.delete_voice(account_id, voice_id)
-    keys = sorted({r["audio_key"] for r in removed if r["audio_key"]} | set(cached))
-    if keys:
-        await bus.publish(ObjectsReleased(account_id=account_id, keys=keys))
+    async with bus.transaction():
+        removed = await jobs.delete_voice(account_id, voice_id)
+        cached = await cache.delete_voice(account_id, voice_id)
+        keys = sorted({r["audio_key"] for r in removed if r["audio_key"]} | set(cached))
+        if keys:
+            await bus.publish(ObjectsReleased(account_id=account_id, keys=keys))
     return len(removed)
 
 
@@ -251,6 +253,16 @@ async def on_voice_deleted(event: VoiceDeleted, *, envelope: Envelope, jobs: Job
 async def on_audio_stored(event: AudioStored, *, envelope: Envelope, jobs: JobRepository, cache: CacheIndex,
                           bus: MessageBus) -> None:
     """Replay guard: the first terminal transition wins; late or repeated results change nothing."""
+    async with bus.transaction():  # the transition, the cache entry and job.ready commit together
+        transitioned = await _apply_audio_stored(event, jobs=jobs, cache=cache, bus=bus)
+    if transitioned is not None:
+        log.info("job_ready" if transitioned else "job_ready_reannounced", job_id=event.job_id,
+                 synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds)
+
+
+async def _apply_audio_stored(event: AudioStored, *, jobs: JobRepository, cache: CacheIndex,
+                              bus: MessageBus) -> bool | None:
+    """True: the job became ready now; False: re-announced; None: nothing to announce."""
     row = await jobs.mark_ready(event.job_id, audio_key=event.key, expires_at=event.expires_at,
                                 synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds)
     transitioned = row is not None
@@ -259,15 +271,15 @@ async def on_audio_stored(event: AudioStored, *, envelope: Envelope, jobs: JobRe
         if existing is None:
             # The job was deleted (voice or account gone) while it ran: its audio has no owner.
             await bus.publish(ObjectsReleased(account_id=event.account_id, keys=[event.key]))
-            return
+            return None
         if existing["status"] == domain.FAILED:
             # The job ended failed first (deadline, say): nothing will ever point at this late audio.
             await bus.publish(ObjectsReleased(account_id=event.account_id, keys=[event.key]))
             log.info("late_result_released", job_id=event.job_id)
-            return
+            return None
         if existing["audio_key"] != event.key:
             log.info("late_result_ignored", job_id=event.job_id, status=existing["status"])
-            return
+            return None
         # Ready with this very object: a redelivery, maybe after a crash between the transition and job.ready.
         # Redo the idempotent tail (an upsert; job.ready keeps its message id) so job.ready is never lost.
         row = existing
@@ -278,15 +290,17 @@ async def on_audio_stored(event: AudioStored, *, envelope: Envelope, jobs: JobRe
                                backend=row["backend"], characters=row["characters"], audio_key=event.key,
                                expires_at=event.expires_at, hold_id=row.get("hold_id")),
                       message_id=f"job.ready:{event.job_id}")
-    log.info("job_ready" if transitioned else "job_ready_reannounced", job_id=event.job_id,
-             synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds)
+    return transitioned
 
 
 async def _fail(job_id: str, account_id: str, code: str, reason: str, *, jobs: JobRepository,
                 bus: MessageBus) -> None:
-    if (failed := await jobs.mark_failed(job_id, code=code, reason=reason)) is not None:
-        await bus.publish(JobFailed(job_id=job_id, account_id=account_id, code=code, reason=reason,
-                                    hold_id=failed.get("hold_id")), message_id=f"job.failed:{job_id}")
+    async with bus.transaction():  # failed and job.failed commit together
+        failed = await jobs.mark_failed(job_id, code=code, reason=reason)
+        if failed is not None:
+            await bus.publish(JobFailed(job_id=job_id, account_id=account_id, code=code, reason=reason,
+                                        hold_id=failed.get("hold_id")), message_id=f"job.failed:{job_id}")
+    if failed is not None:
         log.warning("job_failed", job_id=job_id, code=code, reason=reason)
 
 
@@ -330,17 +344,19 @@ async def sweep_overdue(*, jobs: JobRepository, bus: MessageBus, policy: JobPoli
 async def on_objects_expired(event: ObjectsExpired, *, envelope: Envelope, jobs: JobRepository,
                              cache: CacheIndex, bus: MessageBus) -> None:
     """Expired audio: drop the cache entries, mark the jobs that pointed there, and say so."""
-    dropped = await cache.drop_audio(event.keys)
-    failed = await jobs.fail_with_audio(event.keys, code=_EXPIRED[0], reason=_EXPIRED[1])
-    for row in failed:
-        await bus.publish(JobFailed(job_id=str(row["job_id"]), account_id=row["account_id"], code=_EXPIRED[0],
-                                    reason=_EXPIRED[1]), message_id=f"job.failed:{row['job_id']}")
+    async with bus.transaction():
+        dropped = await cache.drop_audio(event.keys)
+        failed = await jobs.fail_with_audio(event.keys, code=_EXPIRED[0], reason=_EXPIRED[1])
+        for row in failed:
+            await bus.publish(JobFailed(job_id=str(row["job_id"]), account_id=row["account_id"], code=_EXPIRED[0],
+                                        reason=_EXPIRED[1]), message_id=f"job.failed:{row['job_id']}")
     log.info("expired_audio_forgotten", cache_entries=dropped, jobs=len(failed))
 
 
 async def on_account_purge(event: AccountPurgeRequested, *, envelope: Envelope, jobs: JobRepository,
                            cache: CacheIndex, bus: MessageBus) -> None:
-    removed = await jobs.delete_account(event.account_id)
-    await cache.delete_account(event.account_id)
-    await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="dispatcher",
-                                    removed=len(removed)))
+    async with bus.transaction():
+        removed = await jobs.delete_account(event.account_id)
+        await cache.delete_account(event.account_id)
+        await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="dispatcher",
+                                        removed=len(removed)))

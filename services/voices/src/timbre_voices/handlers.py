@@ -100,23 +100,27 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
                      "format": info.format, "duration_s": round(info.duration_s, 3), "bytes": len(body)},
         **upload_meta,
     }
+    reference_url: str | None = None
     try:
-        row = await repo.add(voice_id=voice_id, account_id=cmd.account_id, name=name, backend=cmd.backend,
-                             lang=cmd.lang, ref_text=(cmd.ref_text or None), family=(cmd.family or None),
-                             reference_key=stored.key, quality=quality, metadata=metadata)
+        url, _ = await bus.call("storage", Presign(key=stored.key, expires_in=3600), expect=PresignedUrl)
+        reference_url = url.url
+    except Exception:
+        # The voice will exist unannounced; its profile is an optimisation the backend redoes on its first job.
+        log.warning("voice_registration_not_announced", voice_id=voice_id, exc_info=True)
+    try:
+        async with bus.transaction():  # the voice and voice.registered commit together
+            row = await repo.add(voice_id=voice_id, account_id=cmd.account_id, name=name, backend=cmd.backend,
+                                 lang=cmd.lang, ref_text=(cmd.ref_text or None), family=(cmd.family or None),
+                                 reference_key=stored.key, quality=quality, metadata=metadata)
+            if reference_url is not None:
+                await bus.publish(VoiceRegistered(voice_id=voice_id, account_id=cmd.account_id,
+                                                  backend=cmd.backend, lang=cmd.lang, reference_key=stored.key,
+                                                  reference_url=reference_url, ref_text=cmd.ref_text),
+                                  routing_key=voice_profile_routing_key(cmd.backend))
     except Exception:
         # No voice, so no reason to keep its (permanent) reference: release it, then report the failure.
         await bus.publish(ObjectsReleased(account_id=cmd.account_id, keys=[stored.key]))
         raise
-    try:
-        url, _ = await bus.call("storage", Presign(key=stored.key, expires_in=3600), expect=PresignedUrl)
-        await bus.publish(VoiceRegistered(voice_id=voice_id, account_id=cmd.account_id, backend=cmd.backend,
-                                          lang=cmd.lang, reference_key=stored.key, reference_url=url.url,
-                                          ref_text=cmd.ref_text),
-                          routing_key=voice_profile_routing_key(cmd.backend))
-    except Exception:
-        # The voice exists; its profile is an optimisation the backend redoes on its first job.
-        log.warning("voice_registration_not_announced", voice_id=voice_id, exc_info=True)
     log.info("voice_registered", voice_id=voice_id, account_id=cmd.account_id, backend=cmd.backend,
              grade=quality.get("grade"))
     return domain.custom_record(row)
@@ -156,11 +160,11 @@ async def delete_voice(cmd: DeleteVoice, *, envelope: Envelope, repo: VoiceRepos
     row = await repo.get(cmd.account_id, cmd.voice_id)
     if row is None:
         raise _voice_not_found(cmd.voice_id)
-    # Announce first: if the row's delete then fails, the client's retry finds the voice and announces again
-    # (every consumer is idempotent); the other way round, a lost announcement would leave its audio forever.
-    await bus.publish(VoiceDeleted(voice_id=cmd.voice_id, account_id=cmd.account_id,
-                                   reference_key=row["reference_key"]))
-    await repo.delete(cmd.account_id, cmd.voice_id)
+    # The row's deletion and voice.deleted commit together: a lost announcement would leave its audio forever.
+    async with bus.transaction():
+        await bus.publish(VoiceDeleted(voice_id=cmd.voice_id, account_id=cmd.account_id,
+                                       reference_key=row["reference_key"]))
+        await repo.delete(cmd.account_id, cmd.voice_id)
     log.info("voice_deleted", voice_id=cmd.voice_id, account_id=cmd.account_id)
 
 
@@ -173,6 +177,7 @@ async def on_voice_profiled(event: VoiceProfiled, *, envelope: Envelope, repo: V
 async def on_account_purge(event: AccountPurgeRequested, *, envelope: Envelope, repo: VoiceRepository,
                            bus: MessageBus) -> None:
     """Delete every voice of the account and confirm."""
-    rows = await repo.delete_account(event.account_id)
-    await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="voices",
-                                    removed=len(rows)))
+    async with bus.transaction():
+        rows = await repo.delete_account(event.account_id)
+        await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="voices",
+                                        removed=len(rows)))

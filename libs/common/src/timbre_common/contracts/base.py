@@ -84,6 +84,12 @@ class Ack(Reply):
     TYPE: ClassVar[str] = "rpc.ack"
 
 
+class Ping(Command):
+    """Is this service answering? Every RPC server answers it itself with Ack (health and readiness probes)."""
+
+    TYPE: ClassVar[str] = "rpc.ping"
+
+
 def lookup(type_: str, version: int) -> type[Message] | None:
     """The class registered for a wire type and version."""
     return REGISTRY.get((type_, version))

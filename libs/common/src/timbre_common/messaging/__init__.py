@@ -2,7 +2,8 @@
 from .bus import Bus, PgDeduper
 from .codec import UndecodableMessage, decode, encode, envelope_for
 from .consumer import Consumer, Deduper
-from .rpc import Conflict, Invalid, NotFound, RemoteError, RpcClient, RpcError, RpcServer, RpcTimeout
+from .outbox import OutboxBus, TransactionalPool
+from .rpc import BrokerUnavailable, Conflict, Invalid, NotFound, RemoteError, RpcClient, RpcError, RpcServer, RpcTimeout
 from .topology import (
                        QUEUES,
                        RETRY_DELAYS,
@@ -17,6 +18,8 @@ from .topology import (
 )
 
 __all__ = ["Bus", "PgDeduper", "UndecodableMessage", "decode", "encode", "envelope_for", "Consumer", "Deduper",
-           "Conflict", "Invalid", "NotFound", "RemoteError", "RpcClient", "RpcError", "RpcServer", "RpcTimeout",
+           "OutboxBus", "TransactionalPool",
+           "BrokerUnavailable", "Conflict", "Invalid", "NotFound", "RemoteError", "RpcClient", "RpcError",
+           "RpcServer", "RpcTimeout",
            "QUEUES", "RETRY_DELAYS", "Names", "QueueSpec", "declare_topology", "local_work_queue",
            "modal_executor_queue", "voice_profile_queue", "voice_profile_routing_key", "work_routing_key"]

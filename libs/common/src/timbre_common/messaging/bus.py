@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 
@@ -10,10 +11,28 @@ from ..contracts import Command, Event, Message
 from ..logging import correlation_id_var, get_logger
 from .codec import decode, encode, envelope_for
 from .consumer import Consumer, Deduper, Handler
-from .rpc import RpcClient, RpcHandler, RpcServer
+from .rpc import BROKER_ERRORS, UNAVAILABLE_WAIT_S, BrokerUnavailable, RpcClient, RpcHandler, RpcServer
 from .topology import QUEUES, Names, QueueSpec, declare_topology
 
 log = get_logger(__name__)
+
+
+# A publish whose confirm has not come by then is reported as failed (the broker is not answering).
+PUBLISH_TIMEOUT_S = 30.0
+# Seconds between reconnect attempts while the broker is away (aio-pika's default is 5).
+RECONNECT_INTERVAL_S = 1.0
+
+
+def connection_url(url: str, name: str) -> str:
+    """`url` with the connection's name and reconnect interval, unless it names them itself.
+
+    aio-pika ignores `client_properties` when given a URL: only the URL's `name` reaches the broker.
+    """
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    query.setdefault("name", name)
+    query.setdefault("reconnect_interval", str(RECONNECT_INTERVAL_S))
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 class Bus:
@@ -32,9 +51,14 @@ class Bus:
         self._consumers: list[Consumer] = []
         self._servers: list[RpcServer] = []
 
+    @property
+    def connection_name(self) -> str:
+        """The name the broker shows for this connection (`rabbitmqctl list_connections client_properties`)."""
+        return f"{self.names.ns}.{self.service}"
+
     async def connect(self, *, declare: list[QueueSpec] | None = None) -> Bus:
         """Connect and declare the topology (every queue of QUEUES, plus `declare`)."""
-        self.connection = await aio_pika.connect_robust(self.url, client_properties={"connection_name": self.service})
+        self.connection = await aio_pika.connect_robust(connection_url(self.url, self.connection_name))
         self._publish_channel = await self.connection.channel(publisher_confirms=True)
         await declare_topology(self._publish_channel, self.names, [*QUEUES.values(), *(declare or [])])
         self._events = await self._publish_channel.get_exchange(self.names.events, ensure=False)
@@ -42,10 +66,9 @@ class Bus:
 
     async def close(self) -> None:
         """Stop consuming, let in-flight handlers finish, then close the connection."""
-        for server in self._servers:
-            await server.stop()
-        for consumer in self._consumers:
-            await consumer.stop()
+        # All at once: a shutdown waits for the slowest handler, not for the sum of them.
+        await asyncio.gather(*(server.stop() for server in self._servers),
+                             *(consumer.stop() for consumer in self._consumers), return_exceptions=True)
         if self.connection is not None:
             await self.connection.close()
             self.connection = None
@@ -59,10 +82,30 @@ class Bus:
                                 account_id=account_id or getattr(event, "account_id", None), message_id=message_id)
         # Not mandatory: every consumer's queue is declared up front, and an event nobody subscribes to (yet) is
         # meant to go nowhere, not to come back and be logged whole by the client library.
-        await self._events.publish(encode(event, envelope, body=body), routing_key=routing_key or event.routing_key(),
-                                   mandatory=False)
+        message = encode(event, envelope, body=body)
+        await self.wait_connected()
+        try:
+            await asyncio.wait_for(self._events.publish(message, routing_key=routing_key or event.routing_key(),
+                                                        mandatory=False), PUBLISH_TIMEOUT_S)
+        except (TimeoutError, *BROKER_ERRORS) as exc:
+            raise BrokerUnavailable(f"could not publish {event.TYPE}: {type(exc).__name__}: {exc}") from exc
         log.debug("event_published", type=event.TYPE, message_id=envelope.message_id)
         return envelope.message_id
+
+    @property
+    def connected(self) -> bool:
+        """Whether the broker connection is up right now (it reconnects by itself when it is not)."""
+        return self.connection is not None and self.connection.connected.is_set() and not self.connection.is_closed
+
+    async def wait_connected(self, timeout: float = UNAVAILABLE_WAIT_S) -> None:
+        """Return once connected; BrokerUnavailable if the broker stays away `timeout` seconds."""
+        assert self.connection is not None, "Bus.connect() first"
+        if self.connected:
+            return
+        try:
+            await asyncio.wait_for(self.connection.connected.wait(), timeout)
+        except TimeoutError as exc:
+            raise BrokerUnavailable("the broker connection is down; retry shortly") from exc
 
     async def consume(self, spec: QueueSpec, handlers: dict[type[Message], Handler], *,
                       deduper: Deduper | None = None) -> Consumer:

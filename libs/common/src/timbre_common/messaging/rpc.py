@@ -6,8 +6,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import aio_pika
+import aio_pika.exceptions
 
-from ..contracts import Ack, Command, ErrorReply, Message, Reply
+from ..availability import unavailable_dependency
+from ..contracts import Ack, Command, ErrorReply, Message, Ping, Reply
 from ..logging import correlation, correlation_id_var, get_logger
 from .codec import UndecodableMessage, decode, encode, envelope_for
 from .topology import Names
@@ -15,6 +17,11 @@ from .topology import Names
 log = get_logger(__name__)
 
 REPLY_TO = "amq.rabbitmq.reply-to"
+# How long a call or a publish waits for a reconnecting broker before it gives up as unavailable.
+UNAVAILABLE_WAIT_S = 5.0
+# What aio-pika raises when the connection or channel is gone (ChannelInvalidStateError is a RuntimeError).
+BROKER_ERRORS: tuple[type[BaseException], ...] = (aio_pika.exceptions.AMQPError, ConnectionError,
+                                                  RuntimeError)
 R = TypeVar("R", bound=Reply)
 RpcHandler = Callable[..., Awaitable[Any]]
 
@@ -51,6 +58,10 @@ class RemoteError(RpcError):
 
 class RpcTimeout(Exception):
     """No reply in time: the remote service is down or overloaded."""
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached right now (the connection is down or reconnecting): retry later."""
 
 
 class RpcServer:
@@ -112,6 +123,8 @@ class RpcServer:
             msg, envelope, body = decode(incoming)
         except UndecodableMessage as exc:
             return ErrorReply(code="bad_request", message=str(exc), status=400), None
+        if isinstance(msg, Ping):
+            return Ack(), None
         handler = self.handlers.get(type(msg))  # type: ignore[arg-type]
         if handler is None:
             return ErrorReply(code="unknown_command", message=f"{envelope.type} is not served here", status=400), None
@@ -121,6 +134,12 @@ class RpcServer:
         except RpcError as exc:
             return ErrorReply(code=exc.code, message=exc.message, status=exc.status, details=exc.details), None
         except Exception as exc:
+            dependency = unavailable_dependency(exc)
+            if dependency is not None:
+                log.warning("rpc_dependency_unavailable", service=self.service, command=envelope.type,
+                            dependency=dependency, error=f"{type(exc).__name__}: {exc}")
+                return ErrorReply(code="service_unavailable", message=f"{self.service}: {dependency} unavailable",
+                                  status=503, details={"dependency": dependency}), None
             log.exception("rpc_handler_failed", service=self.service, command=envelope.type)
             return ErrorReply(code="internal_error", message=f"{self.service} failed: {type(exc).__name__}",
                               status=500), None
@@ -140,6 +159,7 @@ class RpcClient:
         self.timeout = timeout
         self._pending: dict[str, asyncio.Future[tuple[Message, bytes | None]]] = {}
         self._started = False
+        self._replies = asyncio.Event()  # set while the channel has a live reply consumer
         # Concurrent first calls must not each register the reply consumer: the broker allows one per channel
         # and closes the channel on a second.
         self._start_lock = asyncio.Lock()
@@ -150,9 +170,44 @@ class RpcClient:
         async with self._start_lock:
             if self._started:
                 return
-            queue = await self.channel.get_queue(REPLY_TO, ensure=False)
-            await queue.consume(self._on_reply, no_ack=True)
+            await self._consume_replies()
+            # The robust channel restores only the queues it declared itself; the reply-to pseudo-queue is not
+            # one of them (it cannot be declared), so after a reconnect the channel came back without a reply
+            # consumer, and the broker closed it at the first request naming amq.rabbitmq.reply-to: every call
+            # failed until the process restarted. The consumer is registered again whenever the channel reopens.
+            self.channel.reopen_callbacks.add(self._on_reopen)
+            self.channel.close_callbacks.add(self._on_channel_closed)
             self._started = True
+
+    async def _consume_replies(self) -> None:
+        queue = await self.channel.get_queue(REPLY_TO, ensure=False)
+        await queue.consume(self._on_reply, no_ack=True)
+        self._replies.set()
+
+    async def _on_reopen(self, *_: Any) -> None:
+        try:
+            await self._consume_replies()
+            log.info("rpc_reply_consumer_restored")
+        except Exception as exc:  # the channel went again; the next reopen tries again
+            log.warning("rpc_reply_consumer_not_restored", error=str(exc))
+
+    def _on_channel_closed(self, *_: Any) -> None:
+        # Replies to requests sent on the old channel can never arrive: their callers learn it now, not after
+        # the whole RPC timeout.
+        self._replies.clear()
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(BrokerUnavailable("the broker connection dropped before the reply came"))
+
+    async def _ready(self, wait: float) -> None:
+        """Wait (briefly) for a channel with a reply consumer; BrokerUnavailable when the broker stays away."""
+        if self._replies.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._replies.wait(), min(wait, UNAVAILABLE_WAIT_S))
+        except TimeoutError as exc:
+            raise BrokerUnavailable("the broker connection is down; retry shortly") from exc
 
     async def _on_reply(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
         request_id = (incoming.headers or {}).get("x-request-id")
@@ -171,15 +226,19 @@ class RpcClient:
                    expect: type[R] | None = None) -> tuple[R, bytes | None]:
         """Send `command` to `service`; returns (reply, binary body) or raises RemoteError / RpcTimeout."""
         await self.start()
+        wait = timeout or self.timeout
+        await self._ready(wait)
         envelope = envelope_for(command, correlation_id=correlation_id_var.get(),
                                 account_id=account_id or getattr(command, "account_id", None))
-        wait = timeout or self.timeout
         future: asyncio.Future[tuple[Message, bytes | None]] = asyncio.get_running_loop().create_future()
         self._pending[envelope.message_id] = future
         out = encode(command, envelope, body=body, reply_to=REPLY_TO, expiration=wait)
         try:
-            await self.channel.default_exchange.publish(out, routing_key=self.names.rpc_queue(service),
-                                                        mandatory=False)
+            try:
+                await asyncio.wait_for(self.channel.default_exchange.publish(
+                    out, routing_key=self.names.rpc_queue(service), mandatory=False), UNAVAILABLE_WAIT_S)
+            except (TimeoutError, *BROKER_ERRORS) as exc:
+                raise BrokerUnavailable(f"could not send {command.TYPE} to {service}: {type(exc).__name__}") from exc
             reply, reply_body = await asyncio.wait_for(future, wait)
         except TimeoutError as exc:
             raise RpcTimeout(f"{service} did not answer {command.TYPE} within {wait:.0f}s") from exc

@@ -34,6 +34,14 @@ class BackendRegistry:
         warm = self.clock() - self._started > self.warmup_s or bool(self._seen)
         return warm and backend not in self.available()
 
+    def recently_lost(self, backend: str, window_s: float = 300.0) -> bool:
+        """True when a worker advertised `backend` within `window_s` but none does now: a worker restarting
+        (an outage to retry), not a backend this deployment lacks."""
+        if backend in self.available():
+            return False
+        now = self.clock()
+        return any(backend in backends and now - seen_at <= window_s for seen_at, _, backends in self._seen.values())
+
     def default_backend(self, fallback: str) -> str:
         live = self.available()
         return live[0] if live else fallback

@@ -96,9 +96,18 @@ class AccountRepository:
     async def unfinished_purges(self, *, older_than_s: float, within_s: float) -> list[asyncpg.Record]:
         """Purges some service has not confirmed a while after they were asked for (up to `within_s` old)."""
         return await self.pool.fetch(
-            "SELECT purge_id, account_id, confirmed FROM purges WHERE completed_at IS NULL "
+            "SELECT purge_id, account_id, confirmed FROM purges WHERE completed_at IS NULL AND failed_at IS NULL "
             "AND requested_at < now() - make_interval(secs => $1) AND requested_at > now() - make_interval(secs => $2)",
             older_than_s, within_s)
+
+    async def fail_overdue_purges(self, *, deadline_s: float, required: tuple[str, ...]) -> list[asyncpg.Record]:
+        """Purges still unconfirmed `deadline_s` after they were asked for end `failed`, naming who never
+        confirmed; returns them (each once)."""
+        return await self.pool.fetch(
+            "UPDATE purges SET failed_at = now(), missing = ARRAY(SELECT unnest($2::text[]) EXCEPT "
+            "SELECT jsonb_object_keys(confirmed) ORDER BY 1) "
+            "WHERE completed_at IS NULL AND failed_at IS NULL AND requested_at <= now() - make_interval(secs => $1) "
+            "RETURNING purge_id, account_id, requested_at, confirmed, missing", deadline_s, list(required))
 
     # Keys minted after a checkout ------------------------------------------------------------------
     async def store_checkout_key(self, token: str, account_id: str, api_key: str) -> None:

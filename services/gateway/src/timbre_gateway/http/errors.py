@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from timbre_common.availability import unavailable_dependency
 from timbre_common.logging import get_logger
-from timbre_common.messaging import RemoteError, RpcTimeout
+from timbre_common.messaging import BrokerUnavailable, RemoteError, RpcTimeout
 
 log = get_logger(__name__)
 
@@ -70,6 +71,16 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
                           details={"fields": fields})
 
 
+RETRY_AFTER_S = 5
+
+
+def unavailable_response(dependency: str, exc: BaseException) -> JSONResponse:
+    """503 with Retry-After: a dependency is down or restarting; the request itself was fine."""
+    log.warning("dependency_unavailable", dependency=dependency, error=f"{type(exc).__name__}: {exc}"[:300])
+    return error_response(503, "service_unavailable", f"{dependency} is unavailable right now; retry shortly",
+                          headers={"Retry-After": str(RETRY_AFTER_S)}, details={"dependency": dependency})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -77,14 +88,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RemoteError)
     async def _remote_error(_: Request, exc: RemoteError) -> JSONResponse:
+        if exc.status == 503:
+            return unavailable_response(str((exc.details or {}).get("dependency") or "a backing service"), exc)
         status = exc.status if 400 <= exc.status < 600 else 502
         return error_response(status, exc.code, exc.message)
+
+    @app.exception_handler(BrokerUnavailable)
+    async def _broker_down(_: Request, exc: BrokerUnavailable) -> JSONResponse:
+        return unavailable_response("broker", exc)
 
     @app.exception_handler(RpcTimeout)
     async def _timeout(_: Request, exc: RpcTimeout) -> JSONResponse:
         log.error("rpc_timeout", error=str(exc))
         return error_response(503, "service_unavailable", "a backing service did not answer in time; retry shortly",
-                              headers={"Retry-After": "5"})
+                              headers={"Retry-After": str(RETRY_AFTER_S)}, details={"dependency": "service"})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -98,6 +115,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        dependency = unavailable_dependency(exc)
+        if dependency is not None:  # the broker's channel gone, the database restarting: not our bug
+            return unavailable_response(dependency, exc)
         log.exception("unhandled_error", error=type(exc).__name__)
         return error_response(500, "internal_error", "an unexpected error occurred")
 

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from timbre_common.audio import AudioError, parse_wav, transcode
 from timbre_common.catalogue import BACKEND_LANGUAGES, KNOWN_BACKENDS
-from timbre_common.contracts.accounts import AccountPurgeRequested
+from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurgeRequested
 from timbre_common.contracts.billing import CheckQuota, GetUsage, QuotaDecision, ReleaseHold, UsageReport
 from timbre_common.contracts.storage import PutUpload, UploadRecord
 from timbre_common.contracts.synthesis import (
@@ -50,6 +50,7 @@ from .schemas import (
     KeyCreated,
     KeyInfo,
     PurgeOut,
+    Readiness,
     SynthesizeRequest,
     UpdateKeyLimits,
     UploadOut,
@@ -115,10 +116,27 @@ def _voice_out(v: VoiceRecord) -> VoiceOut:
 
 
 # Health and keys -------------------------------------------------------------------------------------
-@router.get("/health", response_model=Health, tags=["health"], summary="Liveness and the runnable backends")
+@router.get("/health", response_model=Health, tags=["health"],
+            summary="The runnable backends, and whether the database, the broker and every service answer")
 async def health(ctx: Ctx) -> Health:
     backends = ctx.backends.available()
-    return Health(status="ok" if backends else "degraded", backends=backends)
+    dependencies = await ctx.probe.check() if ctx.probe is not None else {}
+    failing = [name for name, state in dependencies.items() if state != "ok"]
+    if not backends:
+        failing.append("backends")
+    return Health(status="degraded" if failing else "ok", backends=backends, dependencies=dependencies,
+                  failing=failing)
+
+
+@router.get("/ready", response_model=Readiness, tags=["health"],
+            summary="Readiness for load balancers: 200 while this gateway reaches its database and the broker",
+            responses={503: {"model": Readiness, "description": "Not ready: the database or the broker is down"}})
+async def ready(ctx: Ctx) -> JSONResponse:
+    dependencies = await ctx.probe.check() if ctx.probe is not None else {}
+    own = {name: dependencies.get(name, "ok") for name in ("database", "broker")}
+    ok = all(state == "ok" for state in own.values())
+    return JSONResponse(Readiness(ready=ok, dependencies=own).model_dump(), status_code=200 if ok else 503,
+                        headers={} if ok else {"Retry-After": "5"})
 
 
 @router.post("/keys", status_code=201, response_model=KeyCreated, tags=["keys"],
@@ -297,6 +315,10 @@ def _require_known_lang(lang: str) -> None:
 
 def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ignore[no-untyped-def]
     _require_known_backend(backend)
+    if ctx is not None and ctx.backends.recently_lost(backend):
+        # Its workers were beating a moment ago (one restarting, say): retry shortly, not a refusal.
+        raise ApiError(503, "service_unavailable", f"no worker runs backend {backend} right now; retry shortly",
+                       headers={"Retry-After": "5"}, details={"dependency": f"backend {backend}"})
     if ctx is not None and ctx.backends.known_unavailable(backend):
         raise ApiError(422, "backend_unavailable",
                        f"backend {backend} is not running on this deployment; available: "
@@ -512,17 +534,33 @@ async def usage(ctx: Ctx, caller: CallerDep) -> UsageReport:
     return report
 
 
+def _purge_out(row) -> PurgeOut:  # type: ignore[no-untyped-def]
+    confirmed = dict(row["confirmed"] or {})
+    if row["completed_at"]:
+        status = "completed"
+    elif row.get("failed_at"):
+        status = "failed"
+    else:
+        status = "pending"
+    missing = list(row.get("missing") or []) if status == "failed" else \
+        sorted(set(PURGING_SERVICES) - set(confirmed))
+    return PurgeOut(purge_id=str(row["purge_id"]), account_id=row["account_id"], status=status,
+                    confirmed=confirmed, missing=missing, failed_at=row.get("failed_at"))
+
+
 async def _purge(ctx, account_id: str) -> PurgeOut:  # type: ignore[no-untyped-def]
-    purge_id = await ctx.accounts.start_purge(account_id)
-    await ctx.bus.publish(AccountPurgeRequested(account_id=account_id, purge_id=purge_id))
+    # The purge row and its request commit together (the outbox): a crash cannot leave a purge nobody was asked.
+    outbox = getattr(ctx, "outbox", None) or ctx.bus
+    async with outbox.transaction():
+        purge_id = await ctx.accounts.start_purge(account_id)
+        await outbox.publish(AccountPurgeRequested(account_id=account_id, purge_id=purge_id))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ctx.settings.purge_wait_s
     row = await ctx.accounts.get_purge(purge_id)
     while row["completed_at"] is None and loop.time() < deadline:
         await asyncio.sleep(0.1)
         row = await ctx.accounts.get_purge(purge_id)
-    return PurgeOut(purge_id=purge_id, account_id=account_id,
-                    status="completed" if row["completed_at"] else "pending", confirmed=row["confirmed"])
+    return _purge_out(row)
 
 
 @router.delete("/account", response_model=PurgeOut, tags=["account"],
@@ -551,7 +589,6 @@ async def get_purge(ctx: Ctx, _: AdminDep, purge_id: str) -> PurgeOut:
     row = await ctx.accounts.get_purge(purge_id)
     if row is None:
         raise ApiError(404, "purge_not_found", "no such purge")
-    return PurgeOut(purge_id=purge_id, account_id=row["account_id"],
-                    status="completed" if row["completed_at"] else "pending", confirmed=row["confirmed"])
+    return _purge_out(row)
 
 

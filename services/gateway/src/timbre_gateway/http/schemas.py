@@ -24,6 +24,14 @@ Text = Annotated[str, AfterValidator(_storable)]
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     backends: list[str] = Field(description="Backends this deployment can run right now")
+    dependencies: dict[str, str] = Field(
+        default_factory=dict, description="database, broker and each service the gateway calls: `ok` or why not")
+    failing: list[str] = Field(default_factory=list, description="What makes the status `degraded`")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    dependencies: dict[str, str] = Field(description="The gateway's own dependencies: `ok` or why not")
 
 
 class CreateKey(BaseModel):
@@ -147,5 +155,8 @@ class UploadOut(BaseModel):
 class PurgeOut(BaseModel):
     purge_id: str
     account_id: str
-    status: Literal["completed", "pending"]
+    status: Literal["completed", "pending", "failed"] = Field(
+        description="`failed`: some service never confirmed within the purge deadline (see `missing`)")
     confirmed: dict[str, int]
+    missing: list[str] = Field(default_factory=list, description="Services that have not confirmed (yet)")
+    failed_at: datetime | None = None
