@@ -29,6 +29,8 @@ class GatewaySettings(CommonSettings):
     rate_limit_per_minute: int = 120
     max_concurrent_requests: int = 16
     idempotency_ttl_s: int = 24 * 3600
+    # POST /v1/checkout per client address (it is unauthenticated and each call costs Stripe requests).
+    checkout_rate_per_minute: int = Field(default=10, gt=0)
     # A checkout's API key plaintext nobody collected is erased after this long (CHECKOUT_KEY_TTL_S) ...
     checkout_key_ttl_s: float = Field(default=24 * 3600, gt=0)
     # ... by the success page's read, or by a sweep this often, whichever comes first.
