@@ -5,7 +5,7 @@ from typing import ClassVar
 
 from pydantic import Field, SecretStr, model_validator
 
-from timbre_common.settings import CommonSettings, require_real_secret
+from timbre_common.settings import CommonSettings, require_callback_secret, require_real_secret
 
 
 class GatewaySettings(CommonSettings):
@@ -45,4 +45,7 @@ class GatewaySettings(CommonSettings):
     @model_validator(mode="after")
     def _secrets(self) -> GatewaySettings:
         require_real_secret("ADMIN_SECRET", self.admin_secret, env=self.timbre_env)
+        # Unset: no remote worker may call back (the route refuses every token). Set: it keys every job's token.
+        if self.modal_callback_secret.get_secret_value():
+            require_callback_secret(self.modal_callback_secret, env=self.timbre_env)
         return self

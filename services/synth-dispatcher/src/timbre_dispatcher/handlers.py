@@ -224,7 +224,8 @@ async def lookup_job(cmd: LookupJob, *, envelope: Envelope, jobs: JobRepository)
     if row is None:
         raise _job_not_found(cmd.job_id)
     return JobOwner(job_id=cmd.job_id, account_id=row["account_id"], voice_id=row["voice_id"],
-                    backend=row["backend"], status=row["status"], created_at=row["created_at"])
+                    backend=row["backend"], status=row["status"], created_at=row["created_at"],
+                    attempt=row["attempts"])
 
 
 async def _purge_voice(account_id: str, voice_id: str, *, jobs: JobRepository, cache: CacheIndex,
