@@ -109,7 +109,8 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
         await bus.publish(ObjectsReleased(account_id=cmd.account_id, keys=[stored.key]))
         raise
     try:
-        url, _ = await bus.call("storage", Presign(key=stored.key, expires_in=3600), expect=PresignedUrl)
+        url, _ = await bus.call("storage", Presign(key=stored.key, account_id=cmd.account_id, expires_in=3600),
+                                expect=PresignedUrl)
         await bus.publish(VoiceRegistered(voice_id=voice_id, account_id=cmd.account_id, backend=cmd.backend,
                                           lang=cmd.lang, reference_key=stored.key, reference_url=url.url,
                                           ref_text=cmd.ref_text),
