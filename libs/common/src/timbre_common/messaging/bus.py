@@ -11,7 +11,7 @@ from ..logging import correlation_id_var, get_logger
 from .codec import decode, encode, envelope_for
 from .consumer import Consumer, Deduper, Handler
 from .rpc import RpcClient, RpcHandler, RpcServer
-from .topology import QUEUES, Names, QueueSpec, declare_topology
+from .topology import QUEUES, Names, QueueSpec, ensure_topology
 
 log = get_logger(__name__)
 
@@ -33,10 +33,12 @@ class Bus:
         self._servers: list[RpcServer] = []
 
     async def connect(self, *, declare: list[QueueSpec] | None = None) -> Bus:
-        """Connect and declare the topology (every queue of QUEUES, plus `declare`)."""
+        """Connect and make sure the topology exists (every queue of QUEUES, plus `declare`): what is missing is
+        declared, what exists is left alone, so a broker user limited to its own queues starts once the topology
+        was provisioned."""
         self.connection = await aio_pika.connect_robust(self.url, client_properties={"connection_name": self.service})
+        await ensure_topology(self.connection, self.names, [*QUEUES.values(), *(declare or [])])
         self._publish_channel = await self.connection.channel(publisher_confirms=True)
-        await declare_topology(self._publish_channel, self.names, [*QUEUES.values(), *(declare or [])])
         self._events = await self._publish_channel.get_exchange(self.names.events, ensure=False)
         return self
 
