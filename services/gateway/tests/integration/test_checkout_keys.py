@@ -66,6 +66,14 @@ async def test_the_key_is_stored_sealed_never_in_plaintext(accounts: AccountRepo
     assert await _plaintext(accounts, "tok-sealed") is None
 
 
+async def test_a_key_on_another_account_than_the_paid_one_is_not_handed_out(accounts: AccountRepository) -> None:
+    key = await _minted(accounts, "tok-acct")
+    row = await accounts.pool.fetchrow("SELECT account_id FROM checkout_keys WHERE checkout_token = 'tok-acct'")
+    assert await accounts.take_checkout_key("tok-acct", max_age_s=DAY, account_id=str(uuid.uuid4())) is None
+    taken = await accounts.take_checkout_key("tok-acct", max_age_s=DAY, account_id=str(row["account_id"]))
+    assert taken is not None and taken["api_key"] == key
+
+
 async def test_an_old_key_is_erased_unread(accounts: AccountRepository) -> None:
     await _minted(accounts, "tok-old", age_s=DAY + 60)
     taken = await accounts.take_checkout_key("tok-old", max_age_s=DAY)

@@ -124,9 +124,10 @@ class AccountRepository:
         """True once a key was minted for this checkout (shown or not)."""
         return bool(await self.pool.fetchval("SELECT 1 FROM checkout_keys WHERE checkout_token = $1", token))
 
-    async def take_checkout_key(self, token: str, *, max_age_s: float) -> dict[str, Any] | None:
+    async def take_checkout_key(self, token: str, *, max_age_s: float,
+                                account_id: str | None = None) -> dict[str, Any] | None:
         """The key once (opened from its sealed form): the first read erases it; one older than `max_age_s` is
-        erased unread.
+        erased unread. With `account_id`, only a key minted on that account (the one billing says was paid for).
 
         `shown_at` stays None for a key that expired before anyone read it.
         """
@@ -134,11 +135,12 @@ class AccountRepository:
         # re-check only the target row and hand the old plaintext to both readers.
         row = await self.pool.fetchrow(
             "WITH taken AS (SELECT checkout_token, CASE WHEN created_at >= now() - make_interval(secs => $2) "
-            "THEN api_key END AS api_key FROM checkout_keys WHERE checkout_token = $1 FOR UPDATE) "
+            "THEN api_key END AS api_key FROM checkout_keys WHERE checkout_token = $1 "
+            "AND ($3::uuid IS NULL OR account_id = $3::uuid) FOR UPDATE) "
             "UPDATE checkout_keys c SET api_key = NULL, shown_at = CASE WHEN taken.api_key IS NULL "
             "THEN c.shown_at ELSE coalesce(c.shown_at, now()) END FROM taken "
             "WHERE c.checkout_token = taken.checkout_token "
-            "RETURNING taken.api_key AS api_key, c.account_id, c.shown_at", token, float(max_age_s))
+            "RETURNING taken.api_key AS api_key, c.account_id, c.shown_at", token, float(max_age_s), account_id)
         if row is None:
             return None
         taken = dict(row)

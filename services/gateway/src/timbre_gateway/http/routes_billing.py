@@ -162,7 +162,10 @@ async def checkout_success(request: Request, ctx: Ctx,
         return _html(success_page(token))
     status, _ = await ctx.bus.call("billing", GetCheckoutStatus(token=token), expect=CheckoutStatus)
     # Billing's `ready` means paid; the key exists once the gateway has handled the provisioning event.
-    taken = (await ctx.accounts.take_checkout_key(token, max_age_s=ctx.settings.checkout_key_ttl_s)
+    # Only a key on the account billing says this checkout paid for: a provisioning request that named another
+    # account under this token (it could only come from inside) hands out nothing.
+    taken = (await ctx.accounts.take_checkout_key(token, max_age_s=ctx.settings.checkout_key_ttl_s,
+                                                  account_id=status.account_id)
              if status.ready else None)
     if taken is None:
         out = CheckoutStatusOut(ready=False)
