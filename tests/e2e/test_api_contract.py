@@ -13,6 +13,7 @@ import soundfile as sf
 
 from tests.e2e.conftest import send_chunked
 from timbre_common.audio import parse_wav
+from timbre_common.callback_tokens import callback_token
 from timbre_common.catalogue import SYSTEM_VOICES
 
 pytestmark = pytest.mark.e2e
@@ -270,9 +271,10 @@ def test_failed_job_shows_its_error_and_has_no_audio(client, key):
     job_id = r.json()["job_id"]
     assert_error(client.http.get(f"/v1/jobs/{job_id}/audio", headers=client.auth(key)), 404)
     # The remote worker's completion callback reports a failure; the first terminal transition wins.
-    cb = client.http.post(f"/v1/jobs/{job_id}/complete", json={"job_id": job_id, "error": "GPU fell over",
-                                                               "error_code": "worker_crashed"},
-                          headers={"Authorization": f"Bearer {client.env['MODAL_CALLBACK_SECRET']}"})
+    token = callback_token(client.env["MODAL_CALLBACK_SECRET"], job_id, 1)
+    cb = client.http.post(f"/v1/jobs/{job_id}/complete?attempt=1",
+                          json={"job_id": job_id, "error": "GPU fell over", "error_code": "worker_crashed"},
+                          headers={"Authorization": f"Bearer {token}"})
     assert cb.status_code == 200 and cb.json()["status"] == "accepted", cb.text
     job = client.wait_job(key, job_id)
     assert job["status"] == "failed" and job["error"] == "GPU fell over" and job["error_code"] == "worker_crashed"
@@ -302,11 +304,12 @@ def test_unauthenticated_huge_chunked_body_is_413_before_it_is_read(client):
     assert sent < 20 * 1024 * 1024  # the 1 MiB cap plus what the sockets buffer
 
 
-def test_completion_callback_checks_its_secret_before_the_body(client):
-    for headers in ({}, {"Authorization": "Bearer not-the-secret"}):
-        r = client.http.post(f"/v1/jobs/{uuid.uuid4()}/complete", content=b"\x00garbage{[",
+def test_completion_callback_checks_its_token_before_the_body(client):
+    for headers in ({}, {"Authorization": "Bearer not-the-token"},
+                    {"Authorization": f"Bearer {client.env['MODAL_CALLBACK_SECRET']}"}):
+        r = client.http.post(f"/v1/jobs/{uuid.uuid4()}/complete?attempt=1", content=b"\x00garbage{[",
                              headers={"Content-Type": "application/json", **headers})
-        assert_error(r, 401, "invalid_callback_secret")
+        assert_error(r, 401, "invalid_callback_token")
 
 
 # Delete cascade -----------------------------------------------------------------------------------------

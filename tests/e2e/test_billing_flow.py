@@ -89,9 +89,9 @@ class BillingPlatform:
         return self.stripe.subscriptions[subscriber.subscription_id]
 
     # The customer's side ------------------------------------------------------------------------------
-    def start_checkout(self, email: str) -> tuple[str, dict[str, Any]]:
-        """POST /v1/checkout; the fake's session behind the returned URL and the success token."""
-        r = self.http.post("/v1/checkout", json={"email": email})
+    def start_checkout(self, email: str, key: str | None = None) -> tuple[str, dict[str, Any]]:
+        """POST /v1/checkout (with `key`: a renewal of its account); the fake's session and the success token."""
+        r = self.http.post("/v1/checkout", json={"email": email}, headers=self.auth(key) if key else {})
         assert r.status_code == 200, r.text
         assert r.json()["already_subscribed"] is False
         url = r.json()["url"]
@@ -107,9 +107,9 @@ class BillingPlatform:
         assert r.headers["cache-control"] == "no-store"
         return dict(r.json())
 
-    def pay(self, email: str, *, secret: str = WHSEC_NEW) -> Subscriber:
+    def pay(self, email: str, *, secret: str = WHSEC_NEW, key: str | None = None) -> Subscriber:
         """Checkout, Stripe completes the session, the signed webhook lands; the key is not read yet."""
-        token, session = self.start_checkout(email)
+        token, session = self.start_checkout(email, key)
         session = self.stripe.complete_session(session["id"])
         body = fake_stripe.build_event("checkout.session.completed", session)
         r = self.post_webhook(body, fake_stripe.sign_header(body, secret))
@@ -117,9 +117,9 @@ class BillingPlatform:
         assert r.json()["applied"] is True and r.json()["event_type"] == "checkout.session.completed"
         return Subscriber(email, token, session, session["subscription"], session["customer"], body)
 
-    def subscribe(self, email: str | None = None) -> Subscriber:
+    def subscribe(self, email: str | None = None, key: str | None = None) -> Subscriber:
         """A paying subscriber whose key has been read once."""
-        sub = self.pay(email or f"{uuid.uuid4().hex[:12]}@example.com")
+        sub = self.pay(email or f"{uuid.uuid4().hex[:12]}@example.com", key=key)
         shown = _until(lambda: (s := self.status(sub.token))["ready"] and s, "the key after checkout")
         sub.key = shown["api_key"]
         return sub
@@ -149,6 +149,8 @@ def billing(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathF
         "STRIPE_PRICE_ID": PRICE, "STRIPE_API_BASE": stripe_server.url, "PLAN_CHARACTER_QUOTA": str(QUOTA),
         # Short, so a webhook posted while billing is down answers 503 quickly (Stripe then retries).
         "RPC_TIMEOUT_S": "8",
+        # Every checkout of these tests comes from one address; the per-address limit has its own test.
+        "CHECKOUT_RATE_PER_MINUTE": "10000",
     }
     with e2e.running_platform(database_url, amqp_url, tmp_path_factory.mktemp("billing"),
                               overrides=overrides) as client:
@@ -200,9 +202,9 @@ def test_checkout_then_webhook_shows_the_key_once(billing: BillingPlatform) -> N
     usage = billing.http.get("/v1/usage", headers=billing.auth(key)).json()
     assert usage["billing"] == "on" and usage["quota"] == QUOTA and usage["characters_used"] == 0
 
-    # A second checkout for the same (differently cased) email: no second Stripe session.
+    # A second checkout with the subscriber's key: already subscribed, no second Stripe session.
     sessions_before = len(billing.stripe.sessions)
-    again = billing.http.post("/v1/checkout", json={"email": email.lower()})
+    again = billing.http.post("/v1/checkout", json={"email": email.lower()}, headers=billing.auth(key))
     assert again.status_code == 200
     assert again.json() == {"url": f"{billing.client.base_url}/v1/checkout/already-subscribed",
                             "already_subscribed": True}
@@ -216,6 +218,68 @@ def test_checkout_then_webhook_shows_the_key_once(billing: BillingPlatform) -> N
     assert billing.status(token) == {"ready": True, "already_shown": True}
     assert billing.http.get("/v1/keys", headers=billing.client.admin()).json() == keys_before
     assert billing.key_status(key) == 200
+
+
+def test_a_stranger_paying_with_a_lapsed_customers_email_gets_a_new_empty_account(
+        billing: BillingPlatform, wavs: Any) -> None:
+    """The account-takeover path: knowing a customer's email and paying never yields a key to their account. The
+    stranger gets a new, empty account; the owner renews with their own key and keeps everything."""
+    email = f"victim.{uuid.uuid4().hex[:8]}@example.com"
+    victim = billing.subscribe(email)
+    voice = billing.client.create_voice(victim.key, wavs.valid_wav(6.0), name="victim voice")
+    assert voice.status_code == 201, voice.text
+    voice_id = voice.json()["voice_id"]
+    r = billing.http.post("/v1/synthesize", json={"voice_id": JOE.voice_id, "text": "The victim's own words."},
+                          headers=billing.auth(victim.key))
+    assert r.status_code == 202, r.text
+    victim_job = r.json()["job_id"]
+    assert billing.client.wait_job(victim.key, victim_job)["status"] == "ready"
+    _until(lambda: _used(billing, victim.key) > 0, "the victim's usage recorded")
+    used = _used(billing, victim.key)
+
+    # While subscribed, a stranger's checkout for the email is answered exactly like one for an unknown address.
+    for address in (email, f"unknown.{uuid.uuid4().hex[:8]}@example.com"):
+        r = billing.http.post("/v1/checkout", json={"email": address})
+        assert r.status_code == 200 and r.json()["already_subscribed"] is False, r.text
+        assert r.json()["url"].startswith("https://checkout.stripe.test/c/pay/")
+
+    # The subscription lapses: the victim's key is suspended.
+    lapsed = billing.subscription(victim)
+    lapsed.update(status="canceled", ended_at=int(time.time()), canceled_at=int(time.time()))
+    assert billing.webhook("customer.subscription.deleted", lapsed).json()["applied"] is True
+    _until(lambda: billing.key_status(victim.key) == 403, "the lapsed account suspended")
+
+    # The attacker knows the email and pays.
+    attacker = billing.subscribe(email)
+    assert attacker.customer_id != victim.customer_id
+    assert billing.stripe.sessions[attacker.session["id"]]["customer_email"] == email
+    keys = billing.http.get("/v1/keys", headers=billing.client.admin()).json()
+    [attacker_account] = {k["account_id"] for k in keys if k["key_prefix"] == attacker.key[:10]}
+    [victim_account] = {k["account_id"] for k in keys if k["key_prefix"] == victim.key[:10]}
+    assert attacker_account != victim_account
+    # A new, empty account: no usage, no custom voice, none of the victim's jobs.
+    assert _used(billing, attacker.key) == 0
+    voices = billing.http.get("/v1/voices", headers=billing.auth(attacker.key)).json()
+    assert voice_id not in json.dumps(voices)
+    assert billing.http.get(f"/v1/voices/{voice_id}", headers=billing.auth(attacker.key)).status_code == 404
+    r = billing.http.get(f"/v1/jobs/{victim_job}", headers=billing.auth(attacker.key))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
+    # The attacker's payment did not reactivate the victim's account either.
+    assert billing.key_status(victim.key) == 403
+
+    # The owner renews with their own (suspended) key: their account, with everything on it, is served again.
+    renewal = billing.subscribe(email, key=victim.key)
+    assert renewal.customer_id == victim.customer_id
+    _until(lambda: billing.key_status(victim.key) == 200, "the renewed account served again")
+    # (A new subscription starts a new period; the earlier usage stays on the account's ledger.)
+    ledger = billing.client.sql("SELECT coalesce(sum(characters), 0) AS n FROM billing.usage_ledger"
+                                " WHERE account_id = $1", victim_account)
+    assert ledger[0]["n"] == used
+    assert billing.http.get(f"/v1/voices/{voice_id}", headers=billing.auth(victim.key)).status_code == 200
+    assert billing.http.get(f"/v1/jobs/{victim_job}", headers=billing.auth(renewal.key)).status_code == 200
+    # A key that is not one is refused rather than ignored (it would silently start a new account).
+    r = billing.http.post("/v1/checkout", json={"email": email}, headers=billing.auth("tb_not_a_real_key"))
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
 
 
 def test_concurrent_reads_show_the_key_to_one_reader(billing: BillingPlatform) -> None:
@@ -431,8 +495,8 @@ def test_deleted_then_older_updated_does_not_resurrect(billing: BillingPlatform)
     while time.monotonic() < deadline:
         assert billing.key_status(sub.key) == 403
         time.sleep(0.1)
-    # Billing itself holds no served subscription for the email: a new checkout is offered.
-    again = billing.http.post("/v1/checkout", json={"email": sub.email})
+    # The account holds no served subscription: its own key is offered a new checkout.
+    again = billing.http.post("/v1/checkout", json={"email": sub.email}, headers=billing.auth(sub.key))
     assert again.status_code == 200 and again.json()["already_subscribed"] is False
 
 

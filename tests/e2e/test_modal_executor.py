@@ -19,6 +19,7 @@ import pytest
 
 from tests.e2e.conftest import running_platform
 from timbre_common.audio import decode_wav, encode_wav, parse_wav
+from timbre_common.callback_tokens import callback_token
 from timbre_common.catalogue import SYSTEM_VOICES
 from timbre_gpu_worker.remote import httpx_fetch, httpx_post, process_jobs
 
@@ -152,9 +153,13 @@ def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-unty
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _callback(client, job_id: str, body: dict[str, Any], secret: str):  # type: ignore[no-untyped-def]
-    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-    return client.http.post(f"/v1/jobs/{job_id}/complete", json=body, headers=headers)
+def _callback(client, job_id: str, body: dict[str, Any], token: str, attempt: int = 1):  # type: ignore[no-untyped-def]
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return client.http.post(f"/v1/jobs/{job_id}/complete?attempt={attempt}", json=body, headers=headers)
+
+
+def _token(client, job_id: str, attempt: int = 1) -> str:  # type: ignore[no-untyped-def]
+    return callback_token(client.env["MODAL_CALLBACK_SECRET"], job_id, attempt)
 
 
 def _forged_body(job_id: str) -> dict[str, Any]:
@@ -181,8 +186,10 @@ def test_a_job_goes_spawn_callback_storage_ready(platform, modal: FakeModal):
     assert job["status"] == "ready", job
     [payload] = [p for p in modal.spawned if p["job_id"] == job_id]
     assert payload["backend"] == "embedded" and payload["system_voice"] == "joe"
-    assert payload["callback_url"] == f"{platform.base_url}/v1/jobs/{job_id}/complete"
-    assert payload["callback_secret"] == platform.env["MODAL_CALLBACK_SECRET"]
+    assert payload["callback_url"] == f"{platform.base_url}/v1/jobs/{job_id}/complete?attempt=1"
+    # The remote host holds a token for this job and attempt, never the callback secret.
+    assert payload["callback_token"] == _token(platform, job_id)
+    assert platform.env["MODAL_CALLBACK_SECRET"] not in json.dumps(payload) and "callback_secret" not in payload
     [sent] = modal.sent_for(job_id)
     assert sent["error"] is None and sent["rtf"] > 0
     # The job carries the remote worker's timings; the stored audio is the bytes it sent.
@@ -194,21 +201,45 @@ def test_a_job_goes_spawn_callback_storage_ready(platform, modal: FakeModal):
     assert re.search(spawned, platform.platform.log("dispatcher"))
 
 
-def test_wrong_secret_is_refused_and_a_replay_is_ignored(platform, modal: FakeModal):
+def test_wrong_token_is_refused_and_a_replay_is_ignored(platform, modal: FakeModal):
     key = platform.new_key()
     job_id = _submit(platform, key, HEART.voice_id, "A finished job keeps its first audio.")
     assert platform.wait_job(key, job_id)["status"] == "ready"
     audio = platform.http.get(f"/v1/jobs/{job_id}/audio", headers=platform.auth(key)).content
     [sent] = modal.sent_for(job_id)
-    for secret in ("wrong-secret", "", platform.env["MODAL_CALLBACK_SECRET"][:-1]):
-        r = _callback(platform, job_id, _forged_body(job_id), secret)
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_callback_secret", r.text
+    other_job = str(uuid.uuid4())
+    for token in ("wrong-token", "", _token(platform, job_id)[:-1], _token(platform, other_job),
+                  # The secret itself opens nothing any more.
+                  platform.env["MODAL_CALLBACK_SECRET"]):
+        r = _callback(platform, job_id, _forged_body(job_id), token)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_callback_token", r.text
     # The same callback delivered again, and a different one for the finished job: both ignored.
     for body in (sent, _forged_body(job_id)):
-        r = _callback(platform, job_id, body, platform.env["MODAL_CALLBACK_SECRET"])
+        r = _callback(platform, job_id, body, _token(platform, job_id))
         assert r.status_code == 200 and r.json() == {"status": "ignored"}, r.text
     assert platform.http.get(f"/v1/jobs/{job_id}/audio", headers=platform.auth(key)).content == audio
     assert platform.wait_job(key, job_id)["status"] == "ready"
+
+
+def test_a_superseded_attempts_callback_changes_nothing(platform, modal: FakeModal):
+    """A job handed out again (attempt 2): the first attempt's late callback, correctly signed for attempt 1, is
+    ignored; the current attempt's completes the job."""
+    key = platform.new_key()
+    modal.mode = "refuse"
+    try:
+        job_id = _submit(platform, key, JOE.voice_id, "Only the newest attempt may finish this job.")
+        _wait(lambda: job_id in modal.refused, 30, "the spawn refused")
+        platform.sql("UPDATE dispatch.jobs SET attempts = 2 WHERE job_id = $1", uuid.UUID(job_id))
+        r = _callback(platform, job_id, _forged_body(job_id), _token(platform, job_id, 1), attempt=1)
+        assert r.status_code == 200 and r.json() == {"status": "ignored"}, r.text
+        assert platform.http.get(f"/v1/jobs/{job_id}", headers=platform.auth(key)).json()["status"] == "pending"
+        r = _callback(platform, job_id, {"job_id": job_id, "error": "late GPU", "error_code": "worker_crashed"},
+                      _token(platform, job_id, 2), attempt=2)
+        assert r.status_code == 200 and r.json() == {"status": "accepted"}, r.text
+    finally:
+        modal.mode = "accept"
+    job = platform.wait_job(key, job_id)
+    assert job["status"] == "failed" and job["error_code"] == "worker_crashed", job
 
 
 def test_dispatcher_restart_with_spawns_in_flight_ends_each_job_ready_once(platform, modal: FakeModal):
@@ -222,7 +253,7 @@ def test_dispatcher_restart_with_spawns_in_flight_ends_each_job_ready_once(platf
     modal.mode = "hang"
     _wait(lambda: set(jobs) <= set(modal.hanging), 30, "a held spawn of every job")
     # A callback with a wrong secret for a pending job changes nothing.
-    r = _callback(platform, jobs[0], _forged_body(jobs[0]), "not-the-secret")
+    r = _callback(platform, jobs[0], _forged_body(jobs[0]), "not-the-token")
     assert r.status_code == 401
     assert platform.http.get(f"/v1/jobs/{jobs[0]}", headers=platform.auth(key)).json()["status"] == "pending"
     # 3. The dispatcher dies with the spawns in flight, and Modal had in fact accepted those calls

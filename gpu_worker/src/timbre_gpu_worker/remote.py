@@ -2,8 +2,9 @@
 
 Dependencies come in as arguments (`backend_for`, `fetch`, `post`), so the Modal app, the tests' fake
 Modal and any other host run the same code. The payload is the dispatcher's work order
-(`SynthesisRequested` as JSON) plus `callback_url` and `callback_secret`; the callback body is what the
-gateway's `POST /v1/jobs/{id}/complete` accepts.
+(`SynthesisRequested` as JSON) plus `callback_url` and `callback_token` (good for that job and attempt only:
+the callback secret never reaches a remote host); the callback body is what the gateway's
+`POST /v1/jobs/{id}/complete?attempt=N` accepts.
 """
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ DEFAULT_BACKEND = "qwen3-1.7b"
 PayloadPost = Callable[[str, dict[str, Any], dict[str, str]], int]
 
 
-def post_with_retry(post: PayloadPost, url: str, body: dict[str, Any], secret: str, *,
+def post_with_retry(post: PayloadPost, url: str, body: dict[str, Any], token: str, *,
                     attempts: int = CALLBACK_ATTEMPTS, backoff_s: float = CALLBACK_BACKOFF_S,
                     sleep: Callable[[float], None] = time.sleep) -> int | None:
     """POST the callback; retry 5xx and connection errors with exponential back-off; return the last status."""
-    headers = {"Authorization": f"Bearer {secret}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     status: int | None = None
     for attempt in range(attempts):
         try:
@@ -40,7 +41,7 @@ def post_with_retry(post: PayloadPost, url: str, body: dict[str, Any], secret: s
                         attempt=attempt + 1)
             status = None
         else:
-            # 2xx done; a 4xx will not get better (bad secret, unknown job): stop and let the deadline act.
+            # 2xx done; a 4xx will not get better (bad token, unknown job): stop and let the deadline act.
             if status < 500:
                 return status
             log.warning("callback_post_rejected", job_id=body.get("job_id"), status=status, attempt=attempt + 1)
@@ -122,7 +123,7 @@ def process_jobs(payloads: Sequence[Mapping[str, Any]], backend_for: Callable[[s
     """
     bodies = synthesize_payloads(payloads, backend_for, fetch, encode_wav=encode_wav, clock=clock)
     for payload, body in zip(payloads, bodies, strict=True):
-        status = post_with_retry(post, str(payload["callback_url"]), body, str(payload.get("callback_secret", "")),
+        status = post_with_retry(post, str(payload["callback_url"]), body, str(payload.get("callback_token", "")),
                                  sleep=sleep)
         if status is None or status >= 300:
             log.error("callback_not_accepted", job_id=body["job_id"], status=status)

@@ -24,7 +24,7 @@ class EchoBackend:
 
 def _payload(job: str, **kw: Any) -> dict[str, Any]:
     return {"job_id": job, "voice_id": "v", "text": "Hi.", "lang": "en", "backend": "tone", "cache_key": "k",
-            "callback_url": f"https://gw/v1/jobs/{job}/complete", "callback_secret": "sec", **kw}
+            "callback_url": f"https://gw/v1/jobs/{job}/complete", "callback_token": "tok", **kw}
 
 
 def test_every_payload_gets_one_callback_with_audio_or_error():
@@ -51,7 +51,7 @@ def test_every_payload_gets_one_callback_with_audio_or_error():
     process_jobs(payloads, backend_for, fetch, post, clock=iter(range(0, 100, 1)).__next__, sleep=lambda s: None)
     bodies = {b["job_id"]: b for _, b, _ in posts}
     assert [u for u, _, _ in posts] == [p["callback_url"] for p in payloads]
-    assert all(h["Authorization"] == "Bearer sec" for _, _, h in posts)
+    assert all(h["Authorization"] == "Bearer tok" for _, _, h in posts)
     ok = bodies["ok"]
     assert ok["error"] is None and parse_wav(base64.b64decode(ok["wav_b64"])).duration_s == 1.0
     assert ok["audio_seconds"] == 1.0 and ok["synthesis_ms"] == 1000 and ok["rtf"] == 1.0

@@ -149,6 +149,11 @@ def build_app(state: FakeStripeState) -> FastAPI:
         if form.get("customer") and form["customer"] not in state.customers:
             return _error(400, f"No such customer: '{form['customer']}'", param="customer",
                           code="resource_missing")
+        expires_at = int(form["expires_at"]) if form.get("expires_at") else int(time.time()) + 86_400
+        # Stripe: a session expires 30 minutes to 24 hours after it is created.
+        if not 1800 <= expires_at - int(time.time()) <= 86_400:
+            return _error(400, "The `expires_at` timestamp must be between 30 minutes and 24 hours from now.",
+                          param="expires_at")
         key = request.headers.get("idempotency-key")
         if key:
             for existing in state.sessions.values():
@@ -161,7 +166,7 @@ def build_app(state: FakeStripeState) -> FastAPI:
             "success_url": form["success_url"], "cancel_url": form.get("cancel_url"),
             "customer": form.get("customer"), "customer_email": form.get("customer_email"),
             "client_reference_id": form.get("client_reference_id"), "metadata": form.get("metadata", {}),
-            "subscription": None, "created": int(time.time()), "livemode": False,
+            "subscription": None, "created": int(time.time()), "expires_at": expires_at, "livemode": False,
             "_price": items[0]["price"], "_idempotency_key": key,
         }
         return state.sessions[sid]

@@ -32,7 +32,10 @@ async def create_pool(dsn: str, *, schema: str, min_size: int = 1, max_size: int
     schema = _checked_schema(schema)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        # Only when missing: a role provisioned to own its schema alone may not create schemas, and PostgreSQL
+        # checks that right before it looks whether the schema exists.
+        if not await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", schema):
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
     except asyncpg.UniqueViolationError:  # two services starting at once may race on the catalog
         pass
     finally:

@@ -29,6 +29,18 @@ def require_real_secret(name: str, value: SecretStr | None, *, env: str) -> None
         raise ValueError(f"{name} must be set to a real secret when TIMBRE_ENV={env}")
 
 
+MIN_CALLBACK_SECRET_CHARS = 32
+
+
+def require_callback_secret(value: SecretStr | None, *, env: str) -> None:
+    """MODAL_CALLBACK_SECRET keys every job's callback token: outside development, a real one of 32+ characters."""
+    require_real_secret("MODAL_CALLBACK_SECRET", value, env=env)
+    raw = value.get_secret_value() if value is not None else ""
+    if env != "dev" and len(raw.strip()) < MIN_CALLBACK_SECRET_CHARS:
+        raise ValueError(f"MODAL_CALLBACK_SECRET must hold at least {MIN_CALLBACK_SECRET_CHARS} characters "
+                         f"when TIMBRE_ENV={env}")
+
+
 class CommonSettings(BaseSettings):
     """What every Timbre process reads from the environment."""
 

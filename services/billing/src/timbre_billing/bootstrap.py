@@ -1,6 +1,7 @@
 """Builds billing's dependencies from settings; tests pass overrides through the same function."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import asyncpg
 
 from timbre_common.db import create_pool, migrate
+from timbre_common.logging import get_logger
 from timbre_common.messaging import QUEUES, Bus, OutboxBus, PgDeduper, TransactionalPool
 
 from .adapters.repository import BillingRepository
@@ -17,6 +19,7 @@ from .settings import BillingSettings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 SCHEMA = "billing"
+log = get_logger(__name__)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class BillingService:
         self.broker = bus
         # Handlers publish through the outbox: events commit with the state they announce.
         self.bus = OutboxBus(bus, deps.pool)  # type: ignore[arg-type]
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         from timbre_common.contracts import billing as c
@@ -87,8 +91,22 @@ class BillingService:
             JobFailed: partial(a.on_job_failed, **d),
             AccountPurgeRequested: partial(a.on_account_purge, bus=self.bus, **d),
         }, deduper=deduper)
+        self._sweeper = asyncio.create_task(self._expire_checkouts_forever())
+
+    async def _expire_checkouts_forever(self) -> None:
+        from . import handlers
+
+        while True:
+            try:
+                await handlers.expire_checkouts(repository=self.deps.repository, settings=self.deps.settings)
+            except Exception:
+                log.exception("checkout_sweep_failed")
+            await asyncio.sleep(self.deps.settings.checkout_sweep_interval_s)
 
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         await self.bus.stop()
         await self.broker.close()
         await self.deps.aclose()

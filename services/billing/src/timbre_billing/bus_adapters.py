@@ -64,7 +64,7 @@ async def get_usage(cmd: c.GetUsage, *, envelope: Envelope, deps: BillingDepende
 async def start_checkout(cmd: c.StartCheckout, *, envelope: Envelope, deps: BillingDependencies) -> c.CheckoutStarted:
     async with _domain_errors():
         started = await handlers.start_checkout(cmd.email, repository=deps.repository, stripe=deps.stripe,
-                                                settings=deps.settings)
+                                                settings=deps.settings, account_id=cmd.account_id)
     return c.CheckoutStarted(url=started.url, already_subscribed=started.already_subscribed)
 
 

@@ -20,6 +20,7 @@ Emits (returned to the caller, who publishes; a redelivered webhook returns the 
 from __future__ import annotations
 
 import secrets
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -73,11 +74,12 @@ class StripeApi(Protocol):
         cancel_url: str,
         *,
         customer_id: str | None = None,
+        expires_at: int | None = None,
     ) -> tuple[str, str]: ...
 
     async def retrieve_subscription(self, subscription_id: str) -> SubscriptionSnapshot: ...
 
-    async def find_active_subscription(self, email: str) -> SubscriptionSnapshot | None: ...
+    async def find_active_subscription(self, customer_id: str) -> SubscriptionSnapshot | None: ...
 
 
 def _require_enabled(settings: BillingSettings) -> None:
@@ -86,30 +88,59 @@ def _require_enabled(settings: BillingSettings) -> None:
 
 
 async def start_checkout(
-    email: str, *, repository: BillingRepository, stripe: StripeApi, settings: BillingSettings
+    email: str,
+    *,
+    repository: BillingRepository,
+    stripe: StripeApi,
+    settings: BillingSettings,
+    account_id: str | None = None,
+    now: float | None = None,
 ) -> CheckoutStart:
-    """A Checkout Session URL for a new subscriber, or the already-subscribed page for a served one."""
+    """A Checkout Session URL: for a new account, or (`account_id`, an authenticated checkout) to renew that one.
+
+    An unauthenticated checkout always provisions a new account and its answer never depends on the email:
+    nothing is looked up by address, so it can neither attach a stranger's payment to an existing account nor
+    tell anyone whether an address subscribes. Only the account's own key learns that it is already subscribed.
+    """
     _require_enabled(settings)
     address = normalize_email(email)
     base = settings.app_base_url
-    already = f"{base}/v1/checkout/already-subscribed"
-    if await repository.served_subscription_for_email(address) is not None:
-        return CheckoutStart(url=already, already_subscribed=True)
-    # Stripe may know a subscription whose webhook has not landed yet (or one made outside this flow).
-    if await stripe.find_active_subscription(address) is not None:
-        return CheckoutStart(url=already, already_subscribed=True)
+    customer_id = None
+    if account_id is not None:
+        customer_id = await repository.customer_id_for_account(account_id)
+        served = await repository.subscription_for_account(account_id)
+        if served is not None and served.status not in SERVED_STATUSES:
+            served = None
+        # Stripe may know a subscription whose webhook has not landed yet.
+        if served is None and customer_id is not None:
+            served = await stripe.find_active_subscription(customer_id)
+        if served is not None:
+            return CheckoutStart(url=f"{base}/v1/checkout/already-subscribed", already_subscribed=True)
     token = secrets.token_urlsafe(32)
-    await repository.create_checkout_token(token, address)
+    await repository.create_checkout_token(token, address, account_id)
+    moment = time.time() if now is None else now
     session_id, url = await stripe.create_checkout_session(
         address,
         token,
         success_url=f"{base}/v1/checkout/success?token={quote(token)}",
         cancel_url=f"{base}/v1/signup",
-        customer_id=await repository.customer_id_for_email(address),
+        customer_id=customer_id,
+        # The session dies with its token (Stripe accepts 30 min to 24 h), so nobody pays for a forgotten checkout.
+        expires_at=int(moment + settings.stripe_session_ttl_s),
     )
     await repository.attach_session(token, session_id)
-    log.info("checkout_started", session_id=session_id)
+    log.info("checkout_started", session_id=session_id, renewal=account_id is not None)
     return CheckoutStart(url=url, already_subscribed=False, session_id=session_id)
+
+
+async def expire_checkouts(*, repository: BillingRepository, settings: BillingSettings) -> int:
+    """Delete checkouts nobody paid within CHECKOUT_TOKEN_TTL_S (their Stripe sessions expired before)."""
+    # Kept a little past its Stripe session too, so a payment made in the session's last minute finds its row.
+    older_than = max(settings.checkout_token_ttl_s, settings.stripe_session_ttl_s) + 600
+    expired = await repository.expire_open_checkouts(older_than)
+    if expired:
+        log.info("checkout_tokens_expired", tokens=expired)
+    return expired
 
 
 async def handle_stripe_webhook(
@@ -161,9 +192,21 @@ async def _apply_checkout(
     customer_id, email, token, subscription_id, paid = checkout_session_fields(event.object)
     if event.object.get("mode") != "subscription" or not customer_id or not paid:
         return WebhookOutcome(event.id, event.type, "ignored")
+    known, intended = await tx.checkout_intent(token) if token else (False, None)
     existing = await tx.upsert_customer(customer_id, email)
-    # Billing names the account so the provisioning request, the token and the quota agree on it.
-    account_id = existing or await tx.assign_account(customer_id, str(uuid.uuid4()))
+    if known:
+        # Timbre started this checkout and decided its account then: the caller's own (an authenticated
+        # renewal) or a new one. A customer already tied to another account is never followed.
+        if existing is not None and existing != intended:
+            log.error("checkout_customer_conflict", event_id=event.id, customer_id=customer_id,
+                      renewal=intended is not None)
+            return WebhookOutcome(event.id, event.type, "ignored")
+        account_id = intended or existing or str(uuid.uuid4())
+        await tx.link_customer(customer_id, account_id)
+    else:
+        # A session made outside Timbre's checkout (the Stripe dashboard, a payment link): only the holder of the
+        # Stripe secret key can make one, so its customer's account is the operator's choice.
+        account_id = existing or await tx.assign_account(customer_id, str(uuid.uuid4()))
     if fetched is not None:
         stored = await tx.lock_subscription(fetched.subscription_id)
         if subscription_update_verdict(stored, event.created) == "apply":
@@ -177,7 +220,7 @@ async def _apply_checkout(
         email=(email or "").lower(),
         checkout_token=token,
         subscription_id=subscription_id,
-        new_account=existing is None,
+        new_account=existing is None and not (known and intended),
     )
     return WebhookOutcome(event.id, event.type, "applied", provision=provision)
 

@@ -23,6 +23,11 @@ class BillingSettings(CommonSettings):
     # How long a quota hold counts when neither job.ready nor job.failed ever arrives for it (a lost event):
     # longer than any job can stay pending, short enough that a lost event cannot lock an account for long.
     quota_hold_ttl_s: int = 3600
+    # A checkout not paid this long after it started is deleted (its Stripe session expires at the same time,
+    # within Stripe's 30 min to 24 h), so unauthenticated checkouts leave no rows behind.
+    checkout_token_ttl_s: int = 24 * 3600
+    # How often open checkouts are looked at for expiry.
+    checkout_sweep_interval_s: float = 300.0
 
     @field_validator("billing", mode="before")
     @classmethod
@@ -41,7 +46,8 @@ class BillingSettings(CommonSettings):
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value.rstrip("/") if value else None
 
-    @field_validator("plan_character_quota", "webhook_tolerance_s", "quota_hold_ttl_s")
+    @field_validator("plan_character_quota", "webhook_tolerance_s", "quota_hold_ttl_s", "checkout_token_ttl_s",
+                     "checkout_sweep_interval_s")
     @classmethod
     def _positive(cls, value: int) -> int:
         if value <= 0:
@@ -69,6 +75,11 @@ class BillingSettings(CommonSettings):
     def enabled(self) -> bool:
         """Whether Stripe billing and quota enforcement are on."""
         return self.billing == "on"
+
+    @property
+    def stripe_session_ttl_s(self) -> int:
+        """The Checkout Session lifetime: the token's, within what Stripe accepts (30 min to 24 h)."""
+        return min(max(self.checkout_token_ttl_s, 1800), 24 * 3600 - 60)
 
     def webhook_secrets(self) -> list[str]:
         """The accepted webhook signing secrets, in configured order."""

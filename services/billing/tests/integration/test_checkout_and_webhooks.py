@@ -32,8 +32,9 @@ async def _webhook(fake: Any, repo: BillingRepository, gw: StripeGateway, settin
 
 
 async def _paid_checkout(fake: Any, repo: BillingRepository, gw: StripeGateway, settings: BillingSettings,
-                         email: str = "ada@example.com") -> tuple[str, Any]:
-    start = await handlers.start_checkout(email, repository=repo, stripe=gw, settings=settings)
+                         email: str = "ada@example.com", account_id: str | None = None) -> tuple[str, Any]:
+    start = await handlers.start_checkout(email, repository=repo, stripe=gw, settings=settings,
+                                          account_id=account_id)
     session = fake.state.complete_session(start.session_id)
     outcome = await _webhook(fake, repo, gw, settings, "checkout.session.completed", session)
     return session["client_reference_id"], outcome
@@ -56,21 +57,49 @@ async def test_checkout_session_created_with_token_and_urls(
     assert not status.paid and status.account_id is None
 
 
-async def test_active_subscriber_gets_already_subscribed_url(
+async def test_an_unauthenticated_answer_never_depends_on_the_email(
     repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
 ) -> None:
-    # Known to Stripe only (the webhook has not landed).
+    """Not an oracle: a subscribed address, one known to Stripe only and an unknown one get the same answer (a
+    checkout for a new account); only the subscriber's own key hears that it is already subscribed."""
     customer = stripe_fake.state.create_customer("grace@example.com")
     stripe_fake.state.create_subscription(customer["id"], "price_hobby")
-    start = await handlers.start_checkout("grace@example.com", repository=repository, stripe=gateway,
-                                          settings=settings_on)
-    assert start.already_subscribed and start.url == "https://timbre.test/v1/checkout/already-subscribed"
-    # Known locally after a completed checkout.
-    await _paid_checkout(stripe_fake, repository, gateway, settings_on, "alan@example.com")
+    _, paid = await _paid_checkout(stripe_fake, repository, gateway, settings_on, "alan@example.com")
+    answers = []
+    for email in ("grace@example.com", "alan@example.com", "nobody@example.com"):
+        requests_before = len(stripe_fake.state.requests)
+        start = await handlers.start_checkout(email, repository=repository, stripe=gateway, settings=settings_on)
+        session = stripe_fake.state.sessions[start.session_id]
+        answers.append((start.already_subscribed, start.url.split("/c/pay/")[0], session["customer"]))
+        # Nothing was asked of Stripe about the address: one request, the session itself.
+        assert [path for _, path, _ in stripe_fake.state.requests[requests_before:]] == ["/v1/checkout/sessions"]
+    assert answers == [(False, "https://checkout.stripe.test", None)] * 3
     sessions_before = len(stripe_fake.state.sessions)
-    again = await handlers.start_checkout("alan@example.com", repository=repository, stripe=gateway,
-                                          settings=settings_on)
-    assert again.already_subscribed and len(stripe_fake.state.sessions) == sessions_before
+    own = await handlers.start_checkout("alan@example.com", repository=repository, stripe=gateway,
+                                        settings=settings_on, account_id=paid.provision.account_id)
+    assert own.already_subscribed and own.url == "https://timbre.test/v1/checkout/already-subscribed"
+    assert len(stripe_fake.state.sessions) == sessions_before
+
+
+async def test_open_checkouts_expire_with_their_stripe_session(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any,
+    pool: asyncpg.Pool
+) -> None:
+    now = time.time()
+    old = await handlers.start_checkout("old@example.com", repository=repository, stripe=gateway,
+                                        settings=settings_on, now=now)
+    fresh = await handlers.start_checkout("new@example.com", repository=repository, stripe=gateway,
+                                          settings=settings_on, now=now)
+    # The Stripe session lives as long as the token (within Stripe's 24 h).
+    assert int(stripe_fake.state.sessions[old.session_id]["expires_at"]) == int(now + settings_on.stripe_session_ttl_s)
+    _, paid = await _paid_checkout(stripe_fake, repository, gateway, settings_on, "paid@example.com")
+    await pool.execute("UPDATE checkout_tokens SET created_at = now() - interval '3 days'"
+                       " WHERE session_id = ANY($1::text[]) OR status = 'paid'", [old.session_id])
+    assert await handlers.expire_checkouts(repository=repository, settings=settings_on) == 1
+    rows = await pool.fetch("SELECT session_id, status FROM checkout_tokens ORDER BY status")
+    assert {(r["session_id"], r["status"]) for r in rows} == {(fresh.session_id, "open"),
+                                                              (rows[-1]["session_id"], "paid")}
+    assert old.session_id not in {r["session_id"] for r in rows}
 
 
 async def test_paid_checkout_reports_paid_with_its_account(
@@ -109,7 +138,7 @@ async def test_unpaid_checkout_session_leaves_the_token_open(
     assert not status.paid and status.account_id is None
 
 
-async def test_resubscribing_customer_keeps_its_account(
+async def test_resubscribing_with_the_key_keeps_the_account_and_a_stranger_gets_a_new_one(
     repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
 ) -> None:
     _, first = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
@@ -117,12 +146,32 @@ async def test_resubscribing_customer_keeps_its_account(
     sub["status"] = "canceled"
     await _webhook(stripe_fake, repository, gateway, settings_on, "customer.subscription.deleted", sub,
                    created=int(time.time()) + 5)
-    _, second = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
+    # Someone who only knows the lapsed customer's email pays: a new customer and a new, empty account.
+    _, stranger = await _paid_checkout(stripe_fake, repository, gateway, settings_on)
+    assert stranger.provision.account_id != first.provision.account_id and stranger.provision.new_account
+    assert stranger.provision.customer_id != first.provision.customer_id
+    # The owner renews with the account's key (an authenticated checkout): same account, same Customer.
+    _, second = await _paid_checkout(stripe_fake, repository, gateway, settings_on,
+                                     account_id=first.provision.account_id)
     assert second.provision.account_id == first.provision.account_id and not second.provision.new_account
     assert second.provision.customer_id == first.provision.customer_id  # the checkout reused the Customer
     decision = await handlers.check_quota(first.provision.account_id, 1, repository=repository,
                                           settings=settings_on)
     assert decision.allowed
+
+
+async def test_a_new_account_checkout_never_follows_a_customer_tied_to_another_account(
+    repository: BillingRepository, gateway: StripeGateway, settings_on: BillingSettings, stripe_fake: Any
+) -> None:
+    """Were Stripe to hand a new-account checkout an existing customer, the payment provisions nothing."""
+    _, victim = await _paid_checkout(stripe_fake, repository, gateway, settings_on, "victim@example.com")
+    start = await handlers.start_checkout("victim@example.com", repository=repository, stripe=gateway,
+                                          settings=settings_on)
+    stripe_fake.state.sessions[start.session_id]["customer"] = victim.provision.customer_id
+    session = stripe_fake.state.complete_session(start.session_id)
+    outcome = await _webhook(stripe_fake, repository, gateway, settings_on, "checkout.session.completed", session)
+    assert outcome.outcome == "ignored" and outcome.provision is None
+    assert not (await handlers.checkout_status(session["client_reference_id"], repository=repository)).paid
 
 
 async def test_webhook_signatures(
@@ -244,7 +293,7 @@ async def test_period_synced_from_update(
 async def test_sdk_errors_map_to_stripe_unavailable(gateway: StripeGateway, stripe_fake: Any) -> None:
     with pytest.raises(StripeUnavailable):
         await gateway.retrieve_subscription("sub_missing")
-    assert await gateway.find_active_subscription("nobody@example.com") is None
+    assert await gateway.find_active_subscription("cus_nobody") is None
 
 
 async def test_billing_off_refuses_stripe_operations(

@@ -61,6 +61,12 @@ def test_signed_non_event_refused(stripe_sign: Any) -> None:
         verify_event(body, stripe_sign(body, "whsec_new"), SECRETS, tolerance_s=300)
 
 
+def test_signed_deeply_nested_body_is_malformed_not_a_crash(stripe_sign: Any) -> None:
+    body = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(MalformedEvent):
+        verify_event(body, stripe_sign(body, "whsec_new"), SECRETS, tolerance_s=300)
+
+
 @pytest.mark.parametrize(("error", "code"), [(SignatureInvalid("bad"), "signature_invalid"),
                                              (SignatureExpired("old"), "signature_expired")])
 async def test_rejections_keep_their_own_code_on_the_bus(error: Exception, code: str) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,6 +24,7 @@ from .adapters.dependencies import DependencyProbe
 from .adapters.idempotency import IdempotencyStore
 from .adapters.limits import RedisLimiter
 from .adapters.repository import AccountRepository
+from .adapters.sealing import CheckoutKeySealer
 from .http.app import create_app
 from .settings import GatewaySettings
 
@@ -114,11 +116,17 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     await migrate(pool, settings.db_schema, MIGRATIONS)
     bus = await Bus(url=settings.amqp_url.get_secret_value(), namespace=settings.bus_namespace,
                     service="gateway", rpc_timeout=settings.rpc_timeout_s).connect()
-    # Short timeouts: a Redis outage must cost a request milliseconds (the limiter then fails open), not seconds.
+    # Short timeouts: a Redis outage must cost a request milliseconds (limits then hold per process), not seconds.
     redis = aioredis.from_url(settings.redis_url.get_secret_value(), socket_timeout=0.5,
                               socket_connect_timeout=0.5)
     limiter = RedisLimiter(redis, namespace=settings.bus_namespace, lease_ttl_s=settings.concurrency_lease_s)
-    return GatewayContext(settings=settings, bus=bus, pool=pool, accounts=AccountRepository(pool),
+    secret = settings.checkout_sealing_secret()
+    if not secret:
+        # Development without ADMIN_SECRET: a key for this process only (a restart forgets uncollected keys).
+        log.warning("checkout_keys_sealed_with_a_process_key")
+        secret = secrets.token_hex(32)
+    accounts = AccountRepository(pool, sealer=CheckoutKeySealer(secret))
+    return GatewayContext(settings=settings, bus=bus, pool=pool, accounts=accounts,
                           backends=BackendRegistry(grace=settings.heartbeat_grace), extras={},
                           redis=redis, limiter=limiter, idempotency=IdempotencyStore(pool),
                           probe=DependencyProbe(pool=pool, bus=bus), outbox=OutboxBus(bus, pool))

@@ -5,7 +5,7 @@ from typing import ClassVar
 
 from pydantic import Field, SecretStr, model_validator
 
-from timbre_common.settings import CommonSettings, require_real_secret
+from timbre_common.settings import CommonSettings, require_callback_secret, require_real_secret
 
 
 class GatewaySettings(CommonSettings):
@@ -29,7 +29,11 @@ class GatewaySettings(CommonSettings):
     rate_limit_per_minute: int = 120
     max_concurrent_requests: int = 16
     idempotency_ttl_s: int = 24 * 3600
-    # A checkout's API key plaintext nobody collected is erased after this long (CHECKOUT_KEY_TTL_S) ...
+    # POST /v1/checkout per client address (it is unauthenticated and each call costs Stripe requests).
+    checkout_rate_per_minute: int = Field(default=10, gt=0)
+    # Seals checkout keys at rest (AES-GCM); unset, a key is derived from ADMIN_SECRET under its own label.
+    checkout_key_secret: SecretStr = SecretStr("")
+    # A checkout's API key nobody collected is erased after this long (CHECKOUT_KEY_TTL_S) ...
     checkout_key_ttl_s: float = Field(default=24 * 3600, gt=0)
     # ... by the success page's read, or by a sweep this often, whichever comes first.
     gateway_sweep_interval_s: float = Field(default=300.0, gt=0)
@@ -42,7 +46,17 @@ class GatewaySettings(CommonSettings):
     # A backend is advertised while a worker's heartbeat is younger than this many intervals.
     heartbeat_grace: float = 3.0
 
+    def checkout_sealing_secret(self) -> str:
+        """The secret checkout keys are sealed with: CHECKOUT_KEY_SECRET, else ADMIN_SECRET (HKDF separates the
+        uses); empty only in development without either."""
+        return (self.checkout_key_secret.get_secret_value() or self.admin_secret.get_secret_value())
+
     @model_validator(mode="after")
     def _secrets(self) -> GatewaySettings:
         require_real_secret("ADMIN_SECRET", self.admin_secret, env=self.timbre_env)
+        if self.checkout_key_secret.get_secret_value():
+            require_real_secret("CHECKOUT_KEY_SECRET", self.checkout_key_secret, env=self.timbre_env)
+        # Unset: no remote worker may call back (the route refuses every token). Set: it keys every job's token.
+        if self.modal_callback_secret.get_secret_value():
+            require_callback_secret(self.modal_callback_secret, env=self.timbre_env)
         return self

@@ -11,6 +11,7 @@ from timbre_common.db import create_pool, migrate
 from timbre_gateway import handlers
 from timbre_gateway.adapters.backends import BackendRegistry
 from timbre_gateway.adapters.repository import AccountRepository
+from timbre_gateway.adapters.sealing import CheckoutKeySealer
 from timbre_gateway.bootstrap import MIGRATIONS, GatewayContext, GatewayService
 from timbre_gateway.settings import GatewaySettings
 
@@ -21,7 +22,7 @@ DAY = 24 * 3600.0
 async def accounts(database_url: str, pg_schema: str) -> AsyncIterator[AccountRepository]:
     pool = await create_pool(database_url, schema=pg_schema, min_size=1, max_size=4)
     await migrate(pool, pg_schema, MIGRATIONS)
-    yield AccountRepository(pool)
+    yield AccountRepository(pool, sealer=CheckoutKeySealer("checkout-sealing-secret-for-tests"))
     await pool.close()
 
 
@@ -48,6 +49,29 @@ async def test_a_fresh_key_is_shown_once(accounts: AccountRepository) -> None:
     assert second is not None and second["api_key"] is None and second["shown_at"] == first["shown_at"]
     assert await _plaintext(accounts, "tok-fresh") is None
     assert await accounts.take_checkout_key("tok-unknown", max_age_s=DAY) is None
+
+
+async def test_the_key_is_stored_sealed_never_in_plaintext(accounts: AccountRepository) -> None:
+    """A copy of the table (a backup, a replica) holds nothing that authenticates."""
+    key = await _minted(accounts, "tok-sealed")
+    stored = await _plaintext(accounts, "tok-sealed")
+    assert stored is not None and stored.startswith("v1.") and key not in stored and key[3:13] not in stored
+    # Bound to its checkout: moved to another row it does not open; another secret does not open it either.
+    await accounts.store_checkout_key("tok-other", str(uuid.uuid4()), "tb_placeholder_value")
+    await accounts.pool.execute("UPDATE checkout_keys SET api_key = $2 WHERE checkout_token = $1", "tok-other", stored)
+    moved = await accounts.take_checkout_key("tok-other", max_age_s=DAY)
+    assert moved is not None and moved["api_key"] is None
+    rotated = AccountRepository(accounts.pool, sealer=CheckoutKeySealer("another-secret-entirely-0123456789"))
+    assert (await rotated.take_checkout_key("tok-sealed", max_age_s=DAY))["api_key"] is None
+    assert await _plaintext(accounts, "tok-sealed") is None
+
+
+async def test_a_key_on_another_account_than_the_paid_one_is_not_handed_out(accounts: AccountRepository) -> None:
+    key = await _minted(accounts, "tok-acct")
+    row = await accounts.pool.fetchrow("SELECT account_id FROM checkout_keys WHERE checkout_token = 'tok-acct'")
+    assert await accounts.take_checkout_key("tok-acct", max_age_s=DAY, account_id=str(uuid.uuid4())) is None
+    taken = await accounts.take_checkout_key("tok-acct", max_age_s=DAY, account_id=str(row["account_id"]))
+    assert taken is not None and taken["api_key"] == key
 
 
 async def test_an_old_key_is_erased_unread(accounts: AccountRepository) -> None:

@@ -7,7 +7,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from timbre_gateway.adapters.limits import RedisLimiter
+from timbre_gateway.adapters.limits import LocalLimiter, RedisLimiter
 
 
 @pytest.fixture
@@ -103,16 +103,43 @@ async def test_renew_keeps_a_long_request_holding_its_slot(redis, namespace):
     await _cleanup(redis, namespace)
 
 
-async def test_redis_down_fails_open_quickly():
+async def test_redis_down_still_limits_per_process_quickly(capsys):
+    """Redis unreachable: the limits hold in this process (before: every request passed), and the degradation is
+    logged once, not once per request."""
     unreachable = aioredis.from_url("redis://127.0.0.1:1/0", socket_timeout=0.5, socket_connect_timeout=0.5)
     limiter = RedisLimiter(unreachable, namespace="down")
     loop = asyncio.get_running_loop()
     started = loop.time()
-    decision = await limiter.hit("k", 1)
-    lease = await limiter.acquire("k", 1)
-    again = await limiter.hit("k", 1)
-    assert decision.allowed and again.allowed and lease is not None and lease.token is None
-    await limiter.release(lease)
+    decisions = [await limiter.hit("k", 1) for _ in range(200)]
+    assert [d.allowed for d in decisions] == [True] + [False] * 199
+    assert decisions[1].retry_after_s > 50
+    assert limiter.degraded
+    first, second = await limiter.acquire("k", 1), await limiter.acquire("k", 1)
+    assert first is not None and first.local and second is None
+    await limiter.renew(first)
+    await limiter.release(first)
+    third = await limiter.acquire("k", 1)
+    assert third is not None
+    await limiter.release(third)
     # Only the first call pays for the failed connection; the next ones skip Redis for a while.
     assert loop.time() - started < 1.5
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "rate_limiter_degraded_to_local" in line]
+    assert len(warnings) == 1, warnings
     await unreachable.aclose()
+
+
+def test_local_limiter_refills_and_forgets_full_budgets():
+    now = [1000.0]
+    local = LocalLimiter(lease_ttl_ms=1000, period_ms=1000, max_keys=2, clock=lambda: now[0])
+    assert [local.hit("a", 2).allowed for _ in range(3)] == [True, True, False]
+    now[0] += 0.5
+    assert local.hit("a", 2).allowed and not local.hit("a", 2).allowed
+    for k in ("b", "c", "d"):
+        local.hit(k, 2)
+    now[0] += 10
+    local.hit("e", 2)
+    assert set(local._tat) == {"e"}
+    lease = local.acquire("x", 1)
+    assert lease is not None and local.acquire("x", 1) is None
+    now[0] += 2  # a lease never released lapses after its TTL
+    assert local.acquire("x", 1) is not None

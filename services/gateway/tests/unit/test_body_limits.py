@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI, Request
 from pydantic import SecretStr
 
+from timbre_common.callback_tokens import callback_token
 from timbre_gateway.http.app import create_app
 from timbre_gateway.http.body_limits import BodyLimitMiddleware, body_limits
 from timbre_gateway.http.errors import install_error_handlers
@@ -85,14 +86,15 @@ JSON = {"content-type": "application/json"}
 
 
 # The body cap -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", ["/v1/synthesize", "/v1/checkout", "/v1/keys", "/v1/jobs/j1/complete"])
+@pytest.mark.parametrize("path", ["/v1/synthesize", "/v1/checkout", "/v1/keys", "/v1/jobs/j1/complete?attempt=1"])
 async def test_chunked_300mib_json_body_is_refused_at_the_cap(path: str) -> None:
     body = Counted(300 * MIB, head=b'{"text": "')
-    headers = JSON | ({"authorization": f"Bearer {SECRET}"} if path.endswith("/complete") else {})
+    callback = "/complete" in path
+    headers = JSON | ({"authorization": f"Bearer {callback_token(SECRET, 'j1', 1)}"} if callback else {})
     async with gateway() as client:
         response = await client.post(path, content=body, headers=headers)
     assert_error(response, 413, "payload_too_large")
-    cap = 4 * MIB if path.endswith("/complete") else MIB
+    cap = 4 * MIB if callback else MIB
     assert body.yielded <= cap + CHUNK + len(body.head), body.yielded
 
 
@@ -122,12 +124,21 @@ async def test_a_body_under_the_cap_still_reaches_the_route() -> None:
 
 
 # The completion callback ------------------------------------------------------------------------------
-async def test_callback_without_secret_is_401_and_its_body_is_never_read() -> None:
-    for auth in ({}, {"authorization": "Bearer wrong"}):
+async def test_callback_without_its_token_is_401_and_its_body_is_never_read() -> None:
+    token = callback_token(SECRET, "j1", 1)
+    refused = [("/v1/jobs/j1/complete?attempt=1", {}),
+               ("/v1/jobs/j1/complete?attempt=1", {"authorization": "Bearer x"}),
+               # The secret itself is no longer a credential: only the token of this job and attempt is.
+               ("/v1/jobs/j1/complete?attempt=1", {"authorization": f"Bearer {SECRET}"}),
+               ("/v1/jobs/j1/complete", {"authorization": f"Bearer {token}"}),
+               ("/v1/jobs/j1/complete?attempt=2", {"authorization": f"Bearer {token}"}),
+               ("/v1/jobs/j1/complete?attempt=abc", {"authorization": f"Bearer {token}"}),
+               ("/v1/jobs/j2/complete?attempt=1", {"authorization": f"Bearer {token}"})]
+    for path, auth in refused:
         body = Counted(10 * MIB, head=b"not json at all")
         async with gateway() as client:
-            response = await client.post("/v1/jobs/j1/complete", content=body, headers=JSON | auth)
-        assert_error(response, 401, "invalid_callback_secret")
+            response = await client.post(path, content=body, headers=JSON | auth)
+        assert_error(response, 401, "invalid_callback_token")
         assert response.headers["www-authenticate"] == "Bearer"
         assert body.yielded == 0
 
@@ -144,8 +155,8 @@ async def test_callback_without_secret_is_401_and_its_body_is_never_read() -> No
 ])
 async def test_callback_body_errors_use_the_error_body(body: bytes, status: int, code: str) -> None:
     async with gateway() as client:
-        response = await client.post("/v1/jobs/j1/complete", content=body,
-                                     headers=JSON | {"authorization": f"Bearer {SECRET}"})
+        response = await client.post("/v1/jobs/j1/complete?attempt=1", content=body,
+                                     headers=JSON | {"authorization": f"Bearer {callback_token(SECRET, 'j1', 1)}"})
     assert_error(response, status, code)
 
 

@@ -44,7 +44,6 @@ class StorageService:
             c.GetUpload: partial(a.get_upload, **d),
             c.GetObject: partial(a.get_object, **d),
             c.Presign: partial(a.presign, **d),
-            c.DeleteObjects: partial(a.delete_objects, **d),
         })
         deduper = PgDeduper(self.pool)
         await deduper.ensure()

@@ -1,6 +1,6 @@
 """The storage service on the bus: commands and events translated to the handlers of `handlers.py`.
 
-Serves (RPC): PutVoiceReference, PutUpload, GetUpload, GetObject, Presign, DeleteObjects.
+Serves (RPC): PutVoiceReference, PutUpload, GetUpload, GetObject, Presign (each checks the account).
 Consumes: synthesis.completed (WAV body), voice.deleted, objects.released, account.purge_requested.
 Emits: audio.stored, objects.expired, account.purged.
 """
@@ -57,7 +57,7 @@ async def _upload_record(upload: Any, obj: StoredObject, *, repo: ObjectReposito
                          with_url: bool = True) -> c.UploadRecord:
     url = None
     if with_url:
-        url = (await handlers.presign(key=obj.key, repo=repo, store=store)).url
+        url = (await handlers.presign(key=obj.key, account_id=upload.account_id, repo=repo, store=store)).url
     return c.UploadRecord(upload_id=upload.upload_id, purpose=str(upload.purpose), key=obj.key, size=obj.size,
                           content_type=obj.content_type, created_at=upload.created_at, expires_at=obj.expires_at,
                           url=url)
@@ -80,7 +80,8 @@ async def get_upload(cmd: c.GetUpload, *, envelope: Envelope, repo: ObjectReposi
             upload, obj = await handlers.get_upload(account_id=cmd.account_id, upload_id=cmd.upload_id, repo=repo)
             record = await _upload_record(upload, obj, repo=repo, store=store, with_url=not cmd.with_body)
             if cmd.with_body:
-                return record, await handlers.get_object(key=obj.key, repo=repo, store=store)
+                return record, await handlers.get_object(key=obj.key, account_id=cmd.account_id, repo=repo,
+                                                         store=store)
             return record
     except NotFound:
         raise NotFound("upload_not_found", f"upload {cmd.upload_id} not found") from None
@@ -89,7 +90,7 @@ async def get_upload(cmd: c.GetUpload, *, envelope: Envelope, repo: ObjectReposi
 async def get_object(cmd: c.GetObject, *, envelope: Envelope, repo: ObjectRepository,
                      store: BlobStore) -> tuple[c.StoredObject, bytes]:
     async with _domain_errors():
-        data = await handlers.get_object(key=cmd.key, repo=repo, store=store)
+        data = await handlers.get_object(key=cmd.key, account_id=cmd.account_id, repo=repo, store=store)
         obj = await repo.get(cmd.key)
     assert obj is not None
     return _reply(obj), data
@@ -97,14 +98,9 @@ async def get_object(cmd: c.GetObject, *, envelope: Envelope, repo: ObjectReposi
 
 async def presign(cmd: c.Presign, *, envelope: Envelope, repo: ObjectRepository, store: BlobStore) -> c.PresignedUrl:
     async with _domain_errors():
-        got = await handlers.presign(key=cmd.key, expires_in=cmd.expires_in, repo=repo, store=store)
+        got = await handlers.presign(key=cmd.key, account_id=cmd.account_id, expires_in=cmd.expires_in, repo=repo,
+                                     store=store)
     return c.PresignedUrl(url=got.url, url_expires_at=got.url_expires_at, object_expires_at=got.object_expires_at)
-
-
-async def delete_objects(cmd: c.DeleteObjects, *, envelope: Envelope, repo: ObjectRepository,
-                         store: BlobStore) -> None:
-    async with _domain_errors():
-        await handlers.delete_objects(keys=cmd.keys, repo=repo, store=store)
 
 
 async def on_synthesis_completed(event: SynthesisCompleted, *, envelope: Envelope, body: bytes,

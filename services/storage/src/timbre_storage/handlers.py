@@ -5,7 +5,7 @@ The bus side (bus_adapters.py) maps messages onto these functions:
   RPC PutVoiceReference       -> store_voice_reference   (from voices)
   RPC PutUpload / GetUpload   -> store_upload, get_upload (from the gateway, voices)
   RPC GetObject / Presign     -> get_object, presign     (from the dispatcher, voices)
-  voice.deleted.v1, objects.released.v1, RPC DeleteObjects -> delete_objects
+  voice.deleted.v1, objects.released.v1 -> delete_objects (an owner's own objects only)
   account.purge_requested.v1  -> purge_account           (then emits account.purged.v1)
   the sweeper's timer         -> sweep_expired           (then emits objects.expired.v1 with the keys)
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from timbre_storage.adapters.blob import BlobStore
 from timbre_storage.adapters.repository import ObjectRepository, Upload
@@ -166,9 +166,16 @@ async def store_upload(
     return recorded
 
 
-async def _live(key: str, repo: ObjectRepository, now: datetime) -> StoredObject:
+_ANY_OWNER = object()
+
+
+async def _live(key: str, repo: ObjectRepository, now: datetime, account_id: Any = _ANY_OWNER) -> StoredObject:
+    """The indexed, unexpired object; with `account_id`, only if that account owns it or it is a system object
+    (no owner). Another account's object is missing, exactly like one that does not exist."""
     obj = await repo.get(check_key(key))
     if obj is None:
+        raise ObjectMissing(key)
+    if account_id is not _ANY_OWNER and obj.account_id is not None and obj.account_id != account_id:
         raise ObjectMissing(key)
     if obj.expires_at is not None and obj.expires_at <= now:
         raise ObjectExpired(key)
@@ -176,10 +183,11 @@ async def _live(key: str, repo: ObjectRepository, now: datetime) -> StoredObject
 
 
 async def get_object(
-    *, key: str, repo: ObjectRepository, store: BlobStore, now: datetime | None = None
+    *, key: str, account_id: str | None, repo: ObjectRepository, store: BlobStore, now: datetime | None = None
 ) -> bytes:
-    """The object's bytes; ObjectMissing when unindexed, expired, or indexed but gone from the bucket."""
-    await _live(key, repo, _now(now))
+    """The object's bytes, for its owner (any caller for a system object); ObjectMissing when unindexed, another
+    account's, expired, or indexed but gone from the bucket."""
+    await _live(key, repo, _now(now), account_id)
     return await store.get(key)
 
 
@@ -196,14 +204,16 @@ async def get_upload(
 async def presign(
     *,
     key: str,
+    account_id: str | None,
     repo: ObjectRepository,
     store: BlobStore,
     expires_in: int = DEFAULT_URL_SECONDS,
     now: datetime | None = None,
 ) -> PresignedGet:
-    """A download URL and when it stops working (never after the object itself expires)."""
+    """A download URL for the object's owner (any caller for a system object) and when it stops working (never
+    after the object itself expires)."""
     moment = _now(now)
-    obj = await _live(key, repo, moment)
+    obj = await _live(key, repo, moment, account_id)
     if not await store.exists(key):
         raise ObjectMissing(key)
     if obj.expires_at is not None:
@@ -212,21 +222,21 @@ async def presign(
     return PresignedGet(url, moment + timedelta(seconds=expires_in), obj.expires_at)
 
 
-async def _owned_by(key: str, account_id: str, repo: ObjectRepository) -> bool:
+async def _owned_by(key: str, account_id: str | None, repo: ObjectRepository) -> bool:
     obj = await repo.get(key)
     if obj is not None:
         return obj.account_id == account_id
-    return key.startswith(tuple(account_prefixes(account_id)))
+    return account_id is not None and key.startswith(tuple(account_prefixes(account_id)))
 
 
 async def delete_objects(
-    *, keys: Iterable[str], repo: ObjectRepository, store: BlobStore, account_id: str | None = None
+    *, keys: Iterable[str], account_id: str | None, repo: ObjectRepository, store: BlobStore
 ) -> int:
-    """Delete objects from the bucket, then their index rows; with account_id, only that account's keys."""
+    """Delete objects from the bucket, then their index rows: only `account_id`'s keys (None: system objects)."""
     removed = 0
     for key in keys:
         check_key(key)
-        if account_id is not None and not await _owned_by(key, account_id, repo):
+        if not await _owned_by(key, account_id, repo):
             continue  # an owner may only release its own objects
         await store.delete(key)
         removed += await repo.delete(key)

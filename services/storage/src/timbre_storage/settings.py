@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,17 @@ class S3Connection:
     access_key_id: str
     secret_access_key: SecretStr
     bucket: str
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a bind address reaches this machine only (an empty host or 0.0.0.0 binds every interface)."""
+    value = host.strip().strip("[]").lower()
+    if value == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(value).is_loopback
+    except ValueError:
+        return False
 
 
 class StorageSettings(CommonSettings):
@@ -76,6 +88,13 @@ class StorageSettings(CommonSettings):
     def _check_signing_key(self) -> None:
         key = self.storage_signing_key.get_secret_value() if self.storage_signing_key else ""
         if self.is_dev and not key:
+            # The development key is public (it is in this file): URLs signed with it are only acceptable when
+            # nobody but this machine can reach the server that honours them.
+            if not _is_loopback(self.storage_http_host):
+                raise ValueError(
+                    f"STORAGE_SIGNING_KEY must be set when the fs URL server listens on {self.storage_http_host}: "
+                    "the development key is public and is accepted only on a loopback address (127.0.0.1, ::1)"
+                )
             self.storage_signing_key = SecretStr(DEV_SIGNING_KEY)
             return
         if is_placeholder(key) or key.strip().lower() in _WEAK_KEYS or len(key) < 32:

@@ -36,7 +36,7 @@ async def test_store_generated_audio_is_idempotent(repo: ObjectRepository, store
         now=NOW + timedelta(minutes=5),
     )
     assert again == first
-    assert await handlers.get_object(key=first.key, repo=repo, store=store, now=NOW) == b"RIFF-1"
+    assert await handlers.get_object(key=first.key, account_id="acc1", repo=repo, store=store, now=NOW) == b"RIFF-1"
 
 
 async def test_redelivery_after_lost_blob_rewrites_with_same_answer(repo: ObjectRepository, store: BlobStore) -> None:
@@ -101,26 +101,26 @@ async def test_uploads_by_purpose(repo: ObjectRepository, store: BlobStore) -> N
 
 async def test_get_object_missing_cases(repo: ObjectRepository, store: BlobStore) -> None:
     with pytest.raises(ObjectMissing):
-        await handlers.get_object(key="generations/acc1/none.wav", repo=repo, store=store)
+        await handlers.get_object(key="generations/acc1/none.wav", account_id="acc1", repo=repo, store=store)
     obj = await handlers.store_generated_audio(
         job_id=JOB, account_id="acc1", created_at=JOB_CREATED, wav=b"RIFF", repo=repo, store=store, now=NOW
     )
     await store.delete(obj.key)  # the index says yes, the bucket says no
     with pytest.raises(ObjectMissing):
-        await handlers.get_object(key=obj.key, repo=repo, store=store, now=NOW)
+        await handlers.get_object(key=obj.key, account_id="acc1", repo=repo, store=store, now=NOW)
     with pytest.raises(ObjectMissing):
-        await handlers.presign(key=obj.key, repo=repo, store=store, now=NOW)
+        await handlers.presign(key=obj.key, account_id="acc1", repo=repo, store=store, now=NOW)
 
 
 async def test_presign_never_outlives_the_object(repo: ObjectRepository, store: BlobStore) -> None:
     obj = await handlers.store_generated_audio(
         job_id=JOB, account_id="acc1", created_at=JOB_CREATED, wav=b"RIFF", repo=repo, store=store, now=NOW
     )
-    url, until, object_until = await handlers.presign(key=obj.key, repo=repo, store=store, now=NOW)
+    url, until, object_until = await handlers.presign(key=obj.key, account_id="acc1", repo=repo, store=store, now=NOW)
     assert until == NOW + timedelta(hours=1) and obj.key.split("/")[-1] in url
     assert object_until == obj.expires_at
     late = NOW + timedelta(days=7) - timedelta(minutes=10)
-    _, until, _ = await handlers.presign(key=obj.key, repo=repo, store=store, now=late)
+    _, until, _ = await handlers.presign(key=obj.key, account_id="acc1", repo=repo, store=store, now=late)
     assert until == obj.expires_at
 
 
@@ -134,7 +134,7 @@ async def test_sweep_removes_expired_from_bucket_and_index(repo: ObjectRepositor
     voice = await handlers.store_voice_reference(account_id="acc1", voice_id="v1", wav=b"V", repo=repo, store=store)
     later = NOW + timedelta(days=7, seconds=1)
     with pytest.raises(ObjectMissing):  # past expires_at it is already unreadable
-        await handlers.get_object(key=old.key, repo=repo, store=store, now=later)
+        await handlers.get_object(key=old.key, account_id="acc1", repo=repo, store=store, now=later)
     swept = await handlers.sweep_expired(now=later, batch=10, repo=repo, store=store)
     assert [o.key for o in swept] == [old.key] and swept[0].owner_ref == "j-old"
     assert await repo.get(old.key) is None and not await store.exists(old.key)
@@ -203,6 +203,27 @@ async def test_purge_account_leaves_nothing_and_spares_others(repo: ObjectReposi
         assert await store.delete_prefix(prefix) == 0  # nothing left to delete
     assert await repo.keys_of_account("acc11") == other_keys
     assert all([await store.exists(k) for k in other_keys])
+    assert await store.exists(system.key)
+
+
+async def test_another_accounts_object_is_missing_to_get_and_presign(repo: ObjectRepository,
+                                                                    store: BlobStore) -> None:
+    """A bare key is not enough: the caller names the account, and another account's object does not exist for it;
+    a system object (no owner) is readable by any account."""
+    obj = await handlers.store_generated_audio(
+        job_id=JOB, account_id="acc1", created_at=JOB_CREATED, wav=b"RIFF", repo=repo, store=store, now=NOW
+    )
+    for account in ("acc2", None):
+        with pytest.raises(ObjectMissing):
+            await handlers.get_object(key=obj.key, account_id=account, repo=repo, store=store, now=NOW)
+        with pytest.raises(ObjectMissing):
+            await handlers.presign(key=obj.key, account_id=account, repo=repo, store=store, now=NOW)
+    assert await handlers.get_object(key=obj.key, account_id="acc1", repo=repo, store=store, now=NOW) == b"RIFF"
+    system = await handlers.store_voice_reference(account_id=None, voice_id="sys1", wav=b"S", repo=repo, store=store)
+    assert await handlers.get_object(key=system.key, account_id="acc2", repo=repo, store=store) == b"S"
+    assert (await handlers.presign(key=system.key, account_id=None, repo=repo, store=store)).url
+    # Nor can any account release a system object.
+    assert await handlers.delete_objects(keys=[system.key], account_id="acc2", repo=repo, store=store) == 0
     assert await store.exists(system.key)
 
 

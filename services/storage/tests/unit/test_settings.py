@@ -101,6 +101,20 @@ def test_fs_signing_key_required_outside_dev() -> None:
         make(timbre_env="staging", storage_signing_key="short")
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "10.0.0.5", "storage", "192.168.1.2"])
+def test_fs_dev_default_key_refused_unless_the_url_server_is_on_loopback(host: str) -> None:
+    """The development key is public: with TIMBRE_ENV unset (dev) it may sign only URLs nobody else can reach."""
+    with pytest.raises(ValidationError, match="STORAGE_SIGNING_KEY"):
+        make(storage_http_host=host)
+    # A real key makes any interface fine.
+    assert make(storage_http_host=host, storage_signing_key=STRONG_KEY).signing_key_bytes() == STRONG_KEY.encode()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"])
+def test_fs_dev_default_key_on_loopback(host: str) -> None:
+    assert make(storage_http_host=host).signing_key_bytes() == DEV_SIGNING_KEY.encode()
+
+
 def test_fs_dev_default_key_only_in_dev() -> None:
     settings = make(timbre_env="dev")
     assert settings.signing_key_bytes() == DEV_SIGNING_KEY.encode()

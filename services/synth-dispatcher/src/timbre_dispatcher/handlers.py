@@ -72,8 +72,8 @@ async def _work_order(row: Any, *, bus: MessageBus, policy: JobPolicy) -> Synthe
     reference_key = request.pop("reference_key", None)
     reference_url = None
     if reference_key:
-        url, _ = await bus.call("storage", Presign(key=reference_key, expires_in=policy.reference_url_ttl_s),
-                                expect=PresignedUrl)
+        url, _ = await bus.call("storage", Presign(key=reference_key, account_id=row["account_id"],
+                                                   expires_in=policy.reference_url_ttl_s), expect=PresignedUrl)
         reference_url = url.url
     return SynthesisRequested(job_id=str(row["job_id"]), account_id=row["account_id"], voice_id=row["voice_id"],
                               text=row["text"], lang=row["lang"], backend=row["backend"], attempt=row["attempts"],
@@ -108,7 +108,8 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
     if entry is not None:
         started = time.perf_counter()
         try:
-            stored, audio = await bus.call("storage", GetObject(key=entry["audio_key"]), expect=StoredObject)
+            stored, audio = await bus.call("storage", GetObject(key=entry["audio_key"], account_id=cmd.account_id),
+                                           expect=StoredObject)
         except RemoteError as exc:
             if exc.code not in _GONE:
                 raise
@@ -143,7 +144,8 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
 async def _view(row: Any, *, bus: MessageBus, with_url: bool = True) -> JobView:
     audio_url = None
     if with_url and row["status"] == domain.READY and row["audio_key"]:
-        url, _ = await bus.call("storage", Presign(key=row["audio_key"], expires_in=3600), expect=PresignedUrl)
+        url, _ = await bus.call("storage", Presign(key=row["audio_key"], account_id=row["account_id"], expires_in=3600),
+                                expect=PresignedUrl)
         audio_url = url.url
     return JobView(job_id=str(row["job_id"]), voice_id=row["voice_id"], status=row["status"],
                    backend=row["backend"], lang=row["lang"], characters=row["characters"],
@@ -205,7 +207,8 @@ async def fetch_audio(cmd: FetchJobAudio, *, envelope: Envelope, jobs: JobReposi
     if row["status"] != domain.READY:
         raise NotFound("job_not_ready", f"job {cmd.job_id} is {row['status']}, not ready")
     try:
-        _, audio = await bus.call("storage", GetObject(key=row["audio_key"]), expect=StoredObject)
+        _, audio = await bus.call("storage", GetObject(key=row["audio_key"], account_id=row["account_id"]),
+                                  expect=StoredObject)
     except RemoteError as exc:
         if exc.code not in _GONE:
             raise
@@ -225,7 +228,8 @@ async def lookup_job(cmd: LookupJob, *, envelope: Envelope, jobs: JobRepository)
     if row is None:
         raise _job_not_found(cmd.job_id)
     return JobOwner(job_id=cmd.job_id, account_id=row["account_id"], voice_id=row["voice_id"],
-                    backend=row["backend"], status=row["status"], created_at=row["created_at"])
+                    backend=row["backend"], status=row["status"], created_at=row["created_at"],
+                    attempt=row["attempts"])
 
 
 async def _purge_voice(account_id: str, voice_id: str, *, jobs: JobRepository, cache: CacheIndex,

@@ -159,12 +159,15 @@ class FakeStorage:
         self.clock = clock
         self.objects: dict[str, bytes] = {}
         self.expires_at: dict[str, datetime | None] = {}
+        self.owners: dict[str, str | None] = {}
         bus.on(GetObject, self._get)
         bus.on(Presign, self._presign)
 
-    def put(self, key: str, body: bytes, expires_at: datetime | None = None) -> None:
+    def put(self, key: str, body: bytes, expires_at: datetime | None = None, *, owner: str | None = None) -> None:
         self.objects[key] = body
         self.expires_at[key] = expires_at
+        if owner is not None:
+            self.owners[key] = owner
 
     def _check_live(self, key: str) -> None:
         """As the real service: unknown → object_not_found; past its retention → object_expired."""
@@ -174,12 +177,19 @@ class FakeStorage:
         if expires is not None and expires <= self.clock():
             raise RemoteError("object_expired", f"object expired: {key}", status=404)
 
+    def _check_owner(self, key: str, account_id: str | None) -> None:
+        """As the real service: another account's object is object_not_found (objects put with an owner)."""
+        if key in self.owners and self.owners[key] is not None and self.owners[key] != account_id:
+            raise RemoteError("object_not_found", f"object not found: {key}", status=404)
+
     async def _get(self, cmd: GetObject, body: bytes | None) -> tuple[StoredObject, bytes]:
+        self._check_owner(cmd.key, cmd.account_id)
         self._check_live(cmd.key)
         data = self.objects[cmd.key]
         return StoredObject(key=cmd.key, size=len(data), expires_at=self.expires_at[cmd.key]), data
 
     async def _presign(self, cmd: Presign, body: bytes | None) -> PresignedUrl:
+        self._check_owner(cmd.key, cmd.account_id)
         self._check_live(cmd.key)  # as the real service: no URL for an object that is not there
         return PresignedUrl(url=f"https://blobs.test/{cmd.key}?sig=x",
                             url_expires_at=self.clock() + timedelta(seconds=cmd.expires_in),

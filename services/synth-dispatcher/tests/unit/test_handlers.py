@@ -159,7 +159,8 @@ async def test_a_cache_hit_returns_the_audio_and_creates_no_job(world: World) ->
     expires = world.clock() + timedelta(days=7)
     await world.cache.put(account_id=ACCOUNT, cache_key=key, voice_id=VOICE, job_id="job-old",
                           audio_key="generations/a/old.wav", expires_at=expires, synthesis_ms=321)
-    world.storage.put("generations/a/old.wav", b"RIFF-cached", expires)
+    # Owned by the account: storage serves it only to a GetObject that names that account.
+    world.storage.put("generations/a/old.wav", b"RIFF-cached", expires, owner=ACCOUNT)
 
     result = await world.submit("Hello there.")
 

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
+from timbre_common.callback_tokens import callback_token, token_matches
 from timbre_common.contracts.synthesis import SynthesisRequested
 from timbre_common.testing import envelope
 from timbre_dispatcher.adapters import modal_executor
@@ -19,12 +20,12 @@ ORDER = SynthesisRequested(job_id="j1", account_id="a1", voice_id="v1", text="Hi
 
 
 class FakeJobs:
-    def __init__(self, status: str = "pending") -> None:
-        self.status = status
+    def __init__(self, status: str = "pending", attempts: int = 1) -> None:
+        self.status, self.attempts = status, attempts
         self.refs: dict[str, str] = {}
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
-        return {"job_id": job_id, "status": self.status}
+        return {"job_id": job_id, "status": self.status, "attempts": self.attempts}
 
     async def set_executor_ref(self, job_id: str, ref: str) -> None:
         self.refs[job_id] = ref
@@ -58,9 +59,28 @@ async def test_a_pending_job_is_spawned_with_its_callback_and_the_call_remembere
                            public_base_url="https://api.example/", callback_secret="cb-secret")
     [payload] = spawner.payloads
     assert payload["job_id"] == "j1" and payload["backend"] == "qwen3-0.6b"
-    assert payload["callback_url"] == "https://api.example/v1/jobs/j1/complete"
-    assert payload["callback_secret"] == "cb-secret"
+    assert payload["callback_url"] == "https://api.example/v1/jobs/j1/complete?attempt=1"
+    # The remote host gets a token for this job and attempt, never the secret itself.
+    assert payload["callback_token"] == callback_token("cb-secret", "j1", 1)
+    assert "cb-secret" not in json.dumps(payload)
     assert jobs.refs == {"j1": "call-1"}
+
+
+async def test_each_attempt_gets_its_own_token_and_a_superseded_order_is_dropped():
+    spawner = RecordingSpawner()
+    second = ORDER.model_copy(update={"attempt": 2})
+    await spawn_work_order(second, envelope=envelope(), spawner=spawner, jobs=FakeJobs(attempts=2),
+                           public_base_url="https://api.example", callback_secret="cb-secret")
+    [payload] = spawner.payloads
+    assert payload["callback_url"].endswith("/v1/jobs/j1/complete?attempt=2")
+    assert payload["callback_token"] == callback_token("cb-secret", "j1", 2) != callback_token("cb-secret", "j1", 1)
+    assert token_matches("cb-secret", "j1", 2, payload["callback_token"])
+    assert not token_matches("cb-secret", "j1", 1, payload["callback_token"])
+    assert not token_matches("cb-secret", "j2", 2, payload["callback_token"])
+    # The first attempt's order, redelivered after the job moved on, is not spawned.
+    await spawn_work_order(ORDER, envelope=envelope(), spawner=spawner, jobs=FakeJobs(attempts=2),
+                           public_base_url="https://api.example", callback_secret="cb-secret")
+    assert len(spawner.payloads) == 1
 
 
 async def test_a_finished_job_is_not_spawned_again():
@@ -92,4 +112,4 @@ async def test_http_spawner_posts_the_payload_and_reads_the_call_id(monkeypatch:
     with pytest.raises(SpawnRefused, match="503"):
         await spawner.spawn({"job_id": "j2"})
     assert [p["job_id"] for p in seen] == ["j1", "j2"]
-    assert modal_executor.payload_for(ORDER, callback_url="u", callback_secret="s")["callback_url"] == "u"
+    assert modal_executor.payload_for(ORDER, callback_url="u", callback_token="t")["callback_url"] == "u"

@@ -102,7 +102,8 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
     }
     reference_url: str | None = None
     try:
-        url, _ = await bus.call("storage", Presign(key=stored.key, expires_in=3600), expect=PresignedUrl)
+        url, _ = await bus.call("storage", Presign(key=stored.key, account_id=cmd.account_id, expires_in=3600),
+                                expect=PresignedUrl)
         reference_url = url.url
     except Exception:
         # The voice will exist unannounced; its profile is an optimisation the backend redoes on its first job.

@@ -54,8 +54,12 @@ class UsageReport(Reply):
 
 
 class StartCheckout(Command):
+    """A checkout for a new account; with `account_id` (the gateway authenticated the caller's key), a renewal of
+    that account. The gateway never sets `account_id` from anything but a key."""
+
     TYPE: ClassVar[str] = "billing.start_checkout"
     email: str
+    account_id: str | None = None
 
 
 class CheckoutStarted(Reply):

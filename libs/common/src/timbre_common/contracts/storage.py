@@ -59,15 +59,20 @@ class GetUpload(Command):
 
 
 class GetObject(Command):
-    """An object's bytes as the binary body of the reply (StoredObject)."""
+    """An object's bytes as the binary body of the reply (StoredObject), for the account that owns it; None reaches
+    system objects only. Another account's object is `object_not_found`."""
 
     TYPE: ClassVar[str] = "storage.get_object"
     key: str
+    account_id: str | None = None
 
 
 class Presign(Command):
+    """A download URL, on the same terms as GetObject."""
+
     TYPE: ClassVar[str] = "storage.presign"
     key: str
+    account_id: str | None = None
     expires_in: int = 3600
 
 
@@ -76,11 +81,6 @@ class PresignedUrl(Reply):
     url: str
     url_expires_at: datetime
     object_expires_at: datetime | None = None
-
-
-class DeleteObjects(Command):
-    TYPE: ClassVar[str] = "storage.delete_objects"
-    keys: list[str]
 
 
 class AudioStored(Event):

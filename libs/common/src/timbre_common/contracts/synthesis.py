@@ -98,6 +98,8 @@ class JobOwner(Reply):
     backend: str
     status: str
     created_at: datetime
+    # The attempt now handed out: a remote callback for another one is stale.
+    attempt: int | None = None
 
 
 class PurgeVoiceJobs(Command):

@@ -10,6 +10,7 @@ from .topology import (
                        Names,
                        QueueSpec,
                        declare_topology,
+                       ensure_topology,
                        local_work_queue,
                        modal_executor_queue,
                        voice_profile_queue,
@@ -21,5 +22,5 @@ __all__ = ["Bus", "PgDeduper", "UndecodableMessage", "decode", "encode", "envelo
            "OutboxBus", "TransactionalPool",
            "BrokerUnavailable", "Conflict", "Invalid", "NotFound", "RemoteError", "RpcClient", "RpcError",
            "RpcServer", "RpcTimeout",
-           "QUEUES", "RETRY_DELAYS", "Names", "QueueSpec", "declare_topology", "local_work_queue",
+           "QUEUES", "RETRY_DELAYS", "Names", "QueueSpec", "declare_topology", "ensure_topology", "local_work_queue",
            "modal_executor_queue", "voice_profile_queue", "voice_profile_routing_key", "work_routing_key"]

@@ -12,7 +12,7 @@ from ..logging import correlation_id_var, get_logger
 from .codec import decode, encode, envelope_for
 from .consumer import Consumer, Deduper, Handler
 from .rpc import BROKER_ERRORS, UNAVAILABLE_WAIT_S, BrokerUnavailable, RpcClient, RpcHandler, RpcServer
-from .topology import QUEUES, Names, QueueSpec, declare_topology
+from .topology import QUEUES, Names, QueueSpec, ensure_topology
 
 log = get_logger(__name__)
 
@@ -57,10 +57,12 @@ class Bus:
         return f"{self.names.ns}.{self.service}"
 
     async def connect(self, *, declare: list[QueueSpec] | None = None) -> Bus:
-        """Connect and declare the topology (every queue of QUEUES, plus `declare`)."""
+        """Connect and make sure the topology exists (every queue of QUEUES, plus `declare`): what is missing is
+        declared, what exists is left alone, so a broker user limited to its own queues starts once the topology
+        was provisioned."""
         self.connection = await aio_pika.connect_robust(connection_url(self.url, self.connection_name))
+        await ensure_topology(self.connection, self.names, [*QUEUES.values(), *(declare or [])])
         self._publish_channel = await self.connection.channel(publisher_confirms=True)
-        await declare_topology(self._publish_channel, self.names, [*QUEUES.values(), *(declare or [])])
         self._events = await self._publish_channel.get_exchange(self.names.events, ensure=False)
         return self
 

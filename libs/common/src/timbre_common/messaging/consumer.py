@@ -52,6 +52,10 @@ class Consumer:
     async def start(self) -> None:
         await self.channel.set_qos(prefetch_count=self.spec.prefetch)
         self._queue = await self.channel.get_queue(self.names.queue(self.spec.name), ensure=True)
+        # The consumer binds its own queue (idempotent): a binding added by configuration (the Modal backends)
+        # reaches a queue that already existed, and a provisioned broker user may bind its own queues only.
+        for key in self.spec.bindings:
+            await self._queue.bind(self.names.events, routing_key=key)
         self._tag = await self._queue.consume(self._on_message)
 
     async def stop(self) -> None:

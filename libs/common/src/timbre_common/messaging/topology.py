@@ -153,6 +153,44 @@ async def declare_topology(channel: aio_pika.abc.AbstractChannel, names: Names,
         await declare_queue(channel, names, spec)
 
 
+async def ensure_topology(connection: aio_pika.abc.AbstractConnection, names: Names,
+                          specs: list[QueueSpec] | None = None) -> list[str]:
+    """Declare only what is missing (returns the queues declared now). A service whose broker user may configure
+    its own queues only (deploy/provision.py) then starts against a topology provisioned beforehand, while one with
+    every right (`make up`, the tests) declares the whole topology on its first start."""
+    probes: list[aio_pika.abc.AbstractChannel] = [await connection.channel()]
+
+    async def exists(kind: str, name: str) -> bool:
+        # A passive declare needs no configure right; a miss (404) closes the channel, so the next probe opens one.
+        try:
+            if kind == "exchange":
+                await probes[-1].get_exchange(name, ensure=True)
+            else:
+                await probes[-1].get_queue(name, ensure=True)
+            return True
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            probes.append(await connection.channel())
+            return False
+
+    declared: list[str] = []
+    channel = await connection.channel()
+    try:
+        present = [await exists("exchange", n) for n in (names.events, names.dead_letters, names.retries)]
+        if not all(present):
+            await declare_exchanges(channel, names)
+        for spec in specs if specs is not None else QUEUES.values():
+            # declare_queue makes the queue, its DLQ, then its retry tiers: the last tier stands for all of them.
+            last = names.retry_queue(spec.name, RETRY_DELAYS[-1])
+            if not (await exists("queue", names.queue(spec.name)) and await exists("queue", last)):
+                await declare_queue(channel, names, spec)
+                declared.append(spec.name)
+    finally:
+        for ch in (*probes, channel):
+            if not ch.is_closed:
+                await ch.close()
+    return declared
+
+
 RPC_SERVICES: tuple[str, ...] = ("gateway", "voices", "dispatcher", "storage", "billing")
 
 

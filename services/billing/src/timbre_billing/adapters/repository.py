@@ -85,11 +85,28 @@ class BillingTransaction:
             account_id,
         )
 
+    async def link_customer(self, customer_id: str, account_id: str) -> None:
+        """Tie a customer (not yet tied to another account) to `account_id`."""
+        await self._conn.execute(
+            "UPDATE customers SET account_id = $2, updated_at = now()"
+            " WHERE customer_id = $1 AND (account_id IS NULL OR account_id = $2)",
+            customer_id,
+            account_id,
+        )
+
     async def account_of_customer(self, customer_id: str) -> str | None:
         """The gateway account of a customer, when provisioned."""
         return await self._conn.fetchval(
             "SELECT account_id FROM customers WHERE customer_id = $1", customer_id
         )
+
+    async def checkout_intent(self, token: str) -> tuple[bool, str | None]:
+        """(known, account): whether Timbre started this checkout, and the account it was started for (None: a
+        new account). Locked until the transaction ends, so two paid events of one checkout agree."""
+        row = await self._conn.fetchrow(
+            "SELECT account_id FROM checkout_tokens WHERE token = $1 FOR UPDATE", token
+        )
+        return (row is not None, row["account_id"] if row else None)
 
     async def lock_subscription(self, subscription_id: str) -> StoredSubscription | None:
         """The stored subscription, locked until the transaction ends."""
@@ -215,19 +232,10 @@ class BillingRepository:
         row = await self._pool.fetchrow(sql, subscription_id)
         return _stored(row)
 
-    async def served_subscription_for_email(self, email: str) -> StoredSubscription | None:
-        """A locally known active/trialing/past_due subscription of this email."""
-        row = await self._pool.fetchrow(
-            "SELECT s.* FROM customers c JOIN subscriptions s USING (customer_id)"
-            " WHERE c.email = $1 AND s.status IN ('active', 'trialing', 'past_due') " + _GOVERNING_ORDER,
-            email,
-        )
-        return _stored(row)
-
-    async def customer_id_for_email(self, email: str) -> str | None:
-        """The most recent Stripe customer with this email."""
+    async def customer_id_for_account(self, account_id: str) -> str | None:
+        """The account's most recent Stripe customer (never looked up by email: an email names no account)."""
         return await self._pool.fetchval(
-            "SELECT customer_id FROM customers WHERE email = $1 ORDER BY created_at DESC LIMIT 1", email
+            "SELECT customer_id FROM customers WHERE account_id = $1 ORDER BY created_at DESC LIMIT 1", account_id
         )
 
     async def subscription_for_account(self, account_id: str) -> StoredSubscription | None:
@@ -239,9 +247,18 @@ class BillingRepository:
         )
         return _stored(row)
 
-    async def create_checkout_token(self, token: str, email: str) -> None:
-        """Store a fresh one-time checkout token."""
-        await self._pool.execute("INSERT INTO checkout_tokens (token, email) VALUES ($1, $2)", token, email)
+    async def create_checkout_token(self, token: str, email: str, account_id: str | None = None) -> None:
+        """Store a fresh one-time checkout token; `account_id` for an authenticated checkout (a renewal)."""
+        await self._pool.execute("INSERT INTO checkout_tokens (token, email, account_id) VALUES ($1, $2, $3)",
+                                 token, email, account_id)
+
+    async def expire_open_checkouts(self, older_than_s: float) -> int:
+        """Delete checkout tokens still open (never paid) after `older_than_s`; how many."""
+        status = await self._pool.execute(
+            "DELETE FROM checkout_tokens WHERE status = 'open' AND created_at < now() - make_interval(secs => $1)",
+            float(older_than_s),
+        )
+        return int(status.split()[-1])
 
     async def attach_session(self, token: str, session_id: str) -> None:
         """Link a token to its Stripe Checkout Session."""

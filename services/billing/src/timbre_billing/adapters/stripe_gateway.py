@@ -49,6 +49,7 @@ class StripeGateway:
         cancel_url: str,
         *,
         customer_id: str | None = None,
+        expires_at: int | None = None,
     ) -> tuple[str, str]:
         """Create a subscription Checkout Session tagged with `token`; returns (session id, url)."""
         params: dict[str, Any] = {
@@ -59,7 +60,10 @@ class StripeGateway:
             "client_reference_id": token,
             "metadata": {"checkout_token": token},
         }
-        # Stripe accepts one of the two; reusing the customer keeps one Customer per email.
+        if expires_at is not None:
+            params["expires_at"] = expires_at
+        # Stripe accepts one of the two. Only an authenticated checkout names a customer (its own account's);
+        # with an email Stripe makes a new Customer, so a typed address never reaches anyone's account.
         if customer_id:
             params["customer"] = customer_id
         else:
@@ -83,17 +87,15 @@ class StripeGateway:
             raise StripeUnavailable(f"retrieve subscription: {type(exc).__name__}") from exc
         return subscription_from_stripe(sub)
 
-    async def find_active_subscription(self, email: str) -> SubscriptionSnapshot | None:
-        """A served (active, trialing, past_due) subscription of any customer with this email."""
+    async def find_active_subscription(self, customer_id: str) -> SubscriptionSnapshot | None:
+        """A served (active, trialing, past_due) subscription of this Stripe customer."""
         try:
-            customers = await self._client.v1.customers.list_async({"email": email, "limit": 10})
-            for customer in customers.data:
-                subs = await self._client.v1.subscriptions.list_async(
-                    {"customer": customer.id, "status": "all", "limit": 20}
-                )
-                for sub in subs.data:
-                    if sub.status in SERVED_STATUSES:
-                        return subscription_from_stripe(sub)
+            subs = await self._client.v1.subscriptions.list_async(
+                {"customer": customer_id, "status": "all", "limit": 20}
+            )
         except stripe.StripeError as exc:
             raise StripeUnavailable(f"find subscription: {type(exc).__name__}") from exc
+        for sub in subs.data:
+            if sub.status in SERVED_STATUSES:
+                return subscription_from_stripe(sub)
         return None

@@ -90,7 +90,7 @@ def verify_event(
         event = StripeEvent(
             id=str(body["id"]), type=str(body["type"]), created=int(body["created"]), object=obj
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
         raise MalformedEvent("signed body is not a Stripe event") from exc
     if not event.id.startswith("evt_") or not isinstance(obj, dict):
         raise MalformedEvent("signed body is not a Stripe event")

@@ -1,4 +1,5 @@
-"""Per-key rate (GCRA) and concurrency (leases with a TTL) limits in Redis, shared by all replicas."""
+"""Per-key rate (GCRA) and concurrency (leases with a TTL) limits in Redis, shared by all replicas; while Redis
+is unreachable the same limits hold per process (LocalLimiter), so an outage never turns every limit off."""
 from __future__ import annotations
 
 import asyncio
@@ -70,27 +71,93 @@ class RateDecision:
 
 @dataclass(frozen=True)
 class Lease:
-    """An in-flight request's slot; `token` is None when Redis was unreachable (failed open)."""
+    """An in-flight request's slot; `local` when it was taken from the per-process fallback."""
 
     key: str
     token: str | None
     limit: int
     held: int
+    local: bool = False
+
+
+class LocalLimiter:
+    """The same GCRA and leases in this process's memory: the fallback while Redis is down. With several
+    replicas each enforces the limit on its own, so a key may get up to (replicas × limit) during an outage."""
+
+    def __init__(self, *, lease_ttl_ms: int, period_ms: int, max_keys: int = 100_000,
+                 clock=time.monotonic) -> None:
+        self.lease_ttl_ms, self.period_ms, self.max_keys, self.clock = lease_ttl_ms, period_ms, max_keys, clock
+        self._tat: dict[str, float] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+
+    def _now_ms(self) -> float:
+        return self.clock() * 1000
+
+    def _prune(self, now: float) -> None:
+        # Keys whose budget is full again (or whose leases all lapsed) hold no information: forget them.
+        if len(self._tat) > self.max_keys:
+            self._tat = {k: t for k, t in self._tat.items() if t > now}
+        if len(self._leases) > self.max_keys:
+            self._leases = {k: {t: e for t, e in v.items() if e > now} for k, v in self._leases.items()}
+            self._leases = {k: v for k, v in self._leases.items() if v}
+
+    def hit(self, key: str, limit: int) -> RateDecision:
+        """GCRA: `limit` requests may burst, then one every period/limit."""
+        now = self._now_ms()
+        interval = max(1, self.period_ms // limit)
+        period = interval * limit
+        tat = max(self._tat.get(key, now), now)
+        new_tat = tat + interval
+        allow_at = new_tat - period
+        if now < allow_at:
+            return RateDecision(False, limit, 0, (allow_at - now) / 1000)
+        self._tat[key] = new_tat
+        self._prune(now)
+        return RateDecision(True, limit, max(0, int((now + period - new_tat) // interval)), 0.0)
+
+    def acquire(self, key: str, limit: int) -> Lease | None:
+        now = self._now_ms()
+        held = {t: e for t, e in self._leases.get(key, {}).items() if e > now}
+        if len(held) >= limit:
+            self._leases[key] = held
+            return None
+        token = uuid.uuid4().hex
+        held[token] = now + self.lease_ttl_ms
+        self._leases[key] = held
+        self._prune(now)
+        return Lease(key, token, limit, len(held), local=True)
+
+    def renew(self, lease: Lease) -> None:
+        held = self._leases.get(lease.key)
+        if held is not None and lease.token in held:
+            held[lease.token] = self._now_ms() + self.lease_ttl_ms
+
+    def release(self, lease: Lease) -> None:
+        held = self._leases.get(lease.key)
+        if held is not None:
+            held.pop(lease.token or "", None)
+            if not held:
+                self._leases.pop(lease.key, None)
 
 
 class RedisLimiter:
-    """Rate and concurrency limits per API key; fails open (with a warning) while Redis is unreachable."""
+    """Rate and concurrency limits per API key in Redis; while Redis is unreachable, per process (LocalLimiter),
+    with a warning at most every `warn_every_s`."""
 
     def __init__(self, redis: Any, *, namespace: str, lease_ttl_s: float = 120.0, period_s: float = 60.0,
-                 retry_down_s: float = 5.0, clock=time.monotonic) -> None:
+                 retry_down_s: float = 5.0, warn_every_s: float = 60.0, clock=time.monotonic) -> None:
         self.redis = redis
         self.namespace = namespace
         self.lease_ttl_ms = int(lease_ttl_s * 1000)
         self.period_ms = int(period_s * 1000)
         # After a failure Redis is not asked again for this long, so an outage costs no latency per request.
         self.retry_down_s = retry_down_s
+        self.warn_every_s = warn_every_s
         self.clock = clock
+        self.local = LocalLimiter(lease_ttl_ms=self.lease_ttl_ms, period_ms=self.period_ms, clock=clock)
         self._down_until = 0.0
+        self._warned_at: float | None = None
+        self._degraded_calls = 0
         self._gcra = redis.register_script(_GCRA)
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
@@ -99,42 +166,59 @@ class RedisLimiter:
         return f"timbre:{self.namespace}:{kind}:{key_id}"
 
     def _available(self) -> bool:
-        return self.clock() >= self._down_until
+        if self.clock() >= self._down_until:
+            return True
+        self._degraded_calls += 1
+        return False
 
     def _failed(self, op: str, exc: BaseException) -> None:
-        self._down_until = self.clock() + self.retry_down_s
-        log.warning("rate_limiter_unavailable_failing_open", op=op, error=type(exc).__name__)
+        now = self.clock()
+        self._down_until = now + self.retry_down_s
+        self._degraded_calls += 1
+        # One line per `warn_every_s` however many requests an outage sees, with how many were limited locally.
+        if self._warned_at is None or now - self._warned_at >= self.warn_every_s:
+            log.warning("rate_limiter_degraded_to_local", op=op, error=type(exc).__name__,
+                        limited_locally=self._degraded_calls)
+            self._warned_at, self._degraded_calls = now, 0
+
+    @property
+    def degraded(self) -> bool:
+        """Whether limits are currently enforced per process (Redis unreachable)."""
+        return self.clock() < self._down_until
 
     async def hit(self, key_id: str, limit_per_minute: int) -> RateDecision:
         """Count one request against the key's per-minute budget."""
         limit = max(1, limit_per_minute)
+        key = self._key("rate", f"{key_id}:{limit}")
         if not self._available():
-            return RateDecision(True, limit, limit, 0.0)
+            return self.local.hit(key, limit)
         interval = max(1, self.period_ms // limit)
         try:
             # The limit is part of the key: a changed limit starts with a full budget, not the old one's debt.
-            allowed, wait_ms, remaining = await self._gcra(keys=[self._key("rate", f"{key_id}:{limit}")],
-                                                           args=[interval, interval * limit])
+            allowed, wait_ms, remaining = await self._gcra(keys=[key], args=[interval, interval * limit])
         except _FAILURES as exc:
             self._failed("rate", exc)
-            return RateDecision(True, limit, limit, 0.0)
+            return self.local.hit(key, limit)
         return RateDecision(bool(allowed), limit, max(0, int(remaining)), int(wait_ms) / 1000)
 
     async def acquire(self, key_id: str, limit: int) -> Lease | None:
         """A slot among the key's `limit` in-flight requests; None when all are taken."""
         key = self._key("inflight", key_id)
         if not self._available():
-            return Lease(key, None, limit, 0)
+            return self.local.acquire(key, max(1, limit))
         token = uuid.uuid4().hex
         try:
             ok, held = await self._acquire(keys=[key], args=[max(1, limit), self.lease_ttl_ms, token])
         except _FAILURES as exc:
             self._failed("acquire", exc)
-            return Lease(key, None, limit, 0)
+            return self.local.acquire(key, max(1, limit))
         return Lease(key, token, limit, int(held)) if ok else None
 
     async def renew(self, lease: Lease) -> None:
         """Push a long request's lease expiry forward."""
+        if lease.local:
+            self.local.renew(lease)
+            return
         if lease.token is None or not self._available():
             return
         try:
@@ -143,6 +227,9 @@ class RedisLimiter:
             self._failed("renew", exc)
 
     async def release(self, lease: Lease) -> None:
+        if lease.local:
+            self.local.release(lease)
+            return
         if lease.token is None:
             return
         try:

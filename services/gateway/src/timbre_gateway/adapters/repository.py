@@ -6,12 +6,19 @@ from typing import Any
 
 import asyncpg
 
+from timbre_common.logging import get_logger
+
 from ..domain import hash_api_key, mint_api_key
+from .sealing import CheckoutKeySealer, Unreadable
+
+log = get_logger(__name__)
 
 
 class AccountRepository:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, sealer: CheckoutKeySealer | None = None) -> None:
         self.pool = pool
+        # Checkout keys are stored sealed only; without a sealer this repository cannot store or read them.
+        self.sealer = sealer
 
     async def create_key(self, *, label: str | None, account_id: str | None = None, email: str | None = None,
                          rate_per_minute: int | None = None,
@@ -110,17 +117,26 @@ class AccountRepository:
             "RETURNING purge_id, account_id, requested_at, confirmed, missing", deadline_s, list(required))
 
     # Keys minted after a checkout ------------------------------------------------------------------
+    def _sealer(self) -> CheckoutKeySealer:
+        if self.sealer is None:
+            raise RuntimeError("checkout keys need a sealer (CHECKOUT_KEY_SECRET)")
+        return self.sealer
+
     async def store_checkout_key(self, token: str, account_id: str, api_key: str) -> None:
+        """Keep the key for the success page's single read, sealed (never its plaintext)."""
+        sealed = self._sealer().seal(token, api_key)
         await self.pool.execute(
             "INSERT INTO checkout_keys (checkout_token, account_id, api_key) VALUES ($1, $2, $3) "
-            "ON CONFLICT (checkout_token) DO NOTHING", token, account_id, api_key)
+            "ON CONFLICT (checkout_token) DO NOTHING", token, account_id, sealed)
 
     async def checkout_key_stored(self, token: str) -> bool:
         """True once a key was minted for this checkout (shown or not)."""
         return bool(await self.pool.fetchval("SELECT 1 FROM checkout_keys WHERE checkout_token = $1", token))
 
-    async def take_checkout_key(self, token: str, *, max_age_s: float) -> dict[str, Any] | None:
-        """The plaintext key once: the first read erases it; one older than `max_age_s` is erased unread.
+    async def take_checkout_key(self, token: str, *, max_age_s: float,
+                                account_id: str | None = None) -> dict[str, Any] | None:
+        """The key once (opened from its sealed form): the first read erases it; one older than `max_age_s` is
+        erased unread. With `account_id`, only a key minted on that account (the one billing says was paid for).
 
         `shown_at` stays None for a key that expired before anyone read it.
         """
@@ -128,12 +144,23 @@ class AccountRepository:
         # re-check only the target row and hand the old plaintext to both readers.
         row = await self.pool.fetchrow(
             "WITH taken AS (SELECT checkout_token, CASE WHEN created_at >= now() - make_interval(secs => $2) "
-            "THEN api_key END AS api_key FROM checkout_keys WHERE checkout_token = $1 FOR UPDATE) "
+            "THEN api_key END AS api_key FROM checkout_keys WHERE checkout_token = $1 "
+            "AND ($3::uuid IS NULL OR account_id = $3::uuid) FOR UPDATE) "
             "UPDATE checkout_keys c SET api_key = NULL, shown_at = CASE WHEN taken.api_key IS NULL "
             "THEN c.shown_at ELSE coalesce(c.shown_at, now()) END FROM taken "
             "WHERE c.checkout_token = taken.checkout_token "
-            "RETURNING taken.api_key AS api_key, c.account_id, c.shown_at", token, float(max_age_s))
-        return dict(row) if row else None
+            "RETURNING taken.api_key AS api_key, c.account_id, c.shown_at", token, float(max_age_s), account_id)
+        if row is None:
+            return None
+        taken = dict(row)
+        if taken["api_key"] is not None:
+            try:
+                taken["api_key"] = self._sealer().open(token, taken["api_key"])
+            except Unreadable:
+                # Sealed under another secret (CHECKOUT_KEY_SECRET changed): it is erased now and cannot be shown.
+                log.error("checkout_key_unreadable", account=str(taken["account_id"]))
+                taken["api_key"] = None
+        return taken
 
     async def erase_expired_checkout_keys(self, *, max_age_s: float) -> int:
         """Erase the plaintext of every checkout key older than `max_age_s` that nobody read; how many."""

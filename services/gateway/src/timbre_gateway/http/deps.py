@@ -9,6 +9,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from timbre_common.callback_tokens import token_matches
+
 from ..domain import looks_like_key
 from .errors import ApiError
 from .limits import limit_request
@@ -56,12 +58,20 @@ async def require_admin(ctx: Ctx, credentials: Credentials) -> None:
         raise ApiError(401, "invalid_admin_secret", "wrong or missing admin secret", headers=_UNAUTHORIZED)
 
 
-async def require_callback_secret(ctx: Ctx, credentials: Credentials) -> None:
-    """The remote GPU workers' callback secret, compared in constant time."""
-    expected = ctx.settings.modal_callback_secret.get_secret_value().encode()
-    given = (credentials.credentials if credentials else "").encode()
-    if not expected or not hmac.compare_digest(given, expected):
-        raise ApiError(401, "invalid_callback_secret", "wrong or missing callback secret", headers=_UNAUTHORIZED)
+async def require_callback_token(request: Request, ctx: Ctx, credentials: Credentials, job_id: str) -> int:
+    """A remote GPU worker's token for the path's job and the `attempt` of the query; returns the attempt.
+
+    The token is HMAC(MODAL_CALLBACK_SECRET, job id and attempt), made by the dispatcher for one work order, so
+    it completes that attempt of that job only. Checked before a byte of the body is read.
+    """
+    raw = request.query_params.get("attempt", "")
+    attempt = int(raw) if raw.isdigit() and 0 < len(raw) <= 6 else 0
+    given = credentials.credentials if credentials else ""
+    secret = ctx.settings.modal_callback_secret.get_secret_value()
+    if attempt < 1 or not token_matches(secret, job_id, attempt, given):
+        raise ApiError(401, "invalid_callback_token", "wrong or missing callback token for this job and attempt",
+                       headers=_UNAUTHORIZED)
+    return attempt
 
 
 async def require_key_within_limits(request: Request, ctx: Ctx,
@@ -74,4 +84,4 @@ async def require_key_within_limits(request: Request, ctx: Ctx,
 
 CallerDep = Annotated[Caller, Depends(require_key_within_limits)]
 AdminDep = Annotated[None, Depends(require_admin)]
-CallbackSecretDep = Annotated[None, Depends(require_callback_secret)]
+CallbackAttemptDep = Annotated[int, Depends(require_callback_token)]

@@ -113,6 +113,12 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else code
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+        # Only input nests this deeply (a JSON body parsed by hand, a validator walking it): the client's fault.
+        log.warning("request_nested_too_deeply")
+        return error_response(400, "invalid_body", "the request body is nested too deeply")
+
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         dependency = unavailable_dependency(exc)

@@ -123,7 +123,9 @@ def signup_page() -> str:
         "<input id=\"email\" name=\"email\" type=\"email\" autocomplete=\"email\" required maxlength=\"254\">"
         "<button id=\"submit\" type=\"submit\">Continue to payment</button>"
         "<p id=\"error\" class=\"error\" role=\"alert\"></p>"
-        "</form><p class=\"muted\">Payment is handled by Stripe.</p>"
+        "</form><p class=\"muted\">Payment is handled by Stripe. This creates a new account; to renew an existing "
+        "one, start the checkout with its API key (<code>POST /v1/checkout</code> with "
+        "<code>Authorization: Bearer</code>).</p>"
     )
     return _page("Subscribe · Timbre", body, _SIGNUP_SCRIPT)
 
@@ -142,10 +144,10 @@ def success_page(token: str) -> str:
 
 
 def already_subscribed_page() -> str:
-    """Shown instead of a second checkout for an email that already has a subscription."""
+    """Shown instead of a second checkout to an account (its own key) whose subscription is still active."""
     body = (
         "<h1>You are already subscribed</h1>"
-        "<p>This email address already has an active Timbre subscription, so no new payment was started.</p>"
+        "<p>This account already has an active Timbre subscription, so no new payment was started.</p>"
         "<p class=\"muted\">Lost your API key? Contact support from the address you subscribed with.</p>"
     )
     return _page("Already subscribed · Timbre", body)

@@ -36,7 +36,7 @@ from timbre_common.logging import get_logger
 from timbre_common.messaging import RemoteError
 from timbre_common.text import SUPPORTED_LANGUAGES
 
-from .deps import AdminDep, CallbackSecretDep, CallerDep, Ctx
+from .deps import AdminDep, CallbackAttemptDep, CallerDep, Ctx
 from .errors import ApiError, error_responses
 from .idempotency import IdempotencyKey, fingerprint, idempotent
 from .multipart import read_form
@@ -463,20 +463,22 @@ CALLBACK_BODY = {"requestBody": {"required": True, "content": {
 
 
 @router.post("/jobs/{job_id}/complete", response_model=CallbackOutcome, tags=["internal"],
-             summary="Completion callback of remote GPU workers (bearer: the callback secret)",
+             summary="Completion callback of remote GPU workers (bearer: the token of this job and attempt)",
              openapi_extra=CALLBACK_BODY,
              responses=error_responses(400, 401, 404, 413, 422, codes={
                  400: ["invalid_json", "invalid_body", "missing_field", "job_id_mismatch"],
-                 401: ["invalid_callback_secret"], 413: ["payload_too_large"],
+                 401: ["invalid_callback_token"], 413: ["payload_too_large"],
                  422: ["invalid_request", "invalid_audio"]}))
-async def complete_job(request: Request, ctx: Ctx, _: CallbackSecretDep, job_id: str) -> CallbackOutcome:
-    # Read by hand, so the secret (a dependency) is checked before a byte of the body is read or parsed.
+async def complete_job(request: Request, ctx: Ctx, attempt: CallbackAttemptDep, job_id: str) -> CallbackOutcome:
+    # Read by hand, so the token (a dependency) is checked before a byte of the body is read or parsed.
     body = _callback_body(await request.body())
     if body.job_id != job_id:
         raise ApiError(400, "job_id_mismatch", "job_id in the body differs from the path")
     owner, _ = await ctx.bus.call("dispatcher", LookupJob(job_id=job_id))
-    if owner.status != "pending":
-        log.info("callback_replay_ignored", job_id=job_id, status=owner.status)
+    if owner.status != "pending" or (owner.attempt is not None and attempt != owner.attempt):
+        # A finished job, or an attempt the job has moved past (its deadline handed it out again).
+        log.info("callback_replay_ignored", job_id=job_id, status=owner.status, attempt=attempt,
+                 current_attempt=owner.attempt)
         return CallbackOutcome(status="ignored")
     if body.wav_b64:
         try:
@@ -495,7 +497,7 @@ async def complete_job(request: Request, ctx: Ctx, _: CallbackSecretDep, job_id:
         code = body.error_code or "synthesis_failed"
         await ctx.bus.publish(SynthesisFailed(job_id=job_id, account_id=owner.account_id, code=code,
                                               reason=(body.error or "the GPU worker reported no audio")[:2000],
-                                              retryable=code in REMOTE_TRANSIENT_FAILURES))
+                                              retryable=code in REMOTE_TRANSIENT_FAILURES, attempt=attempt))
     return CallbackOutcome(status="accepted")
 
 

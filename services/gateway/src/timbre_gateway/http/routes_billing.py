@@ -24,7 +24,9 @@ from timbre_common.contracts.billing import (
 )
 from timbre_common.logging import get_logger
 
-from .deps import Ctx
+from ..adapters.limits import retry_after
+from ..domain import looks_like_key
+from .deps import Credentials, Ctx
 from .errors import ApiError, error_responses
 from .pages import already_subscribed_page, security_headers, signup_page, success_page
 
@@ -80,7 +82,7 @@ async def _checkout_email(request: Request) -> tuple[str, bool]:
         return email, True
     try:
         payload = json.loads(raw or b"null")
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "invalid_body", "the request body must be a JSON object")
@@ -103,13 +105,46 @@ CHECKOUT_BODY = {"requestBody": {"required": True, "content": {
     "application/x-www-form-urlencoded": {"schema": CheckoutRequest.model_json_schema()}}}}
 
 
+async def _limit_checkout(request: Request, ctx: Any) -> None:
+    """CHECKOUT_RATE_PER_MINUTE per client address: each checkout costs Stripe calls and a row."""
+    limiter = getattr(ctx, "limiter", None)
+    if limiter is None:
+        return
+    address = request.client.host if request.client else "unknown"
+    decision = await limiter.hit(f"checkout-ip:{address}", ctx.settings.checkout_rate_per_minute)
+    if not decision.allowed:
+        raise ApiError(429, "rate_limited", f"more than {decision.limit} checkouts per minute from this address",
+                       headers={"Retry-After": retry_after(decision.retry_after_s)})
+
+
+async def _renewing_account(ctx: Any, credentials: Credentials) -> str | None:
+    """The account an authenticated checkout renews; None without a key. A suspended account's key is accepted
+    here (renewing is how it is served again); an unknown or revoked one is refused, never ignored."""
+    if credentials is None:
+        return None
+    token = credentials.credentials
+    row = await ctx.accounts.authenticate(token) if looks_like_key(token) else None
+    if row is None:
+        raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked",
+                       headers={"WWW-Authenticate": "Bearer"})
+    return str(row["account_id"])
+
+
 @router.post("/checkout", response_model=CheckoutOut, openapi_extra=CHECKOUT_BODY,
-             summary="Start a Stripe Checkout (an active subscriber gets the already-subscribed page instead)",
+             summary="Start a Stripe Checkout: a new account, or with an API key a renewal of its account",
+             description="Without `Authorization` the checkout always creates a new account, and the answer is the "
+                         "same whatever the email: an email never selects an existing account. To renew or "
+                         "re-subscribe an account send its key (`Authorization: Bearer tb_...`, a suspended "
+                         "account's key included); an account still subscribed is answered "
+                         "`already_subscribed: true` with the already-subscribed page.",
              responses={303: {"description": "A form post: redirected to the returned URL"},
-                        **error_responses(400, 404, 422, 503)})
-async def checkout(request: Request, ctx: Ctx) -> Response:
+                        **error_responses(400, 401, 404, 422, 429, 503)})
+async def checkout(request: Request, ctx: Ctx, credentials: Credentials) -> Response:
+    await _limit_checkout(request, ctx)
+    account_id = await _renewing_account(ctx, credentials)
     email, from_form = await _checkout_email(request)
-    started, _ = await ctx.bus.call("billing", StartCheckout(email=email), expect=CheckoutStarted)
+    started, _ = await ctx.bus.call("billing", StartCheckout(email=email, account_id=account_id),
+                                    expect=CheckoutStarted)
     if from_form:
         return RedirectResponse(started.url, status_code=303, headers=NO_STORE)
     out = CheckoutOut(url=started.url, already_subscribed=started.already_subscribed)
@@ -127,7 +162,10 @@ async def checkout_success(request: Request, ctx: Ctx,
         return _html(success_page(token))
     status, _ = await ctx.bus.call("billing", GetCheckoutStatus(token=token), expect=CheckoutStatus)
     # Billing's `ready` means paid; the key exists once the gateway has handled the provisioning event.
-    taken = (await ctx.accounts.take_checkout_key(token, max_age_s=ctx.settings.checkout_key_ttl_s)
+    # Only a key on the account billing says this checkout paid for: a provisioning request that named another
+    # account under this token (it could only come from inside) hands out nothing.
+    taken = (await ctx.accounts.take_checkout_key(token, max_age_s=ctx.settings.checkout_key_ttl_s,
+                                                  account_id=status.account_id)
              if status.ready else None)
     if taken is None:
         out = CheckoutStatusOut(ready=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
+from timbre_common.callback_tokens import callback_token
 from timbre_common.contracts import Envelope
 from timbre_common.contracts.synthesis import SynthesisRequested
 from timbre_common.logging import get_logger
@@ -61,22 +62,26 @@ class SpawnRefused(Exception):
     """The remote host did not accept the call; the work order is retried."""
 
 
-def payload_for(order: SynthesisRequested, *, callback_url: str, callback_secret: str) -> dict[str, Any]:
-    """What the Modal function receives: the work order plus where and how to report."""
-    return {**order.model_dump(mode="json"), "callback_url": callback_url, "callback_secret": callback_secret}
+def payload_for(order: SynthesisRequested, *, callback_url: str, callback_token: str) -> dict[str, Any]:
+    """What the Modal function receives: the work order plus where to report and the token of this attempt."""
+    return {**order.model_dump(mode="json"), "callback_url": callback_url, "callback_token": callback_token}
 
 
 async def spawn_work_order(order: SynthesisRequested, *, envelope: Envelope, spawner: Spawner, jobs: Any,
                            public_base_url: str, callback_secret: str, spawn_timeout_s: float = 60.0) -> None:
-    """Handler of the Modal executor's queue."""
+    """Handler of the Modal executor's queue. The remote host gets a token for this job and attempt only; the
+    callback secret never leaves the dispatcher and the gateway."""
     row = await jobs.get(order.job_id)
     if row is None or row["status"] != "pending":
         log.info("work_order_skipped", job_id=order.job_id, reason="job no longer pending")
         return
-    callback_url = f"{public_base_url.rstrip('/')}/v1/jobs/{order.job_id}/complete"
+    if row.get("attempts") is not None and order.attempt < row["attempts"]:
+        log.info("work_order_skipped", job_id=order.job_id, reason="superseded attempt", attempt=order.attempt)
+        return
+    callback_url = f"{public_base_url.rstrip('/')}/v1/jobs/{order.job_id}/complete?attempt={order.attempt}"
+    token = callback_token(callback_secret, order.job_id, order.attempt)
     # A spawn that hangs must not hold its work order (and a prefetch slot) forever: time out and retry.
     call_id = await asyncio.wait_for(
-        spawner.spawn(payload_for(order, callback_url=callback_url, callback_secret=callback_secret)),
-        spawn_timeout_s)
+        spawner.spawn(payload_for(order, callback_url=callback_url, callback_token=token)), spawn_timeout_s)
     await jobs.set_executor_ref(order.job_id, call_id)
     log.info("modal_call_spawned", job_id=order.job_id, call_id=call_id, attempt=order.attempt)
