@@ -26,6 +26,22 @@ SERVICES: dict[str, str] = {
     "gpu_worker": "timbre_gpu_worker",
     "gateway": "timbre_gateway",
 }
+# `make up`: each service but the gateway (which serves /metrics on its API port) gets METRICS_PORT_BASE + n.
+METRICS_OFFSETS: dict[str, int] = {"storage": 1, "voices": 2, "dispatcher": 3, "billing": 4, "gpu_worker": 5}
+
+
+def metrics_ports(base: int) -> dict[str, int]:
+    """The metrics port of each service under `make up` (none when `base` is 0)."""
+    return {name: base + offset for name, offset in METRICS_OFFSETS.items()} if base else {}
+
+
+def metrics_banner(gateway_port: str, ports: dict[str, int]) -> str:
+    """Where each service's metrics are, for the operator starting the platform."""
+    lines = [f"  gateway     http://127.0.0.1:{gateway_port}/metrics (Authorization: Bearer $ADMIN_SECRET)"]
+    lines += [f"  {name:<11} http://127.0.0.1:{port}/metrics" for name, port in ports.items()]
+    if not ports:
+        lines.append("  (other services: METRICS_PORT_BASE=0, no metrics ports)")
+    return "timbre: Prometheus metrics:\n" + "\n".join(lines)
 
 
 async def ensure_database(database_url: str) -> None:
@@ -138,6 +154,9 @@ def main() -> int:
     settings = CommonSettings()
     asyncio.run(ensure_database(settings.database_url.get_secret_value()))
     platform = Platform(env={})
+    ports = metrics_ports(int(os.environ.get("METRICS_PORT_BASE", "9100") or 0))
+    for name, port in ports.items():
+        platform.extra_env[name] = {"METRICS_PORT": str(port)}
     stop = {"signal": None}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -148,6 +167,7 @@ def main() -> int:
     platform.start_all()
     print(f"timbre: {len(SERVICES)} services starting; gateway on http://127.0.0.1:{os.environ.get('PORT', '8000')}"
           " (Ctrl-C stops everything)", file=sys.stderr, flush=True)
+    print(metrics_banner(os.environ.get("PORT", "8000"), ports), file=sys.stderr, flush=True)
     status = 0
     while stop["signal"] is None:
         dead = platform.exited()

@@ -1,13 +1,16 @@
 """Builds billing's dependencies from settings; tests pass overrides through the same function."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import asyncpg
 
+from timbre_common import metrics
 from timbre_common.db import create_pool, migrate
+from timbre_common.logging import get_logger
 from timbre_common.messaging import QUEUES, Bus, PgDeduper
 
 from .adapters.repository import BillingRepository
@@ -17,6 +20,7 @@ from .settings import BillingSettings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 SCHEMA = "billing"
+log = get_logger(__name__)
 
 
 @dataclass
@@ -56,6 +60,7 @@ class BillingService:
 
     def __init__(self, deps: BillingDependencies, bus: Bus) -> None:
         self.deps, self.bus = deps, bus
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         from timbre_common.contracts import billing as c
@@ -80,8 +85,23 @@ class BillingService:
             JobFailed: partial(a.on_job_failed, **d),
             AccountPurgeRequested: partial(a.on_account_purge, bus=self.bus, **d),
         }, deduper=deduper)
+        self._tasks.append(asyncio.create_task(self._watch_holds()))
+
+    async def _watch_holds(self) -> None:
+        """Quota holds for /metrics: many, or old ones, mean jobs whose end billing never heard of."""
+        while True:
+            try:
+                holds, oldest_s = await self.deps.repository.hold_stats()
+                metrics.QUOTA_HOLDS_ACTIVE.set(holds)
+                metrics.QUOTA_HOLD_OLDEST_AGE.set(oldest_s)
+            except Exception as exc:  # the next round tries again
+                log.warning("hold_stats_failed", error=type(exc).__name__)
+            await asyncio.sleep(self.deps.settings.hold_stats_interval_s)
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.bus.close()
         await self.deps.aclose()
 

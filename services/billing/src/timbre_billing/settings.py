@@ -23,6 +23,8 @@ class BillingSettings(CommonSettings):
     # How long a quota hold counts when neither job.ready nor job.failed ever arrives for it (a lost event):
     # longer than any job can stay pending, short enough that a lost event cannot lock an account for long.
     quota_hold_ttl_s: int = 3600
+    # How often the quota-hold gauges of /metrics are read.
+    hold_stats_interval_s: float = 15.0
 
     @field_validator("billing", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ import aio_pika
 
 from ..contracts import Command, Event, Message
 from ..logging import correlation_id_var, get_logger
+from . import instrument
 from .codec import decode, encode, envelope_for
 from .consumer import Consumer, Deduper, Handler
 from .rpc import RpcClient, RpcHandler, RpcServer
@@ -59,8 +60,9 @@ class Bus:
                                 account_id=account_id or getattr(event, "account_id", None), message_id=message_id)
         # Not mandatory: every consumer's queue is declared up front, and an event nobody subscribes to (yet) is
         # meant to go nowhere, not to come back and be logged whole by the client library.
-        await self._events.publish(encode(event, envelope, body=body), routing_key=routing_key or event.routing_key(),
-                                   mandatory=False)
+        with instrument.publishing(routing_key or event.routing_key(), envelope.message_id):
+            await self._events.publish(encode(event, envelope, body=body),
+                                       routing_key=routing_key or event.routing_key(), mandatory=False)
         log.debug("event_published", type=event.TYPE, message_id=envelope.message_id)
         return envelope.message_id
 
@@ -120,7 +122,8 @@ class Bus:
     async def call(self, service: str, command: Command, **kwargs: Any) -> Any:
         """Shorthand for `(await bus.rpc).call(...)`."""
         client = await self.rpc
-        return await client.call(service, command, **kwargs)
+        with instrument.rpc_call(service, command.TYPE):
+            return await client.call(service, command, **kwargs)
 
 
 class PgDeduper:
