@@ -106,6 +106,17 @@ def span(name: str, *, kind: str = "internal", **attributes: Any) -> Any:
     return _span(name, kind, None, attributes)
 
 
+def child_span(name: str, *, kind: str = "internal", **attributes: Any) -> Any:
+    """Like `span`, but only inside a trace: periodic work (heartbeats) does not start a trace of its own."""
+    if _tracer is None:
+        return nullcontext()
+    from opentelemetry import trace
+
+    if not trace.get_current_span().get_span_context().is_valid:
+        return nullcontext()
+    return _span(name, kind, None, attributes)
+
+
 def continued(name: str, headers: Mapping[str, Any] | None, *, kind: str = "consumer", **attributes: Any) -> Any:
     """A span continuing the trace whose `traceparent` is in `headers` (AMQP or HTTP), or a new root."""
     if _tracer is None:
@@ -188,7 +199,8 @@ class HttpTracingMiddleware:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if _tracer is None or scope["type"] != "http":
+        # Scrapes are not traced: one every few seconds would bury the requests worth looking at.
+        if _tracer is None or scope["type"] != "http" or scope["path"] == "/metrics":
             await self.app(scope, receive, send)
             return
         from .metrics import route_template

@@ -90,3 +90,13 @@ def test_bad_settings_are_refused():
         tracing.configure("svc", env={"OTEL_TRACES_EXPORTER": "jaeger"})
     # An OTLP endpoint alone turns the OTLP exporter on.
     assert tracing.configure("svc", env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318"}) is True
+
+
+def test_a_child_span_needs_a_trace_to_join():
+    exporter = InMemorySpanExporter()
+    tracing.configure("svc", exporter=exporter, env={})
+    with tracing.child_span("heartbeat publish") as alone:
+        assert alone is None
+    with tracing.span("request"), tracing.child_span("publish") as child:
+        assert child is not None
+    assert [s.name for s in exporter.get_finished_spans()] == ["publish", "request"]
