@@ -135,3 +135,31 @@ async def test_queue_poll_reads_depths_consumers_and_dead_letters(bus: Bus):
     assert sample("timbre_dead_letter_messages", queue=SPEC.name) == 0
     # A queue nobody declared is skipped, not reported as empty.
     assert REGISTRY.get_sample_value("timbre_queue_messages", {"queue": "test.obs_missing"}) is None
+
+
+async def test_rpc_outcomes_are_told_apart(bus: Bus):
+    from timbre_common.messaging import NotFound, RemoteError, RpcTimeout
+
+    async def on_ask(cmd: Ask, *, envelope):
+        if cmd.n < 0:
+            raise NotFound("nothing", "no such thing")
+        raise RuntimeError("broken")
+
+    await bus.serve({Ask: on_ask})
+    labels = {"target": "svc", "command": Ask.TYPE}
+    refused = sample("timbre_rpc_client_duration_seconds_count", outcome="refused", **labels)
+    failed = sample("timbre_rpc_client_duration_seconds_count", outcome="error", **labels)
+    timed_out = sample("timbre_rpc_client_duration_seconds_count", target="nobody", command=Ask.TYPE,
+                       outcome="timeout")
+    with pytest.raises(RemoteError):
+        await bus.call("svc", Ask(n=-1))
+    with pytest.raises(RemoteError):
+        await bus.call("svc", Ask(n=1))
+    with pytest.raises(RpcTimeout):
+        await bus.call("nobody", Ask(n=1), timeout=0.3)
+    assert sample("timbre_rpc_client_duration_seconds_count", outcome="refused", **labels) == refused + 1
+    assert sample("timbre_rpc_client_duration_seconds_count", outcome="error", **labels) == failed + 1
+    assert sample("timbre_rpc_client_duration_seconds_count", target="nobody", command=Ask.TYPE,
+                  outcome="timeout") == timed_out + 1
+    assert sample("timbre_rpc_server_duration_seconds_count", command=Ask.TYPE, outcome="refused") >= 1
+    assert sample("timbre_rpc_server_duration_seconds_count", command=Ask.TYPE, outcome="error") >= 1

@@ -20,9 +20,14 @@ def rpc_call(service: str, command: str) -> Iterator[None]:
         with tracing.span(f"{service} {command}", kind="client", **{"rpc.service": service, "rpc.method": command}):
             yield
     except Exception as exc:
-        # RpcTimeout, or a RemoteError: a refusal (4xx) is an answer, a 5xx a failure.
+        from .rpc import RpcTimeout  # here: rpc.py itself imports this module
+
+        # A RemoteError's refusal (4xx) is an answer, its 5xx a failure; no answer in time is a timeout.
         status = getattr(exc, "status", None)
-        outcome = "timeout" if status is None else ("refused" if status < 500 else "error")
+        if isinstance(exc, RpcTimeout):
+            outcome = "timeout"
+        else:
+            outcome = "refused" if isinstance(status, int) and status < 500 else "error"
         raise
     finally:
         metrics.RPC_CLIENT_LATENCY.labels(service, command, outcome).observe(time.perf_counter() - started)
