@@ -80,3 +80,15 @@ def test_a_metrics_port_off_loopback_needs_a_secret():
     with pytest.raises(ValueError, match="METRICS_SECRET"):
         CommonSettings(metrics_port=9101, metrics_host="0.0.0.0")
     assert CommonSettings(metrics_port=9101, metrics_host="0.0.0.0", metrics_secret="a-real-bearer-token-1234")
+
+
+def test_make_up_gives_each_service_a_metrics_port_and_says_where():
+    from timbre_common.supervisor import SERVICES, metrics_banner, metrics_ports
+
+    ports = metrics_ports(9100)
+    assert set(ports) == set(SERVICES) - {"gateway"}
+    assert len(set(ports.values())) == len(ports) and min(ports.values()) == 9101
+    banner = metrics_banner("8000", ports)
+    assert "http://127.0.0.1:8000/metrics (Authorization: Bearer $ADMIN_SECRET)" in banner
+    assert all(f"http://127.0.0.1:{port}/metrics" in banner for port in ports.values())
+    assert metrics_ports(0) == {} and "no metrics ports" in metrics_banner("8000", {})

@@ -74,8 +74,8 @@ def consuming(queue: str, incoming: aio_pika.abc.AbstractIncomingMessage) -> Ite
 def publishing(routing_key: str, message_id: str | None = None) -> Any:
     """A producer span around one publish inside a trace (the message carries its traceparent)."""
     return tracing.child_span(f"{routing_key} publish", kind="producer",
-                        **{"messaging.system": "rabbitmq", "messaging.destination.name": routing_key,
-                           "messaging.message.id": message_id})
+                              **{"messaging.system": "rabbitmq", "messaging.destination.name": routing_key,
+                                 "messaging.message.id": message_id})
 
 
 def handled(queue: str, type_: str | None) -> None:
