@@ -43,6 +43,10 @@ def total(scrape: dict, name: str, **labels: str) -> float:
 
 def test_every_service_metrics_move_with_a_synthesis(observed: Client):
     before = {s: observed.scrape(s) for s in SERVICES}
+    # Each backend's series exist from the start, so the first job already shows in rate() and increase().
+    assert ("timbre_synthesis_audio_seconds_total", frozenset({("backend", "embedded")})) in before["gpu_worker"]
+    assert ("timbre_jobs_finished_total", frozenset({("backend", "qwen3-1.7b"), ("outcome", "failed")})) \
+        in before["dispatcher"]
     key = observed.new_key()
     body = {"voice_id": JOE.voice_id, "text": "Metrics are counted while this sentence is spoken."}
     miss = observed.http.post("/v1/synthesize", json=body, headers=observed.auth(key))

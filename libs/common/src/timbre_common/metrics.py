@@ -79,6 +79,23 @@ WEBHOOK_DELIVERIES = Counter("timbre_webhook_deliveries", "Webhook delivery atte
                              ["event", "outcome"])
 
 
+def start_at_zero_for(backends: Iterable[str], *, worker: bool = False) -> None:
+    """Create each backend's series at 0, so the first job already shows in rate() and increase()."""
+    for backend in backends:
+        if worker:
+            for outcome in ("completed", "failed"):
+                SYNTHESES.labels(backend, outcome)
+            SYNTHESIS_AUDIO_SECONDS.labels(backend)
+            SYNTHESIS_WALL_SECONDS.labels(backend)
+            SYNTHESIS_SPEED.labels(backend)
+        else:
+            for outcome in ("ready", "failed"):
+                JOBS_FINISHED.labels(backend, outcome)
+            for result in ("hit", "miss"):
+                CACHE_LOOKUPS.labels(backend, result)
+            JOB_LATENCY.labels(backend)
+
+
 def render() -> tuple[bytes, str]:
     """The current exposition text and its content type."""
     return generate_latest(), CONTENT_TYPE_LATEST

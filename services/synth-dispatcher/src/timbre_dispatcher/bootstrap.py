@@ -24,6 +24,7 @@ from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.db import create_pool, migrate
 from timbre_common.logging import get_logger
 from timbre_common.messaging import QUEUES, Bus, PgDeduper, QueueSpec, local_work_queue, modal_executor_queue
+from timbre_common.metrics import start_at_zero_for
 
 from . import handlers
 from .adapters.modal_executor import HttpSpawner, ModalSpawner, Spawner, spawn_work_order
@@ -61,6 +62,7 @@ class DispatcherService:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        start_at_zero_for(KNOWN_BACKENDS)
         d = {"jobs": self.jobs, "bus": self.bus}
         await self.bus.serve({
             SubmitSynthesis: partial(handlers.submit, cache=self.cache, policy=self.policy, **d),
