@@ -54,8 +54,11 @@ def configure(service: str, *, exporter: Any = None, env: Mapping[str, str] | No
     elif kind == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        # The exporter reads the endpoint, headers and timeout from the standard OTEL_EXPORTER_OTLP_* variables.
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        # As the OpenTelemetry specification says: a base endpoint gets /v1/traces, a traces endpoint is taken
+        # as it is. Headers, timeout and compression come from the standard OTEL_EXPORTER_OTLP_* variables.
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        url = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (f"{base.rstrip('/')}/v1/traces" if base else None)
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url) if url else OTLPSpanExporter()))
     elif kind == "console":
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     elif kind == "file":

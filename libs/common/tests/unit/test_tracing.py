@@ -100,3 +100,38 @@ def test_a_child_span_needs_a_trace_to_join():
     with tracing.span("request"), tracing.child_span("publish") as child:
         assert child is not None
     assert [s.name for s in exporter.get_finished_spans()] == ["publish", "request"]
+
+
+def test_otlp_exporter_sends_the_spans_to_the_configured_collector():
+    """A local OTLP/HTTP receiver gets the protobuf export of a finished span at /v1/traces."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from timbre_common.testing import LoopbackServer
+
+    received: list[tuple[str, bytes]] = []
+
+    async def collector(scope, receive, send):  # type: ignore[no-untyped-def]
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        received.append((scope["path"], body))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/x-protobuf")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    server = LoopbackServer(collector).start()
+    try:
+        assert tracing.configure("voices", env={"OTEL_EXPORTER_OTLP_ENDPOINT": server.url}) is True
+        with tracing.span("voices voices.get", kind="server", account="a1"):
+            trace_id = tracing.current_trace_id()
+        tracing.shutdown()  # flushes the batch
+    finally:
+        server.stop()
+    assert [path for path, _ in received] == ["/v1/traces"]
+    request = ExportTraceServiceRequest.FromString(received[0][1])
+    (resource_spans,) = request.resource_spans
+    service = {a.key: a.value.string_value for a in resource_spans.resource.attributes}["service.name"]
+    (span,) = resource_spans.scope_spans[0].spans
+    assert (service, span.name, span.trace_id.hex()) == ("voices", "voices voices.get", trace_id)
