@@ -13,7 +13,7 @@ export STORAGE_ROOT ?= $(CURDIR)/var/blobs
 export BILLING ?= off
 export BACKENDS ?= embedded,qwen3-1.7b,qwen3-0.6b
 
-.PHONY: install up test test-fast lint bench chaos services clean
+.PHONY: install up test test-fast lint check-alerts bench chaos services clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ test: install services
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# Prometheus alert rules: promtool accepts them and they fire when they should (deploy/prometheus).
+check-alerts:
+	promtool check rules deploy/prometheus/alerts.yml
+	cd deploy/prometheus && promtool test rules alerts_test.yml
 
 # Everything but the end-to-end suite.
 test-fast: install services

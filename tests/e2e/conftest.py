@@ -17,7 +17,7 @@ from urllib.parse import urlparse, urlunparse
 import httpx
 import pytest
 
-from timbre_common.supervisor import Platform, drop_database, ensure_database
+from timbre_common.supervisor import CORE_SERVICES, Platform, drop_database, ensure_database
 from timbre_common.testing import load_module
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,6 +39,8 @@ class Client:
         self.platform = platform
         self.env = env or {}
         self.http = httpx.Client(base_url=base_url, timeout=60)
+        # Where each service's Prometheus metrics are (the gateway's behind the admin secret).
+        self.metrics_urls: dict[str, str] = {"gateway": f"{base_url}/metrics"}
 
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {ADMIN}"}
@@ -78,6 +80,15 @@ class Client:
                 await conn.close()
 
         return asyncio.run(run())
+
+    def scrape(self, service: str) -> dict[tuple[str, frozenset], float]:
+        """One scrape of a service's /metrics: {(sample name, labels): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        r = httpx.get(self.metrics_urls[service], headers=self.admin() if service == "gateway" else {}, timeout=30)
+        assert r.status_code == 200, f"{service}: {r.status_code} {r.text[:200]}"
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for family in text_string_to_metric_families(r.text) for s in family.samples}
 
     def tail_logs(self, lines: int = 15) -> str:
         out = []
@@ -180,6 +191,11 @@ def running_platform(database_url: str, amqp_url: str, root: Path, *, overrides:
     platform = Platform(env=env, log_dir=root / "logs")
     # An override of PORT (a test that must know the URL before start, e.g. for APP_BASE_URL) is honoured.
     client = Client(f"http://127.0.0.1:{env['PORT']}", platform, env=env)
+    for name in CORE_SERVICES:
+        if name != "gateway":
+            port = _free_port()
+            platform.extra_env[name] = {"METRICS_PORT": str(port)}
+            client.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
     try:
         platform.start_all()
         for name, worker_env in (extra_workers or {}).items():

@@ -14,6 +14,7 @@ from timbre_common.contracts.synthesis import SynthesisRequested, WorkerHeartbea
 from timbre_common.contracts.voices import VoiceRegistered
 from timbre_common.logging import get_logger
 from timbre_common.messaging import Bus, local_work_queue, voice_profile_queue
+from timbre_common.metrics import start_at_zero_for
 
 from . import handlers
 from .backends.base import Backend
@@ -53,6 +54,7 @@ class WorkerService:
     async def start(self) -> None:
         if self.settings.load_on_start:
             await asyncio.to_thread(self.engine.load_all)
+        start_at_zero_for(self.engine.names, worker=True)
         deps = {"engine": self.engine, "bus": self.bus, "http": self.http,
                 "max_reference_bytes": self.settings.max_reference_bytes}
         for backend in self.engine.names:

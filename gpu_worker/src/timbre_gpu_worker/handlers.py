@@ -10,6 +10,7 @@ import time
 
 import httpx
 
+from timbre_common import metrics, tracing
 from timbre_common.audio import encode_wav
 from timbre_common.contracts import Envelope
 from timbre_common.contracts.synthesis import SynthesisCompleted, SynthesisFailed, SynthesisRequested
@@ -56,8 +57,10 @@ async def on_synthesis_requested(order: SynthesisRequested, *, envelope: Envelop
         request = SynthesisRequest(job_id=order.job_id, text=order.text, lang=order.lang, voice_id=order.voice_id,
                                    reference_wav=reference, ref_text=order.ref_text,
                                    system_voice=order.system_voice, voice_profile=order.voice_profile)
-        result = await engine.synthesize(order.backend, request)
+        with tracing.span("synthesize", backend=order.backend, job_id=order.job_id, characters=len(order.text)):
+            result = await engine.synthesize(order.backend, request)
     except BackendError as exc:
+        metrics.SYNTHESES.labels(order.backend, "failed").inc()
         await bus.publish(SynthesisFailed(job_id=order.job_id, account_id=order.account_id, code=exc.code,
                                           reason=exc.reason, retryable=False, attempt=order.attempt),
                           message_id=f"{order.job_id}:{order.attempt}:failed")
@@ -66,6 +69,12 @@ async def on_synthesis_requested(order: SynthesisRequested, *, envelope: Envelop
     synthesis_ms = int((time.perf_counter() - started) * 1000)
     seconds = result.audio_seconds
     rtf = (synthesis_ms / 1000) / seconds if seconds > 0 else 0.0
+    wall = time.perf_counter() - started
+    metrics.SYNTHESES.labels(order.backend, "completed").inc()
+    metrics.SYNTHESIS_AUDIO_SECONDS.labels(order.backend).inc(seconds)
+    metrics.SYNTHESIS_WALL_SECONDS.labels(order.backend).inc(wall)
+    if wall > 0:
+        metrics.SYNTHESIS_SPEED.labels(order.backend).observe(seconds / wall)
     wav = encode_wav(result.samples, result.sample_rate)
     await bus.publish(
         SynthesisCompleted(job_id=order.job_id, account_id=order.account_id, voice_id=order.voice_id,

@@ -11,6 +11,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from . import tracing
+
 correlation_id_var: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 
 # Keys whose values never reach a log line, whatever the caller passes.
@@ -21,6 +23,13 @@ def _add_correlation_id(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any
     cid = correlation_id_var.get()
     if cid and "correlation_id" not in event:
         event["correlation_id"] = cid
+    return event
+
+
+def _add_trace_id(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    """The active span's trace id, when tracing is on: a log line leads to its trace and back."""
+    if tracing.enabled() and "trace_id" not in event and (trace_id := tracing.current_trace_id()):
+        event["trace_id"] = trace_id
     return event
 
 
@@ -51,6 +60,7 @@ def configure_logging(service: str, level: str = "INFO", stream: TextIO | None =
     shared = [
         structlog.contextvars.merge_contextvars,
         _add_correlation_id,
+        _add_trace_id,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

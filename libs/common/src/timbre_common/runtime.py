@@ -9,6 +9,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from . import tracing
 from .logging import configure_logging, get_logger
 
 log = get_logger(__name__)
@@ -80,14 +81,33 @@ async def serve_until_signalled(service: Service, *, timeout_s: float | None = N
 
 
 def run(name: str, build: Callable[[], Awaitable[Service]], log_level: str = "INFO") -> None:
-    """Entry point of a service's `__main__`."""
+    """Entry point of a service's `__main__`: logging, traces and metrics as configured, then the service."""
+    from .metrics import MetricsServer
+    from .settings import CommonSettings
+
     configure_logging(name, log_level)
+    settings = CommonSettings()
+    if tracing.configure(name):
+        log.info("tracing_enabled")
 
     async def main() -> None:
-        service = await build()
-        await serve_until_signalled(service)
+        exposer = None
+        if settings.metrics_port:
+            exposer = MetricsServer(host=settings.metrics_host, port=settings.metrics_port,
+                                    secret=settings.metrics_secret.get_secret_value())
+            await exposer.start()
+            log.info("metrics_listening", url=f"http://{settings.metrics_host}:{settings.metrics_port}/metrics")
+        try:
+            service = await build()
+            await serve_until_signalled(service)
+        finally:
+            if exposer is not None:
+                await exposer.stop()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        tracing.shutdown()
 
 
 class HttpServer:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values copied from docs and templates that must never be taken for a secret.
@@ -53,6 +53,18 @@ class CommonSettings(BaseSettings):
     bus_namespace: str = "timbre"
     rpc_timeout_s: float = 30.0
     log_level: str = "INFO"
+    # Prometheus metrics on a port of the process's own (off unless set; the gateway also serves /metrics on
+    # its API port). Off loopback they need METRICS_SECRET as a bearer token.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    metrics_secret: SecretStr = SecretStr("")
+
+    @model_validator(mode="after")
+    def _metrics_exposure(self) -> CommonSettings:
+        loopback = self.metrics_host in ("127.0.0.1", "localhost", "::1") or self.metrics_host.startswith("127.")
+        if self.metrics_port and not loopback and is_placeholder(self.metrics_secret.get_secret_value()):
+            raise ValueError("METRICS_HOST off loopback needs METRICS_SECRET (Prometheus sends it as a bearer token)")
+        return self
 
     @field_validator("bus_namespace")
     @classmethod

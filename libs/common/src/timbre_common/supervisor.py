@@ -27,6 +27,22 @@ SERVICES: dict[str, str] = {
     "gpu_worker": "timbre_gpu_worker",
     "gateway": "timbre_gateway",
 }
+# `make up`: each service but the gateway (which serves /metrics on its API port) gets METRICS_PORT_BASE + n.
+METRICS_OFFSETS: dict[str, int] = {"storage": 1, "voices": 2, "dispatcher": 3, "billing": 4, "gpu_worker": 5}
+
+
+def metrics_ports(base: int) -> dict[str, int]:
+    """The metrics port of each service under `make up` (none when `base` is 0)."""
+    return {name: base + offset for name, offset in METRICS_OFFSETS.items()} if base else {}
+
+
+def metrics_banner(gateway_port: str, ports: dict[str, int]) -> str:
+    """Where each service's metrics are, for the operator starting the platform."""
+    lines = [f"  gateway     http://127.0.0.1:{gateway_port}/metrics (Authorization: Bearer $ADMIN_SECRET)"]
+    lines += [f"  {name:<11} http://127.0.0.1:{port}/metrics" for name, port in ports.items()]
+    if not ports:
+        lines.append("  (other services: METRICS_PORT_BASE=0, no metrics ports)")
+    return "timbre: Prometheus metrics:\n" + "\n".join(lines)
 
 
 async def ensure_database(database_url: str) -> None:
@@ -192,6 +208,9 @@ def main() -> int:
     platform = Platform(env={})
     supervisor = Supervisor(platform, restart_limit=int(os.environ.get("RESTART_LIMIT", "5")),
                             window_s=float(os.environ.get("RESTART_WINDOW_S", "120")))
+    ports = metrics_ports(int(os.environ.get("METRICS_PORT_BASE", "9100") or 0))
+    for name, port in ports.items():
+        platform.extra_env[name] = {"METRICS_PORT": str(port)}
     stop = {"signal": None}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -202,6 +221,7 @@ def main() -> int:
     supervisor.start_all()
     print(f"timbre: {len(SERVICES)} services starting; gateway on http://127.0.0.1:{os.environ.get('PORT', '8000')}"
           " (Ctrl-C stops everything; a service that dies is restarted)", file=sys.stderr, flush=True)
+    print(metrics_banner(os.environ.get("PORT", "8000"), ports), file=sys.stderr, flush=True)
     status = 0
     while stop["signal"] is None:
         supervisor.poll()

@@ -94,6 +94,19 @@ def chromium_path() -> str:
     pytest.skip("chromium not installed (apt-get install -y chromium)")
 
 
+def promtool_path() -> str:
+    """Prometheus' promtool (Debian's `prometheus`, requirements/apt.txt); fails in CI, skips elsewhere."""
+    import shutil
+
+    import pytest
+
+    if path := shutil.which("promtool"):
+        return path
+    if in_ci():
+        pytest.fail("promtool is missing in CI: requirements/apt.txt lists prometheus, which ships it")
+    pytest.skip("promtool not installed (apt-get install -y --no-install-recommends prometheus)")
+
+
 def headless_dom(url: str, profile: Path, budget_ms: int = 0, timeout_s: float = 120) -> str:
     """The DOM of `url` after its scripts ran for `budget_ms` of virtual time, in headless chromium."""
     import subprocess

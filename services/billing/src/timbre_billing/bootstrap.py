@@ -8,6 +8,7 @@ from pathlib import Path
 
 import asyncpg
 
+from timbre_common import metrics
 from timbre_common.db import create_pool, migrate
 from timbre_common.logging import get_logger
 from timbre_common.messaging import QUEUES, Bus, OutboxBus, PgDeduper, TransactionalPool
@@ -64,7 +65,7 @@ class BillingService:
         self.broker = bus
         # Handlers publish through the outbox: events commit with the state they announce.
         self.bus = OutboxBus(bus, deps.pool)  # type: ignore[arg-type]
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         from timbre_common.contracts import billing as c
@@ -91,7 +92,8 @@ class BillingService:
             JobFailed: partial(a.on_job_failed, **d),
             AccountPurgeRequested: partial(a.on_account_purge, bus=self.bus, **d),
         }, deduper=deduper)
-        self._sweeper = asyncio.create_task(self._expire_checkouts_forever())
+        self._tasks.append(asyncio.create_task(self._expire_checkouts_forever()))
+        self._tasks.append(asyncio.create_task(self._watch_holds()))
 
     async def _expire_checkouts_forever(self) -> None:
         from . import handlers
@@ -103,10 +105,21 @@ class BillingService:
                 log.exception("checkout_sweep_failed")
             await asyncio.sleep(self.deps.settings.checkout_sweep_interval_s)
 
+    async def _watch_holds(self) -> None:
+        """Quota holds for /metrics: many, or old ones, mean jobs whose end billing never heard of."""
+        while True:
+            try:
+                holds, oldest_s = await self.deps.repository.hold_stats()
+                metrics.QUOTA_HOLDS_ACTIVE.set(holds)
+                metrics.QUOTA_HOLD_OLDEST_AGE.set(oldest_s)
+            except Exception as exc:  # the next round tries again
+                log.warning("hold_stats_failed", error=type(exc).__name__)
+            await asyncio.sleep(self.deps.settings.hold_stats_interval_s)
+
     async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.bus.stop()
         await self.broker.close()
         await self.deps.aclose()

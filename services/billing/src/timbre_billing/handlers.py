@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Protocol
 from urllib.parse import quote
 
+from timbre_common import metrics
 from timbre_common.logging import get_logger
 
 from .adapters.repository import BillingRepository, BillingTransaction
@@ -347,6 +348,8 @@ async def check_quota(
             billing_enabled=settings.enabled,
             subscription_status=subscription.status if subscription else None,
         )
+        if not decision.allowed:
+            metrics.QUOTA_REFUSALS.inc()
         hold_id = None
         # With billing off nothing is enforced, so nothing needs holding.
         if reserve and decision.allowed and settings.enabled:

@@ -28,6 +28,8 @@ class BillingSettings(CommonSettings):
     checkout_token_ttl_s: int = 24 * 3600
     # How often open checkouts are looked at for expiry.
     checkout_sweep_interval_s: float = 300.0
+    # How often the quota-hold gauges of /metrics are read.
+    hold_stats_interval_s: float = 15.0
 
     @field_validator("billing", mode="before")
     @classmethod

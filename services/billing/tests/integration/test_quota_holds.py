@@ -173,3 +173,25 @@ async def test_a_purge_removes_the_accounts_holds(
     await handlers.check_quota(ACCOUNT, 100, reserve=True, now=NOW, repository=repository, settings=settings_on)
     await repository.delete_account(ACCOUNT)
     assert await _holds(pool) == []
+
+
+async def test_refusals_and_open_holds_show_in_the_metrics(pool: asyncpg.Pool, settings_on: BillingSettings) -> None:
+    from prometheus_client import REGISTRY
+
+    repository = BillingRepository(pool)
+    await _subscribe(repository)
+    kw = {"repository": repository, "settings": settings_on, "now": NOW}
+    refusals = REGISTRY.get_sample_value("timbre_quota_refusals_total") or 0.0
+    assert await handlers.record_usage("all", ACCOUNT, 1000, NOW, repository=repository, settings=settings_on)
+    assert not (await handlers.check_quota(ACCOUNT, 1, reserve=True, **kw)).allowed
+    assert not (await handlers.check_quota(ACCOUNT, 5, **kw)).allowed
+    assert REGISTRY.get_sample_value("timbre_quota_refusals_total") == refusals + 2
+
+    assert await repository.hold_stats() == (0, 0.0)
+    now = datetime.now(UTC)
+    async with repository.quota_transaction(ACCOUNT) as tx:
+        await tx.add_hold("h-new", 10, now, now + timedelta(hours=1))
+        await tx.add_hold("h-old", 10, now - timedelta(minutes=40), now + timedelta(minutes=20))
+        await tx.add_hold("h-expired", 10, now - timedelta(hours=2), now - timedelta(hours=1))
+    holds, oldest_s = await repository.hold_stats()
+    assert holds == 2 and 40 * 60 - 5 < oldest_s < 40 * 60 + 60

@@ -16,6 +16,8 @@ from timbre_common.contracts.synthesis import WorkerHeartbeat
 from timbre_common.db import create_pool, migrate
 from timbre_common.logging import get_logger
 from timbre_common.messaging import QUEUES, Bus, OutboxBus, PgDeduper, TransactionalPool
+from timbre_common.metrics import poll_queues_forever
+from timbre_common.redrive import consumer_queues
 from timbre_common.runtime import HttpServer
 
 from . import handlers
@@ -74,6 +76,9 @@ class GatewayService:
         }, deduper=deduper)
         await ctx.bus.subscribe([WorkerHeartbeat], ctx.backends.on_heartbeat)
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
+        # Queue depths, consumers and dead letters for Prometheus: read here, where /metrics is always served.
+        self._tasks.append(asyncio.create_task(poll_queues_forever(
+            ctx.bus.connection, ctx.bus.names, consumer_queues, ctx.settings.queue_poll_interval_s, log)))
         self._server = HttpServer(self.app, host=ctx.settings.host, port=ctx.settings.port)
         await self._server.start()
 

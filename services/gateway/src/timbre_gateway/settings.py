@@ -43,6 +43,8 @@ class GatewaySettings(CommonSettings):
     purge_deadline_s: float = Field(default=3600.0, gt=0)
     # How long DELETE /v1/account waits for every service to confirm before answering 202.
     purge_wait_s: float = 10.0
+    # How often queue and dead-letter depths are read for /metrics (QUEUE_POLL_INTERVAL_S).
+    queue_poll_interval_s: float = Field(default=15.0, gt=0)
     # A backend is advertised while a worker's heartbeat is younger than this many intervals.
     heartbeat_grace: float = 3.0
 

@@ -33,6 +33,7 @@ from timbre_common.messaging import (
     local_work_queue,
     modal_executor_queue,
 )
+from timbre_common.metrics import start_at_zero_for
 
 from . import handlers
 from .adapters.modal_executor import HttpSpawner, ModalSpawner, Spawner, spawn_work_order
@@ -73,6 +74,7 @@ class DispatcherService:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        start_at_zero_for(KNOWN_BACKENDS)
         d = {"jobs": self.jobs, "bus": self.bus}
         await self.bus.ensure()
         self.bus.start()

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from timbre_common import metrics
 from timbre_common.contracts import Envelope
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
 from timbre_common.contracts.storage import (
@@ -47,6 +48,15 @@ from . import domain
 from .adapters.repository import CacheIndex, JobRepository
 
 log = get_logger(__name__)
+
+
+def _job_finished(row: Any, outcome: str) -> None:
+    """Count a job's terminal transition; a ready one's latency from creation, per backend."""
+    backend = row.get("backend") or "unknown"
+    metrics.JOBS_FINISHED.labels(backend, outcome).inc()
+    created, completed = row.get("created_at"), row.get("completed_at")
+    if outcome == "ready" and created is not None and completed is not None:
+        metrics.JOB_LATENCY.labels(backend).observe(max(0.0, (completed - created).total_seconds()))
 
 
 @dataclass(frozen=True)
@@ -117,9 +127,11 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
             await cache.drop(cmd.account_id, key)
         else:
             log.info("cache_hit", cache_key=key, fetch_ms=round((time.perf_counter() - started) * 1000, 2))
+            metrics.CACHE_LOOKUPS.labels(cmd.backend, "hit").inc()
             return SynthesisAccepted(cache_hit=True, job_id=str(entry["job_id"]), status=domain.READY,
                                      cache_key=key, synthesis_ms=entry["synthesis_ms"] or 0,
                                      expires_at=stored.expires_at), audio or b""
+    metrics.CACHE_LOOKUPS.labels(cmd.backend, "miss").inc()
     in_flight = await jobs.pending_for(cmd.account_id, key, cmd.response_format)
     if in_flight is not None:
         return SynthesisAccepted(cache_hit=False, job_id=str(in_flight["job_id"]), cache_key=key)
@@ -270,6 +282,8 @@ async def _apply_audio_stored(event: AudioStored, *, jobs: JobRepository, cache:
     row = await jobs.mark_ready(event.job_id, audio_key=event.key, expires_at=event.expires_at,
                                 synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds)
     transitioned = row is not None
+    if row is not None:
+        _job_finished(row, "ready")
     if row is None:
         existing = await jobs.get(event.job_id)
         if existing is None:
@@ -305,6 +319,7 @@ async def _fail(job_id: str, account_id: str, code: str, reason: str, *, jobs: J
             await bus.publish(JobFailed(job_id=job_id, account_id=account_id, code=code, reason=reason,
                                         hold_id=failed.get("hold_id")), message_id=f"job.failed:{job_id}")
     if failed is not None:
+        _job_finished(failed, "failed")
         log.warning("job_failed", job_id=job_id, code=code, reason=reason)
 
 

@@ -9,6 +9,7 @@ import aio_pika
 
 from ..contracts import Command, Event, Message
 from ..logging import correlation_id_var, get_logger
+from . import instrument
 from .codec import decode, encode, envelope_for
 from .consumer import Consumer, Deduper, Handler
 from .rpc import BROKER_ERRORS, UNAVAILABLE_WAIT_S, BrokerUnavailable, RpcClient, RpcHandler, RpcServer
@@ -84,13 +85,14 @@ class Bus:
                                 account_id=account_id or getattr(event, "account_id", None), message_id=message_id)
         # Not mandatory: every consumer's queue is declared up front, and an event nobody subscribes to (yet) is
         # meant to go nowhere, not to come back and be logged whole by the client library.
-        message = encode(event, envelope, body=body)
         await self.wait_connected()
-        try:
-            await asyncio.wait_for(self._events.publish(message, routing_key=routing_key or event.routing_key(),
-                                                        mandatory=False), PUBLISH_TIMEOUT_S)
-        except (TimeoutError, *BROKER_ERRORS) as exc:
-            raise BrokerUnavailable(f"could not publish {event.TYPE}: {type(exc).__name__}: {exc}") from exc
+        with instrument.publishing(routing_key or event.routing_key(), envelope.message_id):
+            message = encode(event, envelope, body=body)
+            try:
+                await asyncio.wait_for(self._events.publish(message, routing_key=routing_key or event.routing_key(),
+                                                            mandatory=False), PUBLISH_TIMEOUT_S)
+            except (TimeoutError, *BROKER_ERRORS) as exc:
+                raise BrokerUnavailable(f"could not publish {event.TYPE}: {type(exc).__name__}: {exc}") from exc
         log.debug("event_published", type=event.TYPE, message_id=envelope.message_id)
         return envelope.message_id
 
@@ -165,7 +167,8 @@ class Bus:
     async def call(self, service: str, command: Command, **kwargs: Any) -> Any:
         """Shorthand for `(await bus.rpc).call(...)`."""
         client = await self.rpc
-        return await client.call(service, command, **kwargs)
+        with instrument.rpc_call(service, command.TYPE):
+            return await client.call(service, command, **kwargs)
 
 
 class PgDeduper:

@@ -7,6 +7,7 @@ from datetime import datetime
 import aio_pika
 from pydantic import ValidationError
 
+from .. import tracing
 from ..contracts import Envelope, Message, lookup
 
 META_HEADER = "x-timbre-meta"
@@ -31,6 +32,7 @@ def encode(msg: Message, envelope: Envelope, *, body: bytes | None = None, **pro
         payload, content_type = body or b"", "application/octet-stream"
     else:
         payload, content_type = fields, "application/json"
+    tracing.inject(headers)  # the current span's traceparent, when tracing is on
     extra_headers = props.pop("headers", None) or {}
     headers.update(extra_headers)  # type: ignore[arg-type]
     return aio_pika.Message(

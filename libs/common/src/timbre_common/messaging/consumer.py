@@ -18,6 +18,7 @@ import aio_pika
 
 from ..contracts import Envelope, Message
 from ..logging import correlation, get_logger
+from . import instrument
 from .codec import UndecodableMessage, decode
 from .topology import RETRY_DELAYS, Names, QueueSpec
 
@@ -73,7 +74,8 @@ class Consumer:
         if task is not None:
             self._inflight.add(task)
         try:
-            await self.handle(incoming)
+            with instrument.consuming(self.spec.name, incoming):
+                await self.handle(incoming)
         except Exception:
             # Anything the policy itself could not handle (the deduper's database down, say): hand the message
             # back rather than hold its prefetch slot forever. A quorum queue counts the redelivery against
@@ -94,6 +96,7 @@ class Consumer:
                 log.error("message_undecodable", queue=self.spec.name, type=incoming.type,
                           message_id=incoming.message_id, reason=str(exc))
                 await incoming.reject(requeue=False)
+                instrument.dead_lettered(self.spec.name, "undecodable")
                 return
             handler = self.handlers.get(type(msg))
             if handler is None:
@@ -122,6 +125,7 @@ class Consumer:
                     log.exception("message_dedupe_not_recorded", queue=self.spec.name,
                                   message_id=envelope.message_id)
             await incoming.ack()
+            instrument.handled(self.spec.name, envelope.type)
 
     async def _retry_or_dead_letter(self, incoming: aio_pika.abc.AbstractIncomingMessage,
                                     envelope: Envelope, exc: Exception) -> None:
@@ -145,11 +149,13 @@ class Consumer:
                             delay_s=delay, error=reason)
                 exchange = await self.channel.get_exchange(self.names.retries, ensure=False)
                 await exchange.publish(copy, routing_key=self.names.retry_queue(self.spec.name, delay))
+                instrument.retried(self.spec.name, envelope.type)
             else:
                 log.error("message_dead_lettered", queue=self.spec.name, type=envelope.type, attempt=attempt,
                           error=reason, trace="".join(traceback.format_exception(exc))[-2000:])
                 exchange = await self.channel.get_exchange(self.names.dead_letters, ensure=False)
                 await exchange.publish(copy, routing_key=self.names.queue(self.spec.name))
+                instrument.dead_lettered(self.spec.name, "attempts")
         except Exception as publish_exc:
             # Could not park it: hand it back to the broker rather than lose it.
             log.error("message_requeued", queue=self.spec.name, error=str(publish_exc))

@@ -11,6 +11,7 @@ import aio_pika.exceptions
 from ..availability import unavailable_dependency
 from ..contracts import Ack, Command, ErrorReply, Message, Ping, Reply
 from ..logging import correlation, correlation_id_var, get_logger
+from . import instrument
 from .codec import UndecodableMessage, decode, encode, envelope_for
 from .topology import Names
 
@@ -101,8 +102,9 @@ class RpcServer:
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
         async with incoming.process(requeue=False, ignore_processed=True):
-            with correlation(incoming.correlation_id):
+            with correlation(incoming.correlation_id), instrument.serving(self.service, incoming) as served:
                 reply, body = await self._dispatch(incoming)
+                served.answered(reply)
                 if not incoming.reply_to:
                     return
                 env = envelope_for(reply, correlation_id=incoming.correlation_id, account_id=None)

@@ -215,6 +215,13 @@ class BillingRepository:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"quota:{account_id}")
             yield QuotaTransaction(conn, account_id)
 
+    async def hold_stats(self) -> tuple[int, float]:
+        """(unexpired holds, age in seconds of the oldest of them) across every account."""
+        row = await self._pool.fetchrow(
+            "SELECT count(*) AS holds, coalesce(extract(epoch FROM now() - min(created_at)), 0) AS oldest_s "
+            "FROM quota_holds WHERE expires_at > now()")
+        return int(row["holds"]), float(row["oldest_s"])
+
     async def release_hold(self, account_id: str, hold_id: str) -> bool:
         """Delete a hold; False when it was already gone (consumed, released or purged)."""
         status = await self._pool.execute(

@@ -6,12 +6,16 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from timbre_common import metrics
+from timbre_common.catalogue import KNOWN_BACKENDS
 from timbre_common.logging import correlation_id_var, get_logger
+from timbre_common.tracing import HttpTracingMiddleware
 
 from .body_limits import BodyLimitMiddleware, body_limits
+from .deps import AdminDep, Ctx
 from .errors import document_error_body, install_error_handlers
 from .limits import RateLimitHeadersMiddleware
 from .routes import router
@@ -62,6 +66,15 @@ class CorrelationMiddleware:
             correlation_id_var.reset(token)
 
 
+async def prometheus_metrics(ctx: Ctx, _: AdminDep) -> Response:
+    """Prometheus exposition of this gateway process (admin secret as a bearer token)."""
+    available = set(ctx.backends.available())
+    for backend in KNOWN_BACKENDS:
+        metrics.BACKEND_AVAILABLE.labels(backend).set(1 if backend in available else 0)
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
 def create_app(ctx: Any, *, extra_routers: list[Any] | None = None) -> FastAPI:
     """The gateway app over a built context (settings, bus, repositories)."""
     app = FastAPI(title="Timbre API", version="1.0.0", description=DESCRIPTION, openapi_url="/openapi.json",
@@ -73,8 +86,12 @@ def create_app(ctx: Any, *, extra_routers: list[Any] | None = None) -> FastAPI:
     app.include_router(billing_router)
     for extra in extra_routers or []:
         app.include_router(extra)
+    app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)
     app.add_middleware(RateLimitHeadersMiddleware)
     # Inside the correlation middleware, so a refused body is logged with its request id.
     app.add_middleware(BodyLimitMiddleware, limits=body_limits(ctx.settings))
+    app.add_middleware(metrics.HttpMetricsMiddleware)
     app.add_middleware(CorrelationMiddleware)
+    # Outermost: the access log line of CorrelationMiddleware is written inside the request's span.
+    app.add_middleware(HttpTracingMiddleware)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from timbre_common.metrics import HttpMetricsMiddleware
 from timbre_storage.adapters.blob import FsBlobStore, SignatureInvalid, UrlExpired
 from timbre_storage.domain import InvalidId, ObjectMissing
 
@@ -28,6 +29,7 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 def build_http_app(store: FsBlobStore, *, title: str = "timbre-storage") -> FastAPI:
     """FastAPI app: GET /blobs/{key}?expires=&signature= and GET /healthz."""
     app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(HttpMetricsMiddleware)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
