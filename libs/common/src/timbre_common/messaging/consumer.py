@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 import aio_pika
@@ -49,6 +50,7 @@ class Consumer:
         self._tag: str | None = None
         self._queue: aio_pika.abc.AbstractQueue | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._id_locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     async def start(self) -> None:
         await self.channel.set_qos(prefetch_count=self.spec.prefetch)
@@ -105,27 +107,48 @@ class Consumer:
                 await incoming.ack()
                 return
             consumer_name = self.names.queue(self.spec.name)
-            if self.deduper and envelope.message_id and await self.deduper.seen(consumer_name, envelope.message_id):
-                log.info("message_duplicate", queue=self.spec.name, type=envelope.type,
-                         message_id=envelope.message_id)
-                await incoming.ack()
-                return
-            try:
-                if body is None:
-                    await handler(msg, envelope=envelope)
-                else:
-                    await handler(msg, envelope=envelope, body=body)
-            except Exception as exc:  # every handler error is retried, then dead-lettered
-                await self._retry_or_dead_letter(incoming, envelope, exc)
-                return
-            if self.deduper and envelope.message_id:
+            # Two deliveries of one message id handled at once would both pass `seen` before either is
+            # remembered: within a process they take turns (the broker redelivers to the same consumer).
+            async with self._one_at_a_time(envelope.message_id if self.deduper else None):
+                if self.deduper and envelope.message_id and await self.deduper.seen(consumer_name, envelope.message_id):
+                    log.info("message_duplicate", queue=self.spec.name, type=envelope.type,
+                             message_id=envelope.message_id)
+                    await incoming.ack()
+                    return
                 try:
-                    await self.deduper.remember(consumer_name, envelope.message_id)
-                except Exception:  # done is done: a redelivery meets an idempotent handler
-                    log.exception("message_dedupe_not_recorded", queue=self.spec.name,
-                                  message_id=envelope.message_id)
-            await incoming.ack()
-            instrument.handled(self.spec.name, envelope.type)
+                    if body is None:
+                        await handler(msg, envelope=envelope)
+                    else:
+                        await handler(msg, envelope=envelope, body=body)
+                except Exception as exc:  # every handler error is retried, then dead-lettered
+                    await self._retry_or_dead_letter(incoming, envelope, exc)
+                    return
+                if self.deduper and envelope.message_id:
+                    try:
+                        await self.deduper.remember(consumer_name, envelope.message_id)
+                    except Exception:  # done is done: a redelivery meets an idempotent handler
+                        log.exception("message_dedupe_not_recorded", queue=self.spec.name,
+                                      message_id=envelope.message_id)
+                await incoming.ack()
+                instrument.handled(self.spec.name, envelope.type)
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, message_id: str | None) -> AsyncIterator[None]:
+        """Serialise the handling of deliveries that share a message id (nothing to do without one)."""
+        if not message_id:
+            yield
+            return
+        lock, users = self._id_locks.get(message_id, (asyncio.Lock(), 0))
+        self._id_locks[message_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._id_locks[message_id]
+            if users <= 1:
+                del self._id_locks[message_id]
+            else:
+                self._id_locks[message_id] = (lock, users - 1)
 
     async def _retry_or_dead_letter(self, incoming: aio_pika.abc.AbstractIncomingMessage,
                                     envelope: Envelope, exc: Exception) -> None:
