@@ -126,9 +126,11 @@ class WebhookRepository:
                              next_attempt_at: datetime | None) -> None:
         """The attempt's answer, and the delivery's new state (`delivered`, `pending` again, or `parked`)."""
         async with self.pool.acquire() as conn, conn.transaction():
+            # The delivery may have gone meanwhile (its endpoint deleted, its account purged): then nothing to note.
             await conn.execute(
                 "INSERT INTO webhook_attempts (delivery_id, attempt, started_at, duration_ms, status_code, error, "
-                "response) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+                "response) SELECT $1, $2, $3, $4, $5, $6, $7 WHERE EXISTS (SELECT 1 FROM webhook_deliveries "
+                "WHERE delivery_id = $1) ON CONFLICT DO NOTHING",
                 delivery_id, attempt, started_at, duration_ms, status_code, error, response)
             await conn.execute(
                 "UPDATE webhook_deliveries SET status = $2, last_status = $3, last_error = $4, "
