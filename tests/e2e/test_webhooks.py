@@ -220,3 +220,17 @@ def test_account_purged_is_sent_then_the_endpoints_go(platform: Client, receiver
             break
         time.sleep(0.2)
     assert left == 0
+
+
+def test_voice_deleted_is_announced(platform: Client, receiver: Receiver, wavs) -> None:  # type: ignore[no-untyped-def]
+    sdk = _sdk(platform)
+    hook = sdk.webhooks.create(receiver.url("voices"), events=["voice.deleted"])
+    voice = sdk.voices.create(wavs.valid_wav(8.0), name="short-lived")
+    sdk.voices.delete(voice.voice_id)
+    [delivery] = receiver.wait_for("voices")
+    event = webhooks.verify(delivery["body"], delivery["headers"]["timbre-signature"], hook.secret)
+    assert event.type == "voice.deleted" and event.data == {"voice_id": voice.voice_id}
+    sdk.webhooks.delete(hook.webhook_id)
+    assert sdk.webhooks.list() == []
+    with pytest.raises(NotFoundError):
+        sdk.webhooks.deliveries(hook.webhook_id)

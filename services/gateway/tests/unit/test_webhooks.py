@@ -223,3 +223,19 @@ async def test_not_yet_due_hops_again_and_busy_endpoint_defers_without_an_attemp
     _, headers, body = sender.sent[0]
     t = headers[domain.SIGNATURE_HEADER].split(",")[0].removeprefix("t=")
     assert headers[domain.SIGNATURE_HEADER] == domain.sign(body, ["whsec_s"], int(t))
+
+
+async def test_job_failed_and_voice_deleted_carry_their_fields() -> None:
+    from timbre_common.contracts.synthesis import JobFailed
+    from timbre_common.contracts.voices import VoiceDeleted
+
+    repo, scheduler = FakeWebhooks(), FakeScheduler()
+    account = str(uuid.uuid4())
+    repo.add_endpoint(account, ["job.failed", "voice.deleted"])
+    await handlers.on_job_failed(JobFailed(job_id="j1", account_id=account, code="synthesis_failed", reason="boom"),
+                                 envelope=envelope(), webhooks=repo, scheduler=scheduler)  # type: ignore[arg-type]
+    await handlers.on_voice_deleted(VoiceDeleted(voice_id="v1", account_id=account), envelope=envelope(),
+                                    webhooks=repo, scheduler=scheduler)  # type: ignore[arg-type]
+    bodies = {b["type"]: b["data"] for b in (json.loads(d["payload"]) for d in repo.deliveries.values())}
+    assert bodies == {"job.failed": {"job_id": "j1", "code": "synthesis_failed", "reason": "boom"},
+                      "voice.deleted": {"voice_id": "v1"}}
