@@ -48,7 +48,8 @@ def _resolver(mapping: dict[str, list[str]]):  # type: ignore[no-untyped-def]
 
 DNS = _resolver({"hooks.example.com": ["93.184.216.34"], "rebind.example.com": ["93.184.216.34", "10.0.0.7"],
                  "meta.example.com": ["169.254.169.254"], "v6.example.com": ["::1"],
-                 "mapped.example.com": ["::ffff:127.0.0.1"]})
+                 "mapped.example.com": ["::ffff:127.0.0.1"], "nat64.example.com": ["64:ff9b::a00:1"],
+                 "sixtofour.example.com": ["2002:a9fe:a9fe::1"]})
 
 
 async def test_public_https_target_is_accepted() -> None:
@@ -69,6 +70,11 @@ async def test_public_https_target_is_accepted() -> None:
     ("https://rebind.example.com/x", "webhook_target_refused"),
     ("https://v6.example.com/x", "webhook_target_refused"),
     ("https://mapped.example.com/x", "webhook_target_refused"),
+    ("https://nat64.example.com/x", "webhook_target_refused"),
+    ("https://sixtofour.example.com/x", "webhook_target_refused"),
+    ("https://[fd00::1]/x", "webhook_target_refused"),
+    ("https://100.64.0.1/x", "webhook_target_refused"),
+    ("https://0.0.0.0/x", "webhook_target_refused"),
     ("https://nowhere.example.com/x", "webhook_target_unresolvable"),
 ])
 async def test_internal_targets_are_refused(url: str, code: str) -> None:

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 MAX_URL_CHARS = 2048
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class TargetRefused(Exception):
@@ -35,8 +36,12 @@ class TargetPolicy:
         return self.allow_all_private or bool(self.allowed_networks)
 
     def permits(self, address: IPAddress) -> bool:
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
+        if isinstance(address, ipaddress.IPv6Address):
+            # An IPv4 address inside IPv6 (mapped, 6to4, NAT64) is judged as the IPv4 address it reaches.
+            embedded = address.ipv4_mapped or address.sixtofour or (
+                ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if address in _NAT64 else None)
+            if embedded is not None:
+                return self.permits(embedded)
         if address.is_global and not address.is_multicast:
             return True
         if self.allow_all_private:
