@@ -3,6 +3,7 @@ uploads, usage, keys, errors with their codes, account deletion; the async clien
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -96,8 +97,6 @@ def test_streamed_synthesis_yields_the_whole_audio(sdk: Timbre) -> None:
 def test_usage_counts_the_characters(sdk: Timbre) -> None:
     text = f"Counted towards this period {uuid.uuid4().hex[:8]}."
     sdk.speech.generate(text, voice=JOE.voice_id)
-    import time
-
     deadline = time.monotonic() + 30
     while (report := sdk.usage.get()).characters_used < len(text) and time.monotonic() < deadline:
         time.sleep(0.2)
