@@ -13,7 +13,7 @@ export STORAGE_ROOT ?= $(CURDIR)/var/blobs
 export BILLING ?= off
 export BACKENDS ?= embedded,qwen3-1.7b,qwen3-0.6b
 
-.PHONY: install up test test-fast lint check-alerts bench chaos services clean
+.PHONY: install up test test-fast lint check-alerts bench chaos services clean sdk
 
 install: $(STAMP)
 
@@ -42,6 +42,11 @@ check-alerts:
 # Everything but the end-to-end suite.
 test-fast: install services
 	$(PY) -m pytest -q --ignore=tests/e2e
+
+# The Python SDK and `timbre` CLI as a wheel in dist/ (offline: the venv's setuptools, no build isolation).
+sdk: install
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w dist clients/python
+	rm -rf clients/python/build clients/python/src/timbre.egg-info
 
 # Speed and quality of the embedded voices, and of a qwen backend (random weights without a checkpoint).
 bench: install

@@ -12,6 +12,9 @@ $PIP install --no-deps -r requirements/qwen-nodeps.txt
 SITE=$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
 {
   for d in libs/common services/gateway services/voices services/synth-dispatcher services/storage \
-           services/billing gpu_worker; do echo "$PWD/$d/src"; done
+           services/billing gpu_worker clients/python; do echo "$PWD/$d/src"; done
 } > "$SITE/timbre-dev.pth"
+# The SDK's command line, run from its source folder like the rest.
+printf '#!/bin/sh\nexec "%s/bin/python" -m timbre "$@"\n' "$(cd "$VENV" && pwd)" > "$VENV/bin/timbre"
+chmod +x "$VENV/bin/timbre"
 echo "install: $VENV ready"

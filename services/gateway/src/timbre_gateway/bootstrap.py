@@ -12,7 +12,9 @@ import redis.asyncio as aioredis
 
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
 from timbre_common.contracts.billing import AccountKeysRestored, AccountKeysRevoked, AccountProvisioningRequested
-from timbre_common.contracts.synthesis import WorkerHeartbeat
+from timbre_common.contracts.synthesis import JobFailed, JobReady, WorkerHeartbeat
+from timbre_common.contracts.voices import VoiceDeleted
+from timbre_common.contracts.webhooks import WebhookDeliveryDue
 from timbre_common.db import create_pool, migrate
 from timbre_common.logging import get_logger
 from timbre_common.messaging import QUEUES, Bus, OutboxBus, PgDeduper, TransactionalPool
@@ -29,6 +31,11 @@ from .adapters.repository import AccountRepository
 from .adapters.sealing import CheckoutKeySealer
 from .http.app import create_app
 from .settings import GatewaySettings
+from .webhooks import handlers as webhook_handlers
+from .webhooks.domain import parse_schedule
+from .webhooks.repository import WebhookRepository
+from .webhooks.targets import parse_policy
+from .webhooks.transport import BusScheduler, HttpSender
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 log = get_logger(__name__)
@@ -50,6 +57,7 @@ class GatewayContext:
     probe: DependencyProbe | None = None
     # Events that announce a committed change go through the outbox (the purge request, account.purged).
     outbox: OutboxBus | None = None
+    webhooks: WebhookRepository | None = None
 
 
 class GatewayService:
@@ -58,6 +66,8 @@ class GatewayService:
         self.app = create_app(ctx)
         self._server: HttpServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._webhook_scheduler: BusScheduler | None = None
+        self._webhook_sender: HttpSender | None = None
 
     async def start(self) -> None:
         ctx = self.ctx
@@ -67,8 +77,12 @@ class GatewayService:
         if ctx.outbox is not None:
             await ctx.outbox.ensure()
             ctx.outbox.start()
+        announce_purge = None
+        if ctx.webhooks is not None:
+            announce_purge = await self._start_webhooks(ctx.webhooks)
         await ctx.bus.consume(QUEUES["gateway.events"], {
-            AccountPurgeRequested: partial(handlers.on_purge_requested, bus=ctx.outbox or ctx.bus, **deps),
+            AccountPurgeRequested: partial(handlers.on_purge_requested, bus=ctx.outbox or ctx.bus,
+                                           announce_purge=announce_purge, **deps),
             AccountPurged: partial(handlers.on_purged, **deps),
             AccountProvisioningRequested: partial(handlers.on_provisioning_requested, **deps),
             AccountKeysRevoked: partial(handlers.on_keys_revoked, **deps),
@@ -82,6 +96,29 @@ class GatewayService:
         self._server = HttpServer(self.app, host=ctx.settings.host, port=ctx.settings.port)
         await self._server.start()
 
+    async def _start_webhooks(self, webhooks: WebhookRepository) -> Any:
+        """The delivery consumers of client webhooks, in this process: deliveries are I/O-bound awaits, bounded
+        per endpoint and in all (the queue's prefetch), each with a timeout, so they never hold up a request."""
+        settings = self.ctx.settings
+        scheduler = self._webhook_scheduler = BusScheduler(self.ctx.bus)
+        await scheduler.start()
+        sender = self._webhook_sender = HttpSender(parse_policy(settings.webhook_allow_private),
+                                                   timeout_s=settings.webhook_timeout_s,
+                                                   **({"resolver": self.ctx.extras["webhook_resolver"]}
+                                                      if "webhook_resolver" in self.ctx.extras else {}))
+        deps = {"webhooks": webhooks, "scheduler": scheduler}
+        await self.ctx.bus.consume(QUEUES["gateway.webhook_events"], {
+            JobReady: partial(webhook_handlers.on_job_ready, **deps),
+            JobFailed: partial(webhook_handlers.on_job_failed, **deps),
+            VoiceDeleted: partial(webhook_handlers.on_voice_deleted, **deps),
+        })
+        await self.ctx.bus.consume(QUEUES["gateway.webhook_deliveries"], {
+            WebhookDeliveryDue: partial(webhook_handlers.on_delivery_due, sender=sender,
+                                        slots=webhook_handlers.EndpointSlots(settings.webhook_concurrency_per_endpoint),
+                                        schedule=parse_schedule(settings.webhook_retry_schedule_s), **deps),
+        })
+        return partial(webhook_handlers.announce_purge, **deps)
+
     async def _sweep_forever(self) -> None:
         """Expire what the gateway keeps for a while (uncollected checkout keys, idempotency records) and ask
         again for account purges some service has not confirmed."""
@@ -94,6 +131,9 @@ class GatewayService:
                                                         older_than_s=settings.gateway_sweep_interval_s,
                                                         within_s=settings.purge_deadline_s)
                 await handlers.fail_overdue_purges(accounts=self.ctx.accounts, deadline_s=settings.purge_deadline_s)
+                if self.ctx.webhooks is not None and self._webhook_scheduler is not None:
+                    await webhook_handlers.resend_stalled(webhooks=self.ctx.webhooks, scheduler=self._webhook_scheduler,
+                                                          overdue_s=max(600.0, settings.gateway_sweep_interval_s))
                 if self.ctx.idempotency is not None:
                     purged = await self.ctx.idempotency.purge_expired()
                     if purged:
@@ -111,6 +151,8 @@ class GatewayService:
         if self.ctx.outbox is not None:
             await self.ctx.outbox.stop()
         await self.ctx.bus.close()
+        if self._webhook_sender is not None:
+            await self._webhook_sender.close()
         if self.ctx.redis is not None:
             await self.ctx.redis.aclose()
         await self.ctx.pool.close()
@@ -134,7 +176,8 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     return GatewayContext(settings=settings, bus=bus, pool=pool, accounts=accounts,
                           backends=BackendRegistry(grace=settings.heartbeat_grace), extras={},
                           redis=redis, limiter=limiter, idempotency=IdempotencyStore(pool),
-                          probe=DependencyProbe(pool=pool, bus=bus), outbox=OutboxBus(bus, pool))
+                          probe=DependencyProbe(pool=pool, bus=bus), outbox=OutboxBus(bus, pool),
+                          webhooks=WebhookRepository(pool))
 
 
 async def build(settings: GatewaySettings | None = None) -> GatewayService:

@@ -4,10 +4,13 @@ Consumes: account.purge_requested (delete keys and accounts), account.purged (re
 billing.account_provisioning_requested (mint a key after a checkout), billing.account_keys_revoked /
 restored (suspend or reactivate an account); a timer in bootstrap -> sweep_checkout_keys (erase the
 plaintext of checkout keys nobody collected).
-Emits: account.purged (through the outbox, with the deletion); account.purge_requested again for purges left
-unconfirmed; a purge still unconfirmed after PURGE_DEADLINE_S ends `failed` and is logged as an alert.
+Emits: account.purged (through the outbox, with the deletion; and, through the webhook handlers, the
+account.purged client webhook); account.purge_requested again for purges left unconfirmed; a purge still
+unconfirmed after PURGE_DEADLINE_S ends `failed` and is logged as an alert.
 """
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 from timbre_common.contracts import Envelope
 from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurged, AccountPurgeRequested
@@ -21,7 +24,10 @@ log = get_logger(__name__)
 
 
 async def on_purge_requested(event: AccountPurgeRequested, *, envelope: Envelope, accounts: AccountRepository,
-                             bus: MessageBus) -> None:
+                             bus: MessageBus, announce_purge: Callable[..., Awaitable[int]] | None = None) -> None:
+    if announce_purge is not None:
+        # Client webhooks: account.purged goes out to the endpoints that want it, then the endpoints go.
+        await announce_purge(account_id=event.account_id, purge_id=event.purge_id, envelope=envelope)
     async with bus.transaction():
         removed = await accounts.delete_account(event.account_id)
         await bus.publish(AccountPurged(account_id=event.account_id, purge_id=event.purge_id, service="gateway",

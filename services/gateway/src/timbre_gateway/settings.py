@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from timbre_common.settings import CommonSettings, require_callback_secret, require_real_secret
+
+from .webhooks.domain import parse_schedule
+from .webhooks.targets import parse_policy
 
 
 class GatewaySettings(CommonSettings):
@@ -52,6 +55,29 @@ class GatewaySettings(CommonSettings):
         """The secret checkout keys are sealed with: CHECKOUT_KEY_SECRET, else ADMIN_SECRET (HKDF separates the
         uses); empty only in development without either."""
         return (self.checkout_key_secret.get_secret_value() or self.admin_secret.get_secret_value())
+
+    # Client webhooks. Private, loopback and link-local targets are refused unless allowed here: `true` (any, for
+    # self-hosting; http is then accepted too) or a list of networks (`127.0.0.1/32,10.0.0.0/8`).
+    webhook_allow_private: str = "false"
+    # Seconds before each retry of a failed delivery (about 24 h in all); after the last one it is parked.
+    webhook_retry_schedule_s: str = "10,30,120,600,1800,3600,7200,14400,21600,36000"
+    # One attempt (connect, send, the first KiB of the answer) ends after this long.
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Deliveries in flight to one endpoint; more wait their turn without holding anyone else's.
+    webhook_concurrency_per_endpoint: int = Field(default=4, ge=1)
+    webhook_max_endpoints: int = Field(default=10, ge=1)
+
+    @field_validator("webhook_allow_private")
+    @classmethod
+    def _policy_parses(cls, value: str) -> str:
+        parse_policy(value)
+        return value
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _schedule_parses(cls, value: str) -> str:
+        parse_schedule(value)
+        return value
 
     @model_validator(mode="after")
     def _secrets(self) -> GatewaySettings:

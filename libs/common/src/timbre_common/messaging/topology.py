@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import aio_pika
 
 from ..catalogue import KNOWN_BACKENDS
-from ..contracts import accounts, billing, storage, synthesis, voices
+from ..contracts import accounts, billing, storage, synthesis, voices, webhooks
 
 # Delays (seconds) of the retry tiers: the n-th retry waits RETRY_DELAYS[min(n, len) - 1]. With the default of
 # six attempts an event survives about 35 minutes of a dependency being down before it is dead-lettered.
@@ -46,6 +46,10 @@ QUEUES: dict[str, QueueSpec] = {
         QueueSpec("gateway.events", _keys(accounts.AccountPurged, billing.AccountProvisioningRequested,
                                           billing.AccountKeysRevoked, billing.AccountKeysRestored,
                                           accounts.AccountPurgeRequested)),
+        # Client webhooks (gateway): the events they announce, and the deliveries' own schedule, which hops
+        # through the retry tiers above until each attempt is due.
+        QueueSpec("gateway.webhook_events", _keys(synthesis.JobReady, synthesis.JobFailed, voices.VoiceDeleted)),
+        QueueSpec("gateway.webhook_deliveries", _keys(webhooks.WebhookDeliveryDue), prefetch=64),
     )
 }
 def voice_profile_routing_key(backend: str) -> str:

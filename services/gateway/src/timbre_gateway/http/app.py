@@ -20,6 +20,7 @@ from .errors import document_error_body, install_error_handlers
 from .limits import RateLimitHeadersMiddleware
 from .routes import router
 from .routes_billing import router as billing_router
+from .routes_webhooks import router as webhooks_router
 
 log = get_logger("timbre_gateway.access")
 _CID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -84,6 +85,7 @@ def create_app(ctx: Any, *, extra_routers: list[Any] | None = None) -> FastAPI:
     document_error_body(app)
     app.include_router(router)
     app.include_router(billing_router)
+    app.include_router(webhooks_router)
     for extra in extra_routers or []:
         app.include_router(extra)
     app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)

@@ -40,6 +40,7 @@ from .deps import AdminDep, CallbackAttemptDep, CallerDep, Ctx
 from .errors import ApiError, error_responses
 from .idempotency import IdempotencyKey, fingerprint, idempotent
 from .multipart import read_form
+from .routes_webhooks import endpoint_for_request
 from .schemas import (
     CallbackOutcome,
     CompletionCallback,
@@ -339,7 +340,7 @@ def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ign
                             400: ["missing_field", "invalid_json", "invalid_body", "invalid_idempotency_key"],
                             402: ["quota_exceeded"], 404: ["voice_not_found"], 409: ["idempotency_in_progress"],
                             422: ["text_too_long", "invalid_backend", "backend_unavailable", "unsupported_language",
-                                  "invalid_request", "idempotency_key_reused"]})})
+                                  "invalid_request", "idempotency_key_reused", "webhook_not_registered"]})})
 async def synthesize(ctx: Ctx, caller: CallerDep, body: SynthesizeRequest,
                      idempotency_key: IdempotencyKey = None) -> Response:
     return await idempotent(ctx, account_id=caller.account_id, key=idempotency_key,
@@ -368,6 +369,7 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
         _require_known_backend(body.backend)
     if body.lang is not None:
         _require_known_lang(body.lang)
+    webhook_id = await endpoint_for_request(ctx, caller.account_id, body.webhook_url) if body.webhook_url else None
     # Two independent questions, asked at once; a voice error still wins over a quota one. The quota answer
     # reserves the characters (a hold) so a burst of requests cannot all pass on the same usage.
     voice_answer, quota_answer = await asyncio.gather(
@@ -417,6 +419,8 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
         if accepted.expires_at:
             headers["X-Expires-At"] = accepted.expires_at.isoformat()
         return await _audio(audio or b"", body.response_format, headers)
+    if webhook_id is not None and accepted.job_id:
+        await ctx.webhooks.attach_job(accepted.job_id, webhook_id, caller.account_id)
     headers |= {"X-Cache": "MISS", "X-Synthesis-Time-Ms": "-1", "Location": f"/v1/jobs/{accepted.job_id}"}
     return JSONResponse({"job_id": accepted.job_id, "status": "pending"}, status_code=202, headers=headers)
 

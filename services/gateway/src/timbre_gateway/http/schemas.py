@@ -101,6 +101,9 @@ class SynthesizeRequest(BaseModel):
     lang: Text | None = Field(default=None, description="Defaults to the voice's language")
     backend: Text | None = Field(default=None, description="Defaults to the voice's backend")
     response_format: Literal[tuple(RESPONSE_FORMATS)] = "wav"  # type: ignore[valid-type]
+    webhook_url: Text | None = Field(default=None, max_length=2048,
+                                     description="A webhook endpoint registered with POST /v1/webhooks: this job's "
+                                                 "job.ready or job.failed goes there")
 
 
 class JobAccepted(BaseModel):
