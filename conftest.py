@@ -58,3 +58,15 @@ async def pg_schema(database_url: str):
     schema = f"t_{uuid.uuid4().hex[:12]}"
     yield schema
     await drop_schema(database_url, schema)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_config_restored():
+    """A test that configures logging (to a buffer, say) leaves the next test the configuration it found."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    if structlog.get_config() != saved:
+        structlog.reset_defaults()
+        structlog.configure(**saved)
