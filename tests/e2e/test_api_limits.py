@@ -1,4 +1,5 @@
-"""Idempotency-Key, per-key rate and concurrency limits shared by gateway replicas, Redis down failing open."""
+"""Idempotency-Key, per-key rate and concurrency limits shared by gateway replicas, kept per replica with Redis
+down."""
 from __future__ import annotations
 
 import asyncio
@@ -272,14 +273,15 @@ def test_concurrency_limit_is_shared_by_replicas(client, replica, wavs):
     assert client.http.get("/v1/voices", headers=client.auth(key)).status_code == 200
 
 
-def test_redis_down_fails_open(client, tmp_path):
-    """A replica whose Redis is unreachable keeps serving (no limits) and says so in its log."""
+def test_redis_down_still_limits_per_replica(client, tmp_path):
+    """A replica whose Redis is unreachable keeps serving and keeps the key's limit on its own (before: every
+    request passed), and says so in its log."""
     key = client.new_key(label="redis-down", rate_per_minute=1)
     with gateway_replica(client, tmp_path, REDIS_URL="redis://127.0.0.1:1/0") as down:
         started = time.monotonic()
         statuses = [down.get("/v1/voices", headers=client.auth(key)).status_code for _ in range(5)]
         elapsed = time.monotonic() - started
         log = Path(down.log_path).read_text()  # type: ignore[attr-defined]
-    assert statuses == [200] * 5
+    assert statuses == [200] + [429] * 4, statuses
     assert elapsed < 5.0, elapsed
-    assert "rate_limiter_unavailable_failing_open" in log
+    assert "rate_limiter_degraded_to_local" in log
