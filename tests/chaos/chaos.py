@@ -22,6 +22,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import sys
 import tempfile
 import threading
@@ -158,6 +159,8 @@ class Chaos:
         self.probe_key: dict | None = None
         self.probe_jobs: list[str] = []
         self.keys: list[dict] = []
+        self.samples: list[tuple[float, bool]] = []
+        self._watching = threading.Event()
 
     # Setup ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -239,17 +242,36 @@ class Chaos:
                 time.sleep(0.2)
         return None
 
+    def _watch_health(self) -> None:
+        """Sample /v1/health all along (its own client, its own thread): faults are timed from the samples."""
+        http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=5)
+        while not self._watching.is_set():
+            try:
+                r = http.get("/v1/health")
+                ok = r.status_code == 200 and r.json()["status"] == "ok"
+            except (httpx.HTTPError, ValueError):
+                ok = False
+            self.samples.append((time.monotonic(), ok))
+            time.sleep(0.2)
+        http.close()
+
+    def _health_recovery(self, since: float) -> tuple[bool, float | None]:
+        """(whether health dipped after `since`, seconds from `since` until it was ok for good)."""
+        samples = [(t, ok) for t, ok in list(self.samples) if t >= since]
+        bad = [i for i, (_, ok) in enumerate(samples) if not ok]
+        if not bad:
+            return False, 0.0
+        after = [t for t, ok in samples[bad[-1]:] if ok]
+        return True, (after[0] - since) if after else None
+
     def _measure(self, fault: str, since: float) -> None:
         limit = self.args.recovery_limit_s
-        # Health may lag the fault (worker heartbeats have a grace of a few beats): look for the dip first.
-        degraded = False
-        while time.monotonic() - since < self.args.observe_s:
-            if not self._health_ok():
-                degraded = True
-                break
-            time.sleep(0.2)
-        health = self._wait_health(since, limit) if degraded else 0.0
         request = self._real_request(since, limit)
+        # Health may lag the fault (worker heartbeats have a grace of a few beats): give the dip time to show.
+        time.sleep(max(0.0, self.args.observe_s - (time.monotonic() - since)))
+        self._wait_health(time.monotonic(), limit)
+        time.sleep(0.5)
+        degraded, health = self._health_recovery(since)
         rec = Recovery(fault, health, request, degraded)
         self.recoveries.append(rec)
         say(f"{fault}: health {'ok after ' + _fmt(health) if degraded else 'never degraded'}, "
@@ -306,6 +328,7 @@ class Chaos:
         load = Load(f"http://127.0.0.1:{self.port}", keys, jobs=self.args.jobs, spread_s=self.args.spread_s,
                     give_up_s=self.args.give_up_s)
         started = time.monotonic()
+        threading.Thread(target=self._watch_health, daemon=True).start()
         load.start()
         time.sleep(self.args.settle_s)
         for name in CORE_SERVICES:
@@ -318,6 +341,7 @@ class Chaos:
         self.restart_postgres()
         say("faults done; waiting for the clients to finish submitting")
         load.join()
+        self._watching.set()
         submitted_s = time.monotonic() - started
         return self.verify(load, submitted_s)
 
@@ -431,8 +455,7 @@ class Chaos:
               f"submission; probe jobs {len(self.probe_jobs)}")
         summary = {"jobs": len(load.submissions), "accepted": len(accepted), "ready": len(ready),
                    "failed": len(failed), "recoveries": [r.__dict__ for r in self.recoveries]}
-        (self.root / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"summary: {self.root / 'summary.json'}")
+        print(f"summary: {json.dumps(summary)}")
 
 
 def _fmt(seconds: float | None) -> str:
@@ -453,10 +476,14 @@ def main() -> int:
     p.add_argument("--drain-s", type=float, default=600.0, help="wait this long for accepted jobs to end")
     args = p.parse_args()
     chaos = Chaos(args)
+    status = 1
     try:
-        return chaos.run()
+        status = chaos.run()
+        return status
     finally:
         chaos.stop()
+        if status == 0:  # the logs are kept when something failed
+            shutil.rmtree(chaos.root, ignore_errors=True)
 
 
 if __name__ == "__main__":

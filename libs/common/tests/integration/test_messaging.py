@@ -288,3 +288,39 @@ async def test_dead_lettered_messages_are_redriven_once_the_cause_is_fixed(bus: 
     assert await redrive(bus.connection, names, SPEC.name) == 1
     await asyncio.wait_for(done.wait(), 10)
     assert handled == [99] and (await depths(bus.connection, names, [SPEC]))[SPEC.name] == 0
+
+
+async def test_a_database_restart_under_the_inbox_does_not_dead_letter_the_message(bus: Bus):
+    """The inbox's database refusing connections for a few seconds (a restart): the message waits, in hand,
+    instead of bouncing off the broker until the quorum queue's delivery limit parks it."""
+    import asyncpg
+
+    class RestartingDeduper:
+        def __init__(self) -> None:
+            self.down_until = asyncio.get_running_loop().time() + 3.0
+            self.refusals = 0
+
+        async def seen(self, consumer: str, message_id: str) -> bool:
+            if asyncio.get_running_loop().time() < self.down_until:
+                self.refusals += 1
+                raise asyncpg.exceptions.CannotConnectNowError("the database system is starting up")
+            return False
+
+        async def remember(self, consumer: str, message_id: str) -> None:
+            pass
+
+    deduper = RestartingDeduper()
+    handled: list[int] = []
+    done = asyncio.Event()
+
+    async def on_ping(msg, *, envelope):
+        handled.append(msg.n)
+        done.set()
+
+    await bus.consume(SPEC, {PingHappened: on_ping}, deduper=deduper)
+    await bus.publish(PingHappened(n=9))
+    await asyncio.wait_for(done.wait(), 20)
+    assert handled == [9] and deduper.refusals >= 2
+    ch = await bus.connection.channel()
+    dlq = await ch.get_queue(bus.names.dlq(SPEC.name))
+    assert await dlq.get(fail=False) is None

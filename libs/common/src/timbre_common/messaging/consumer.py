@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import aio_pika
 
+from ..availability import unavailable_dependency
 from ..contracts import Envelope, Message
 from ..logging import correlation, get_logger
 from . import instrument
@@ -27,6 +28,8 @@ log = get_logger(__name__)
 
 Handler = Callable[..., Awaitable[Any]]
 ATTEMPT_HEADER = "x-attempt"
+# How long a delivery is held while the consumer's own database is unreachable, before it is handed back.
+OUTAGE_PATIENCE_S = 60.0
 
 
 class Deduper(Protocol):
@@ -77,7 +80,7 @@ class Consumer:
             self._inflight.add(task)
         try:
             with instrument.consuming(self.spec.name, incoming):
-                await self.handle(incoming)
+                await self._handle_through_outages(incoming)
         except Exception:
             # Anything the policy itself could not handle (the deduper's database down, say): hand the message
             # back rather than hold its prefetch slot forever. A quorum queue counts the redelivery against
@@ -88,6 +91,30 @@ class Consumer:
         finally:
             if task is not None:
                 self._inflight.discard(task)
+
+    async def _handle_through_outages(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
+        """`handle`, waiting out a database outage of the policy itself (the deduper) with the message in hand.
+
+        Handed back at once, the message would come straight back, again and again within the outage, and a
+        restart of PostgreSQL would dead-letter it by the quorum queue's delivery limit. Held, it waits up
+        to OUTAGE_PATIENCE_S. A broker failure is not waited out: its delivery is void and comes again anyway.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + OUTAGE_PATIENCE_S
+        delay = 0.5
+        while True:
+            try:
+                await self.handle(incoming)
+                return
+            except Exception as exc:
+                dependency = unavailable_dependency(exc)
+                if (dependency in (None, "broker") or incoming.processed
+                        or loop.time() + delay > deadline):
+                    raise
+                log.warning("message_waiting_for_dependency", queue=self.spec.name, dependency=dependency,
+                            message_id=incoming.message_id, retry_in_s=delay, error=f"{type(exc).__name__}")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def handle(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
         """Apply the policy above to one delivery."""
