@@ -29,6 +29,9 @@ class GatewaySettings(CommonSettings):
     rate_limit_per_minute: int = 120
     max_concurrent_requests: int = 16
     idempotency_ttl_s: int = 24 * 3600
+    # An in-flight Idempotency-Key claim is a lease renewed while its request runs; a crashed replica's claim
+    # lapses after this. Unset: just above the longest RPC wait (RPC_TIMEOUT_S + 5 s).
+    idempotency_lease_s: float | None = Field(default=None, gt=0)
     # A checkout's API key plaintext nobody collected is erased after this long (CHECKOUT_KEY_TTL_S) ...
     checkout_key_ttl_s: float = Field(default=24 * 3600, gt=0)
     # ... by the success page's read, or by a sweep this often, whichever comes first.
@@ -39,6 +42,11 @@ class GatewaySettings(CommonSettings):
     purge_wait_s: float = 10.0
     # A backend is advertised while a worker's heartbeat is younger than this many intervals.
     heartbeat_grace: float = 3.0
+
+    @property
+    def idempotency_lease(self) -> float:
+        """Seconds an Idempotency-Key claim lasts unless renewed."""
+        return self.idempotency_lease_s or self.rpc_timeout_s + 5.0
 
     @model_validator(mode="after")
     def _secrets(self) -> GatewaySettings:

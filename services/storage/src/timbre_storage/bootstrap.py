@@ -38,6 +38,7 @@ class StorageService:
             c.PutUpload: partial(a.put_upload, **d),
             c.GetUpload: partial(a.get_upload, **d),
             c.GetObject: partial(a.get_object, **d),
+            c.GetRendition: partial(a.get_rendition, **d),
             c.Presign: partial(a.presign, **d),
             c.DeleteObjects: partial(a.delete_objects, **d),
         })

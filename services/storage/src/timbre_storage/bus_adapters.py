@@ -1,6 +1,6 @@
 """The storage service on the bus: commands and events translated to the handlers of `handlers.py`.
 
-Serves (RPC): PutVoiceReference, PutUpload, GetUpload, GetObject, Presign, DeleteObjects.
+Serves (RPC): PutVoiceReference, PutUpload, GetUpload, GetObject, GetRendition, Presign, DeleteObjects.
 Consumes: synthesis.completed (WAV body), voice.deleted, objects.released, account.purge_requested.
 Emits: audio.stored, objects.expired, account.purged.
 """
@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from timbre_common.audio import AudioError
 from timbre_common.contracts import Envelope, utcnow
 from timbre_common.contracts import storage as c
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
@@ -38,6 +39,8 @@ async def _domain_errors() -> AsyncIterator[None]:
         raise NotFound("object_not_found", f"no such object: {exc}") from exc
     except (InvalidId, InvalidPurpose) as exc:
         raise Invalid("invalid_storage_request", str(exc)) from exc
+    except AudioError as exc:
+        raise Invalid(exc.code, exc.message) from exc
 
 
 def _reply(obj: StoredObject) -> c.StoredObject:
@@ -92,6 +95,14 @@ async def get_object(cmd: c.GetObject, *, envelope: Envelope, repo: ObjectReposi
         data = await handlers.get_object(key=cmd.key, repo=repo, store=store)
         obj = await repo.get(cmd.key)
     assert obj is not None
+    return _reply(obj), data
+
+
+async def get_rendition(cmd: c.GetRendition, *, envelope: Envelope, repo: ObjectRepository,
+                        store: BlobStore) -> tuple[c.StoredObject, bytes]:
+    async with _domain_errors():
+        obj, data = await handlers.get_rendition(account_id=cmd.account_id, key=cmd.key, fmt=cmd.format, repo=repo,
+                                                 store=store)
     return _reply(obj), data
 
 

@@ -210,6 +210,24 @@ def upload_key(account_id: str, upload_id: str, purpose: UploadPurpose, created_
     return _dated(prefix, account_id, created_at, check_id(upload_id, "upload_id"), ext)
 
 
+# Formats a generation is handed out in besides its WAV, each encoded once and kept beside it (same stem).
+RENDITION_FORMATS = ("mp3", "opus", "flac", "pcm")
+
+
+def rendition_key(source_key: str, fmt: str) -> str:
+    """Key of a generated WAV's rendition in another response format."""
+    if fmt not in RENDITION_FORMATS or not source_key.endswith(".wav"):
+        raise InvalidId(f"no {fmt!r} rendition of {source_key!r}")
+    return f"{source_key[: -len('.wav')]}.{fmt}"
+
+
+def renditions_of(key: str) -> list[str]:
+    """The rendition keys that go with a generated WAV (none for any other key)."""
+    if not (key.startswith("generations/") and key.endswith(".wav")):
+        return []
+    return [rendition_key(key, fmt) for fmt in RENDITION_FORMATS]
+
+
 def account_prefixes(account_id: str) -> list[str]:
     """Every bucket prefix that holds objects of the account (trailing '/' so 'ab' never matches 'abc')."""
     account_id = check_id(account_id, "account_id")

@@ -14,10 +14,12 @@ Every write is idempotent: a redelivered message writes the same key and answers
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
+from timbre_common.audio import transcode
 from timbre_storage.adapters.blob import BlobStore
 from timbre_storage.adapters.repository import ObjectRepository, Upload
 from timbre_storage.domain import (
@@ -35,6 +37,8 @@ from timbre_storage.domain import (
     expires_at,
     ext_for_content_type,
     generation_key,
+    rendition_key,
+    renditions_of,
     upload_key,
     voice_key,
 )
@@ -183,6 +187,40 @@ async def get_object(
     return await store.get(key)
 
 
+async def get_rendition(
+    *, account_id: str, key: str, fmt: str, repo: ObjectRepository, store: BlobStore, now: datetime | None = None
+) -> tuple[StoredObject, bytes]:
+    """A generated audio object of the account in `fmt`: encoded on the first request, then read back.
+
+    The rendition lives beside its source with the source's expiry, so the sweeper, a release of the source and
+    the account purge remove it with the source.
+    """
+    moment = _now(now)
+    source = await _live(key, repo, moment)
+    if source.account_id != account_id or source.kind is not ObjectKind.GENERATION:
+        raise ObjectMissing(key)
+    if fmt == "wav":
+        return source, await store.get(key)
+    target = rendition_key(key, fmt)
+    kept = await repo.get(target)
+    if kept is not None and await store.exists(target):
+        return kept, await store.get(target)
+    # Seconds of CPU for minutes of mp3 or opus: once per format and job, off the event loop.
+    body, content_type = await asyncio.to_thread(transcode, await store.get(key), fmt)
+    obj = StoredObject(
+        key=target,
+        size=len(body),
+        expires_at=source.expires_at,
+        account_id=account_id,
+        kind=ObjectKind.GENERATION,
+        retention=source.retention,
+        content_type=content_type,
+        created_at=moment,
+        owner_ref=source.owner_ref,
+    )
+    return await _write(obj, body, repo=repo, store=store), body
+
+
 async def get_upload(
     *, account_id: str, upload_id: str, repo: ObjectRepository, now: datetime | None = None
 ) -> tuple[Upload, StoredObject]:
@@ -222,14 +260,17 @@ async def _owned_by(key: str, account_id: str, repo: ObjectRepository) -> bool:
 async def delete_objects(
     *, keys: Iterable[str], repo: ObjectRepository, store: BlobStore, account_id: str | None = None
 ) -> int:
-    """Delete objects from the bucket, then their index rows; with account_id, only that account's keys."""
+    """Delete objects from the bucket, then their index rows; with account_id, only that account's keys.
+
+    A generated WAV takes its renditions (other formats of it) with it."""
     removed = 0
     for key in keys:
         check_key(key)
         if account_id is not None and not await _owned_by(key, account_id, repo):
             continue  # an owner may only release its own objects
-        await store.delete(key)
-        removed += await repo.delete(key)
+        for target in (key, *renditions_of(key)):
+            await store.delete(target)
+            removed += await repo.delete(target)
     return removed
 
 

@@ -19,12 +19,13 @@ ORDER = SynthesisRequested(job_id="j1", account_id="a1", voice_id="v1", text="Hi
 
 
 class FakeJobs:
-    def __init__(self, status: str = "pending") -> None:
+    def __init__(self, status: str = "pending", attempts: int = 1) -> None:
         self.status = status
+        self.attempts = attempts
         self.refs: dict[str, str] = {}
 
     async def get(self, job_id: str) -> dict[str, Any] | None:
-        return {"job_id": job_id, "status": self.status}
+        return {"job_id": job_id, "status": self.status, "attempts": self.attempts}
 
     async def set_executor_ref(self, job_id: str, ref: str) -> None:
         self.refs[job_id] = ref

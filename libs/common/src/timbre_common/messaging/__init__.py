@@ -1,5 +1,5 @@
 """Messaging on aio-pika: topology, publishing with confirms, consuming with a policy, RPC."""
-from .bus import Bus, PgDeduper
+from .bus import Bus, PgDeduper, PublishRefused
 from .codec import UndecodableMessage, decode, encode, envelope_for
 from .consumer import Consumer, Deduper
 from .rpc import Conflict, Invalid, NotFound, RemoteError, RpcClient, RpcError, RpcServer, RpcTimeout
@@ -16,7 +16,8 @@ from .topology import (
                        work_routing_key,
 )
 
-__all__ = ["Bus", "PgDeduper", "UndecodableMessage", "decode", "encode", "envelope_for", "Consumer", "Deduper",
+__all__ = ["Bus", "PgDeduper", "PublishRefused", "UndecodableMessage", "decode", "encode", "envelope_for",
+           "Consumer", "Deduper",
            "Conflict", "Invalid", "NotFound", "RemoteError", "RpcClient", "RpcError", "RpcServer", "RpcTimeout",
            "QUEUES", "RETRY_DELAYS", "Names", "QueueSpec", "declare_topology", "local_work_queue",
            "modal_executor_queue", "voice_profile_queue", "voice_profile_routing_key", "work_routing_key"]

@@ -5,6 +5,7 @@ import asyncio
 from typing import Any
 
 import aio_pika
+from pamqp.commands import Basic
 
 from ..contracts import Command, Event, Message
 from ..logging import correlation_id_var, get_logger
@@ -14,6 +15,10 @@ from .rpc import RpcClient, RpcHandler, RpcServer
 from .topology import QUEUES, Names, QueueSpec, declare_topology
 
 log = get_logger(__name__)
+
+
+class PublishRefused(Exception):
+    """The broker refused the message (negative confirm): a queue it routes to is full (`reject-publish`)."""
 
 
 class Bus:
@@ -59,8 +64,10 @@ class Bus:
                                 account_id=account_id or getattr(event, "account_id", None), message_id=message_id)
         # Not mandatory: every consumer's queue is declared up front, and an event nobody subscribes to (yet) is
         # meant to go nowhere, not to come back and be logged whole by the client library.
-        await self._events.publish(encode(event, envelope, body=body), routing_key=routing_key or event.routing_key(),
-                                   mandatory=False)
+        confirmation = await self._events.publish(encode(event, envelope, body=body),
+                                                  routing_key=routing_key or event.routing_key(), mandatory=False)
+        if isinstance(confirmation, Basic.Nack):
+            raise PublishRefused(f"the broker refused {event.TYPE} (a queue it routes to is full)")
         log.debug("event_published", type=event.TYPE, message_id=envelope.message_id)
         return envelope.message_id
 

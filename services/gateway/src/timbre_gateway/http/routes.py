@@ -38,7 +38,7 @@ from timbre_common.text import SUPPORTED_LANGUAGES
 
 from .deps import AdminDep, CallbackSecretDep, CallerDep, Ctx
 from .errors import ApiError, error_responses
-from .idempotency import IdempotencyKey, fingerprint, idempotent
+from .idempotency import IdempotencyKey, ReplayRef, StoredResponse, about, fingerprint, idempotent
 from .multipart import read_form
 from .schemas import (
     CallbackOutcome,
@@ -63,6 +63,8 @@ router = APIRouter(prefix="/v1")
 # What a remote worker reports when the trouble was its own (a GPU, a network), not the request's: another
 # attempt, maybe on another container, may well succeed; the dispatcher bounds the attempts.
 REMOTE_TRANSIENT_FAILURES = frozenset({"backend_unavailable", "reference_unavailable", "synthesis_failed"})
+# The dispatcher's answers when work is piling up: the client is told when to come back.
+BACKLOG_REFUSALS = frozenset({"too_many_pending_jobs", "work_queue_full"})
 UPLOAD_PURPOSES = ("voice_clone", "stt_input", "watermark_input", "audio_job_input")
 UPLOAD_CONTENT_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "audio/mpeg", "audio/mp3",
                                   "audio/mp4", "audio/x-m4a", "audio/aac", "audio/ogg", "audio/opus", "audio/webm",
@@ -104,9 +106,13 @@ def _link_next_page(response: Response, path: str, cursor: str | None, **params:
     response.headers["Link"] = f'<{path}?{query}>; rel="next"'
 
 
-async def _audio(wav: bytes, fmt: str, headers: dict[str, str], status: int = 200) -> Response:
-    # Encoding minutes of mp3 or opus takes seconds of CPU: off the event loop, so other requests keep flowing.
-    body, content_type = transcode(wav, fmt) if fmt == "wav" else await asyncio.to_thread(transcode, wav, fmt)
+async def _audio(audio: bytes, fmt: str, headers: dict[str, str], status: int = 200, *,
+                 content_type: str | None = None) -> Response:
+    """The audio answer. Storage hands out each format encoded once (`content_type` says it is); a WAV from an
+    older dispatcher is still encoded here, off the event loop."""
+    if content_type is not None:
+        return Response(audio, status_code=status, media_type=content_type, headers=headers)
+    body, content_type = transcode(audio, fmt) if fmt == "wav" else await asyncio.to_thread(transcode, audio, fmt)
     return Response(body, status_code=status, media_type=content_type, headers=headers)
 
 
@@ -236,7 +242,8 @@ async def create_voice(request: Request, ctx: Ctx, caller: CallerDep,
 
     async def register() -> Response:
         record, _ = await ctx.bus.call("voices", command, body=audio.data if audio else None, expect=VoiceRecord)
-        return JSONResponse(_voice_out(record).model_dump(mode="json"), status_code=201)
+        return about(JSONResponse(_voice_out(record).model_dump(mode="json"), status_code=201),
+                     ReplayRef(voice_id=record.voice_id))
 
     sent = {"fields": form.fields, "ref_audio": hashlib.sha256(audio.data).hexdigest() if audio else None}
     return await idempotent(ctx, account_id=caller.account_id, key=idempotency_key,
@@ -281,6 +288,9 @@ async def delete_voice(ctx: Ctx, caller: CallerDep, voice_id: str) -> Response:
     await ctx.bus.call("voices", DeleteVoice(account_id=caller.account_id, voice_id=voice_id))
     # Done now so the client sees no job of the voice after the 204; the voice.deleted event repeats it.
     await ctx.bus.call("dispatcher", PurgeVoiceJobs(account_id=caller.account_id, voice_id=voice_id))
+    if ctx.idempotency is not None:
+        # A retried request must not bring back the voice's record or audio.
+        await ctx.idempotency.forget_voice(caller.account_id, voice_id)
     return Response(status_code=204)
 
 
@@ -317,12 +327,23 @@ def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ign
                             400: ["missing_field", "invalid_json", "invalid_body", "invalid_idempotency_key"],
                             402: ["quota_exceeded"], 404: ["voice_not_found"], 409: ["idempotency_in_progress"],
                             422: ["text_too_long", "invalid_backend", "backend_unavailable", "unsupported_language",
-                                  "invalid_request", "idempotency_key_reused"]})})
+                                  "invalid_request", "idempotency_key_reused"],
+                            429: ["rate_limited", "too_many_concurrent_requests", "too_many_pending_jobs"],
+                            503: ["service_unavailable", "work_queue_full"]})})
 async def synthesize(ctx: Ctx, caller: CallerDep, body: SynthesizeRequest,
                      idempotency_key: IdempotencyKey = None) -> Response:
+    async def replay_audio(stored: StoredResponse) -> Response:
+        """The first answer was audio: read it again (encoded once, kept by storage with the job)."""
+        view, audio = await ctx.bus.call("dispatcher", FetchJobAudio(
+            account_id=caller.account_id, job_id=stored.job_id or "", response_format=stored.audio_format),
+            expect=JobView)
+        headers = {k: v for k, v in stored.headers if k.lower() != "content-type"} | {"Idempotent-Replayed": "true"}
+        return await _audio(audio or b"", stored.audio_format or "wav", headers, stored.status_code,
+                            content_type=view.content_type)
+
     return await idempotent(ctx, account_id=caller.account_id, key=idempotency_key,
                             request_fingerprint=fingerprint("POST /v1/synthesize", body.model_dump()),
-                            run=lambda: _synthesize(ctx, caller, body))
+                            run=lambda: _synthesize(ctx, caller, body), replay_audio=replay_audio)
 
 
 async def _release_hold(ctx, account_id: str, hold_id: str | None) -> None:  # type: ignore[no-untyped-def]
@@ -381,9 +402,12 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
             expect=SynthesisAccepted)
     except RemoteError as exc:
         # A refusal made no job; a timeout or a server error may have, and that job consumes the hold (else
-        # it expires), so only the refusal gives it back now.
+        # it expires), so only the refusal gives it back now. A full work queue failed its job, which released it.
         if exc.status < 500:
             await _release_hold(ctx, caller.account_id, hold_id)
+        if exc.code in BACKLOG_REFUSALS:
+            raise ApiError(exc.status, exc.code, exc.message,
+                           headers={"Retry-After": str(exc.details.get("retry_after_s", 5))}) from None
         raise
     if not accepted.hold_attached:
         # A cache hit or a joined job in flight: nothing new is billed, so nothing stays held.
@@ -394,9 +418,12 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
                     "X-Job-Id": accepted.job_id or ""}
         if accepted.expires_at:
             headers["X-Expires-At"] = accepted.expires_at.isoformat()
-        return await _audio(audio or b"", body.response_format, headers)
+        answer = await _audio(audio or b"", body.response_format, headers, content_type=accepted.content_type)
+        return about(answer, ReplayRef(voice_id=voice.voice_id, job_id=accepted.job_id,
+                                       audio_format=body.response_format))
     headers |= {"X-Cache": "MISS", "X-Synthesis-Time-Ms": "-1", "Location": f"/v1/jobs/{accepted.job_id}"}
-    return JSONResponse({"job_id": accepted.job_id, "status": "pending"}, status_code=202, headers=headers)
+    return about(JSONResponse({"job_id": accepted.job_id, "status": "pending"}, status_code=202, headers=headers),
+                 ReplayRef(voice_id=voice.voice_id))
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, response_model_exclude_none=True, tags=["synthesis"],
@@ -422,7 +449,7 @@ async def get_job_audio(ctx: Ctx, caller: CallerDep, job_id: str) -> Response:
     headers = {"X-Job-Id": view.job_id, "X-Voice-Id": view.voice_id, "X-Backend": view.backend}
     if view.expires_at:
         headers["X-Expires-At"] = view.expires_at.isoformat()
-    return await _audio(audio or b"", view.response_format, headers)
+    return await _audio(audio or b"", view.response_format, headers, content_type=view.content_type)
 
 
 def _callback_body(raw: bytes) -> CompletionCallback:

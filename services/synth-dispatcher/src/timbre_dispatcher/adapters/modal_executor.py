@@ -73,6 +73,10 @@ async def spawn_work_order(order: SynthesisRequested, *, envelope: Envelope, spa
     if row is None or row["status"] != "pending":
         log.info("work_order_skipped", job_id=order.job_id, reason="job no longer pending")
         return
+    if row["attempts"] > order.attempt:
+        log.info("work_order_skipped", job_id=order.job_id, reason="superseded by a newer attempt",
+                 attempt=order.attempt, current=row["attempts"])
+        return
     callback_url = f"{public_base_url.rstrip('/')}/v1/jobs/{order.job_id}/complete"
     # A spawn that hangs must not hold its work order (and a prefetch slot) forever: time out and retry.
     call_id = await asyncio.wait_for(
