@@ -17,13 +17,13 @@ from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequeste
 from timbre_common.contracts.synthesis import SynthesisCompleted
 from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.logging import get_logger
-from timbre_common.messaging import Invalid, NotFound
+from timbre_common.messaging import Invalid, NotFound, RpcError
 from timbre_common.ports import MessageBus
 
 from . import handlers
 from .adapters.blob import BlobStore
 from .adapters.repository import ObjectRepository
-from .domain import InvalidId, InvalidPurpose, ObjectExpired, ObjectMissing, StoredObject
+from .domain import AccountLimits, InvalidId, InvalidPurpose, ObjectExpired, ObjectMissing, QuotaExceeded, StoredObject
 
 log = get_logger(__name__)
 
@@ -41,6 +41,8 @@ async def _domain_errors() -> AsyncIterator[None]:
         raise Invalid("invalid_storage_request", str(exc)) from exc
     except AudioError as exc:
         raise Invalid(exc.code, exc.message) from exc
+    except QuotaExceeded as exc:
+        raise RpcError(exc.code, exc.message, status=exc.status) from exc
 
 
 def _reply(obj: StoredObject) -> c.StoredObject:
@@ -49,10 +51,10 @@ def _reply(obj: StoredObject) -> c.StoredObject:
 
 
 async def put_voice_reference(cmd: c.PutVoiceReference, *, envelope: Envelope, body: bytes, repo: ObjectRepository,
-                              store: BlobStore) -> c.StoredObject:
+                              store: BlobStore, limits: AccountLimits | None = None) -> c.StoredObject:
     async with _domain_errors():
         obj = await handlers.store_voice_reference(account_id=cmd.account_id, voice_id=cmd.voice_id, wav=body,
-                                                   repo=repo, store=store)
+                                                   repo=repo, store=store, limits=limits, upload_id=cmd.upload_id)
     return _reply(obj)
 
 
@@ -67,11 +69,11 @@ async def _upload_record(upload: Any, obj: StoredObject, *, repo: ObjectReposito
 
 
 async def put_upload(cmd: c.PutUpload, *, envelope: Envelope, body: bytes, repo: ObjectRepository,
-                     store: BlobStore) -> c.UploadRecord:
+                     store: BlobStore, limits: AccountLimits | None = None) -> c.UploadRecord:
     async with _domain_errors():
         await handlers.store_upload(account_id=cmd.account_id, upload_id=cmd.upload_id, purpose=cmd.purpose,
                                     data=body, content_type=cmd.content_type, filename=cmd.filename, repo=repo,
-                                    store=store)
+                                    store=store, limits=limits)
         upload, obj = await handlers.get_upload(account_id=cmd.account_id, upload_id=cmd.upload_id, repo=repo)
         return await _upload_record(upload, obj, repo=repo, store=store)
 
@@ -134,9 +136,8 @@ async def on_synthesis_completed(event: SynthesisCompleted, *, envelope: Envelop
 
 async def on_voice_deleted(event: VoiceDeleted, *, envelope: Envelope, repo: ObjectRepository,
                            store: BlobStore) -> None:
-    if event.reference_key:
-        await handlers.delete_objects(keys=[event.reference_key], account_id=event.account_id, repo=repo,
-                                      store=store)
+    await handlers.delete_voice_objects(account_id=event.account_id, reference_key=event.reference_key,
+                                        voice_id=event.voice_id, repo=repo, store=store)
 
 
 async def on_objects_released(event: c.ObjectsReleased, *, envelope: Envelope, repo: ObjectRepository,

@@ -23,6 +23,7 @@ from timbre_common.audio import transcode
 from timbre_storage.adapters.blob import BlobStore
 from timbre_storage.adapters.repository import ObjectRepository, Upload
 from timbre_storage.domain import (
+    AccountLimits,
     InvalidId,
     ObjectExpired,
     ObjectKind,
@@ -106,8 +107,13 @@ async def store_voice_reference(
     store: BlobStore,
     retention: RetentionClass = RetentionClass.VOICE_REFERENCE,
     now: datetime | None = None,
+    limits: AccountLimits | None = None,
+    upload_id: str | None = None,
 ) -> StoredObject:
-    """Store a voice's reference audio (system when account_id is None); permanent; rewrite replaces."""
+    """Store a voice's reference audio (system when account_id is None); permanent; rewrite replaces.
+
+    Within the account's byte cap (`limits`); `upload_id` names the voice_clone upload it was made from, which
+    the voice claims (it stops expiring and goes with the voice)."""
     if retention not in (RetentionClass.VOICE_REFERENCE, RetentionClass.BUILT_VOICE):
         raise ValueError(f"a voice reference cannot have retention {retention}")
     obj = StoredObject(
@@ -121,7 +127,11 @@ async def store_voice_reference(
         created_at=_now(now),
         owner_ref=voice_id,
     )
-    return await _write(obj, wav, repo=repo, store=store)
+    recorded = await repo.record(obj, limits=limits)
+    await store.put(obj.key, wav, obj.content_type)
+    if upload_id is not None and account_id is not None:
+        await repo.claim_upload(account_id, check_id(upload_id, "upload_id"), voice_id)
+    return recorded
 
 
 async def store_upload(
@@ -135,8 +145,11 @@ async def store_upload(
     store: BlobStore,
     filename: str | None = None,
     now: datetime | None = None,
+    limits: AccountLimits | None = None,
 ) -> StoredObject:
-    """Store a client upload: voice_clone under voice-recordings/ (permanent), others under uploads/ (30 days)."""
+    """Store a client upload: voice_clone under voice-recordings/ (kept a day unless a voice claims it), others
+    under uploads/ (30 days); within the account's caps (`limits`). The extension comes from the content
+    type, never from the client's file name."""
     purpose = UploadPurpose.parse(purpose)
     check_id(account_id, "account_id")
     check_id(upload_id, "upload_id")
@@ -150,12 +163,15 @@ async def store_upload(
     moment = previous.created_at if previous is not None else _now(now)
     retention = purpose.retention
     key = previous.key if previous is not None else upload_key(
-        account_id, upload_id, purpose, moment, ext_for_content_type(content_type, filename)
+        account_id, upload_id, purpose, moment, ext_for_content_type(content_type)
     )
+    expiry = expires_at(retention, moment)
+    if purpose is UploadPurpose.VOICE_CLONE and limits is not None:
+        expiry = moment + limits.voice_clone_ttl
     obj = StoredObject(
         key=key,
         size=len(data),
-        expires_at=expires_at(retention, moment),
+        expires_at=expiry,
         account_id=account_id,
         kind=ObjectKind.VOICE_RECORDING if purpose is UploadPurpose.VOICE_CLONE else ObjectKind.UPLOAD,
         retention=retention,
@@ -163,7 +179,7 @@ async def store_upload(
         created_at=moment,
         owner_ref=upload_id,
     )
-    await repo.record_upload(obj, upload_id=upload_id, purpose=purpose)
+    await repo.record_upload(obj, upload_id=upload_id, purpose=purpose, limits=limits)
     await store.put(key, data, content_type)
     recorded = await repo.get(key)
     assert recorded is not None
@@ -272,6 +288,15 @@ async def delete_objects(
             await store.delete(target)
             removed += await repo.delete(target)
     return removed
+
+
+async def delete_voice_objects(
+    *, account_id: str, reference_key: str | None, voice_id: str, repo: ObjectRepository, store: BlobStore
+) -> int:
+    """A deleted voice's reference and the uploads it claimed."""
+    keys = [reference_key] if reference_key else []
+    keys += await repo.claimed_upload_keys(account_id, voice_id)
+    return await delete_objects(keys=keys, account_id=account_id, repo=repo, store=store)
 
 
 async def sweep_expired(

@@ -8,7 +8,6 @@ Timers (bootstrap): sweep_overdue (deadlines), sweep_finished (job retention).
 """
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from timbre_common.contracts.synthesis import (
 )
 from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.ids import is_canonical_uuid
-from timbre_common.logging import get_logger
+from timbre_common.logging import get_logger, scrub_urls
 from timbre_common.messaging import NotFound, PublishRefused, RemoteError, RpcError, work_routing_key
 from timbre_common.ports import MessageBus
 
@@ -74,15 +73,6 @@ class WorkQueueFull(RpcError):
     def __init__(self, backend: str) -> None:
         super().__init__("work_queue_full", f"the {backend} backend has too much work waiting; retry later",
                          details={"retry_after_s": 30})
-
-
-# A URL's query (a presigned URL's signature and credentials) never reaches a job's error text.
-_URL_QUERY = re.compile(r"(https?://[^\s?#'\"]+)\?[^\s'\"]*")
-
-
-def scrub_reason(reason: str) -> str:
-    """An error text fit to show a client and keep: URL queries cut, length bounded."""
-    return _URL_QUERY.sub(r"\1?[redacted]", reason)[:2000]
 
 
 # What storage answers for an object its owner can no longer have.
@@ -336,7 +326,7 @@ async def on_audio_stored(event: AudioStored, *, envelope: Envelope, jobs: JobRe
 
 async def _fail(job_id: str, account_id: str, code: str, reason: str, *, jobs: JobRepository,
                 bus: MessageBus) -> None:
-    reason = scrub_reason(reason)
+    reason = scrub_urls(reason)  # a presigned URL's signature never reaches a job's error text
     if (failed := await jobs.mark_failed(job_id, code=code, reason=reason)) is not None:
         await bus.publish(JobFailed(job_id=job_id, account_id=account_id, code=code, reason=reason,
                                     hold_id=failed.get("hold_id")), message_id=f"job.failed:{job_id}")

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from timbre_common.audio import AudioError, parse_wav, transcode
+from timbre_common.audio import AudioError, decode_wav, sniff_content_type, transcode
 from timbre_common.catalogue import BACKEND_LANGUAGES, KNOWN_BACKENDS
 from timbre_common.contracts.accounts import AccountPurgeRequested
 from timbre_common.contracts.billing import CheckQuota, GetUsage, QuotaDecision, ReleaseHold, UsageReport
@@ -32,7 +32,7 @@ from timbre_common.contracts.synthesis import (
 )
 from timbre_common.contracts.voices import DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceList, VoiceRecord
 from timbre_common.ids import is_canonical_uuid
-from timbre_common.logging import get_logger
+from timbre_common.logging import get_logger, scrub_urls
 from timbre_common.messaging import RemoteError
 from timbre_common.text import SUPPORTED_LANGUAGES
 
@@ -486,20 +486,24 @@ async def complete_job(request: Request, ctx: Ctx, _: CallbackSecretDep, job_id:
     if body.wav_b64:
         try:
             wav = base64.b64decode(body.wav_b64, validate=True)
-            info = parse_wav(wav)
+            # Every sample decoded now (NaN or infinite floats refused), not only the header: audio accepted here
+            # must encode later in any format.
+            samples, sample_rate = await asyncio.to_thread(decode_wav, wav)
         except (binascii.Error, ValueError, AudioError) as exc:
             raise ApiError(422, "invalid_audio", f"wav_b64 is not a valid base64 WAV: {exc}") from None
-        seconds = body.audio_seconds or info.duration_s
+        if samples.size == 0:
+            raise ApiError(422, "invalid_audio", "wav_b64 holds no samples")
+        seconds = body.audio_seconds or samples.shape[0] / sample_rate
         synthesis_ms = body.synthesis_ms or 0
         await ctx.bus.publish(SynthesisCompleted(
             job_id=job_id, account_id=owner.account_id, voice_id=owner.voice_id, backend=owner.backend,
-            sample_rate=info.sample_rate, audio_seconds=round(seconds, 3), synthesis_ms=synthesis_ms,
+            sample_rate=sample_rate, audio_seconds=round(seconds, 3), synthesis_ms=synthesis_ms,
             rtf=body.rtf if body.rtf is not None else (synthesis_ms / 1000 / seconds if seconds else 0.0),
             job_created_at=owner.created_at, details={"executor": "modal"}), body=wav)
     else:
         code = body.error_code or "synthesis_failed"
         await ctx.bus.publish(SynthesisFailed(job_id=job_id, account_id=owner.account_id, code=code,
-                                              reason=(body.error or "the GPU worker reported no audio")[:2000],
+                                              reason=scrub_urls(body.error or "the GPU worker reported no audio"),
                                               retryable=code in REMOTE_TRANSIENT_FAILURES))
     return CallbackOutcome(status="accepted")
 
@@ -522,9 +526,10 @@ async def create_upload(request: Request, ctx: Ctx, caller: CallerDep) -> Upload
     purpose = form.fields.get("purpose") or None
     if purpose is not None and purpose not in UPLOAD_PURPOSES:
         raise ApiError(422, "invalid_purpose", f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}")
-    claimed = (part.content_type or "").split(";")[0].strip().lower()
-    # Uploads are audio; a claimed type outside our list is stored as plain bytes, never as a web page.
-    content_type = claimed if claimed in UPLOAD_CONTENT_TYPES else "application/octet-stream"
+    # The type (and so the stored key's extension) is what the bytes are, never what the client's file name or
+    # header claims; bytes of no audio container Timbre knows are stored as plain bytes, never as a web page.
+    sniffed = sniff_content_type(part.data)
+    content_type = sniffed if sniffed in UPLOAD_CONTENT_TYPES else "application/octet-stream"
     record, _ = await ctx.bus.call("storage", PutUpload(account_id=caller.account_id, upload_id=str(uuid.uuid4()),
                                                         purpose=purpose, content_type=content_type,
                                                         filename=(part.filename or None)),
