@@ -5,6 +5,7 @@ import asyncio
 from typing import Any
 
 import aio_pika
+from aiormq.exceptions import DeliveryError
 from pamqp.commands import Basic
 
 from ..contracts import Command, Event, Message
@@ -64,8 +65,11 @@ class Bus:
                                 account_id=account_id or getattr(event, "account_id", None), message_id=message_id)
         # Not mandatory: every consumer's queue is declared up front, and an event nobody subscribes to (yet) is
         # meant to go nowhere, not to come back and be logged whole by the client library.
-        confirmation = await self._events.publish(encode(event, envelope, body=body),
-                                                  routing_key=routing_key or event.routing_key(), mandatory=False)
+        try:
+            confirmation = await self._events.publish(encode(event, envelope, body=body),
+                                                      routing_key=routing_key or event.routing_key(), mandatory=False)
+        except DeliveryError as exc:  # a negative confirm
+            raise PublishRefused(f"the broker refused {event.TYPE} (a queue it routes to is full)") from exc
         if isinstance(confirmation, Basic.Nack):
             raise PublishRefused(f"the broker refused {event.TYPE} (a queue it routes to is full)")
         log.debug("event_published", type=event.TYPE, message_id=envelope.message_id)
@@ -131,16 +135,26 @@ class Bus:
 
 
 class PgDeduper:
-    """Message ids already handled, kept in the service's own schema (table `inbox`)."""
+    """Message ids already handled, kept in the service's own schema (table `inbox`) for `retention_s`.
+
+    Past the retention a message id is forgotten: far longer than any redelivery or retry tier takes (a parked
+    message redriven later than that is handled again, and every handler is idempotent). Pruned by whoever
+    remembers, at most once per `prune_every_s`.
+    """
 
     DDL = ("CREATE TABLE IF NOT EXISTS inbox (consumer text NOT NULL, message_id text NOT NULL, "
            "handled_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (consumer, message_id))")
+    INDEX = "CREATE INDEX IF NOT EXISTS inbox_handled_at ON inbox (handled_at)"
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, *, retention_s: float = 7 * 24 * 3600, prune_every_s: float = 3600) -> None:
         self.pool = pool
+        self.retention_s = retention_s
+        self.prune_every_s = prune_every_s
+        self._next_prune = 0.0
 
     async def ensure(self) -> None:
         await self.pool.execute(self.DDL)
+        await self.pool.execute(self.INDEX)
 
     async def seen(self, consumer: str, message_id: str) -> bool:
         return bool(await self.pool.fetchval(
@@ -149,3 +163,20 @@ class PgDeduper:
     async def remember(self, consumer: str, message_id: str) -> None:
         await self.pool.execute(
             "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", consumer, message_id)
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_prune:
+            self._next_prune = now + self.prune_every_s
+            try:
+                pruned = await self.prune()
+            except Exception as exc:  # noqa: BLE001 - pruning is housekeeping; the message was handled
+                log.warning("inbox_prune_failed", error=type(exc).__name__)
+            else:
+                if pruned:
+                    log.info("inbox_pruned", rows=pruned)
+
+    async def prune(self, limit: int = 10_000) -> int:
+        """Forget up to `limit` message ids older than the retention; how many went."""
+        status = await self.pool.execute(
+            "DELETE FROM inbox WHERE ctid IN (SELECT ctid FROM inbox WHERE handled_at < now() - "
+            "make_interval(secs => $1) LIMIT $2)", float(self.retention_s), limit)
+        return int(status.split()[-1])
