@@ -18,12 +18,14 @@ from .conftest import Client, running_platform
 pytestmark = pytest.mark.e2e
 HEART = next(v for v in SYSTEM_VOICES if v.name == "heart")
 MAX_PENDING, QUEUE_LENGTH = 3, 4
+MAX_UPLOADS, MAX_VOICES = 3, 2
 
 
 @pytest.fixture(scope="module")
 def bounded(database_url: str, amqp_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Client]:
     with running_platform(database_url, amqp_url, tmp_path_factory.mktemp("bounded"), overrides={
-            "MAX_PENDING_JOBS_PER_ACCOUNT": str(MAX_PENDING), "WORK_QUEUE_MAX_LENGTH": str(QUEUE_LENGTH)}) as c:
+            "MAX_PENDING_JOBS_PER_ACCOUNT": str(MAX_PENDING), "WORK_QUEUE_MAX_LENGTH": str(QUEUE_LENGTH),
+            "MAX_ACCOUNT_UPLOADS": str(MAX_UPLOADS), "MAX_VOICES_PER_ACCOUNT": str(MAX_VOICES)}) as c:
         yield c
 
 
@@ -138,3 +140,40 @@ def test_pending_jobs_are_capped_and_a_full_work_queue_is_refused(bounded: Clien
     # With the worker back, every accepted job is served.
     for job_id in accepted[:MAX_PENDING]:
         assert client.wait_job(first, job_id)["status"] == "ready"
+
+
+def _upload(client: Client, key: dict, data: bytes, purpose: str = "voice_clone") -> object:
+    return client.http.post("/v1/uploads", headers=client.auth(key), data={"purpose": purpose},
+                            files={"file": ("clip.wav", data, "audio/wav")})
+
+
+def test_uploads_and_voices_are_capped_and_a_voice_keeps_the_upload_it_was_made_from(bounded: Client, wavs) -> None:
+    client = bounded
+    key = client.new_key()
+    uploads = [_upload(client, key, wavs.valid_wav(6.0)) for _ in range(MAX_UPLOADS)]
+    assert [u.status_code for u in uploads] == [201] * MAX_UPLOADS
+    over = _upload(client, key, wavs.valid_wav(6.0))
+    assert over.status_code == 409 and over.json()["error"]["code"] == "upload_limit_reached"
+
+    # A voice made from an upload claims it: the upload stops expiring.
+    first = uploads[0].json()
+    voice = client.http.post("/v1/voices", headers=client.auth(key), data={"name": "claimed",
+                                                                          "upload_id": first["upload_id"]})
+    assert voice.status_code == 201, voice.text
+    [claimed] = client.sql("SELECT o.expires_at FROM storage.objects o JOIN storage.uploads u ON u.key = o.key "
+                           "WHERE u.upload_id = $1", first["upload_id"])
+    assert claimed["expires_at"] is None
+    unclaimed = client.sql("SELECT o.expires_at FROM storage.objects o JOIN storage.uploads u ON u.key = o.key "
+                           "WHERE u.upload_id = $1", uploads[1].json()["upload_id"])
+    assert unclaimed[0]["expires_at"] is not None
+
+    assert client.create_voice(key, wavs.valid_wav(6.0), name="second").status_code == 201
+    third = client.create_voice(key, wavs.valid_wav(6.0), name="third")
+    assert third.status_code == 409 and third.json()["error"]["code"] == "voice_limit_reached"
+
+    # Deleting the voice takes the upload it claimed.
+    assert client.http.delete(f"/v1/voices/{voice.json()['voice_id']}", headers=client.auth(key)).status_code == 204
+    deadline = time.monotonic() + 20
+    while client.sql("SELECT 1 FROM storage.uploads WHERE upload_id = $1", first["upload_id"]):
+        assert time.monotonic() < deadline, "the claimed upload outlived its voice"
+        time.sleep(0.2)
