@@ -209,12 +209,13 @@ VOICE_FORM = {
 
 @router.post("/voices", status_code=201, response_model=VoiceOut, tags=["voices"], summary="Register a cloned voice",
              openapi_extra=VOICE_FORM, responses={201: {"headers": IDEMPOTENT_REPLAY_HEADERS},
-                                                  **error_responses(400, 401, 404, 409, 422, 429, 503, codes={
+                                                  **error_responses(400, 401, 404, 409, 413, 422, 429, 503, codes={
                                                       400: ["missing_field", "malformed_multipart", "duplicate_field",
                                                             "too_many_parts", "invalid_field", "unexpected_file",
                                                             "invalid_idempotency_key"],
                                                       404: ["upload_not_found"],
-                                                      409: ["idempotency_in_progress"],
+                                                      409: ["idempotency_in_progress", "voice_limit_reached"],
+                                                      413: ["payload_too_large", "storage_quota_exceeded"],
                                                       422: ["not_wav", "duration_out_of_range", "file_too_large",
                                                             "invalid_backend", "backend_unavailable",
                                                             "unsupported_language", "unsupported_media_type",
@@ -517,7 +518,8 @@ UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 @router.post("/uploads", status_code=201, response_model=UploadOut, tags=["uploads"], openapi_extra=UPLOAD_FORM,
              summary="Upload a file with a retention purpose",
-             responses=error_responses(400, 401, 422, 429, 503))
+             responses=error_responses(400, 401, 409, 413, 422, 429, 503, codes={
+                 409: ["upload_limit_reached"], 413: ["payload_too_large", "storage_quota_exceeded"]}))
 async def create_upload(request: Request, ctx: Ctx, caller: CallerDep) -> UploadOut:
     form = await read_form(request, file_fields={"file"}, max_file_bytes=ctx.settings.max_upload_bytes)
     part = form.files.get("file")
