@@ -177,3 +177,26 @@ def test_uploads_and_voices_are_capped_and_a_voice_keeps_the_upload_it_was_made_
     while client.sql("SELECT 1 FROM storage.uploads WHERE upload_id = $1", first["upload_id"]):
         assert time.monotonic() < deadline, "the claimed upload outlived its voice"
         time.sleep(0.2)
+
+
+def test_deleting_a_voice_forgets_the_idempotent_answers_about_it(bounded: Client, wavs) -> None:
+    client = bounded
+    key = client.new_key()
+    idem = client.auth(key) | {"Idempotency-Key": "voice-" + uuid.uuid4().hex}
+    voice = client.http.post("/v1/voices", headers=idem, data={"name": "short-lived"},
+                             files={"ref_audio": ("ref.wav", wavs.valid_wav(6.0), "audio/wav")})
+    assert voice.status_code == 201, voice.text
+    synth = client.http.post("/v1/synthesize", json={"voice_id": voice.json()["voice_id"], "text": "Soon gone."},
+                             headers=client.auth(key) | {"Idempotency-Key": "synth-" + uuid.uuid4().hex})
+    assert synth.status_code == 202, synth.text
+    account = uuid.UUID(key["account_id"])
+    assert client.sql("SELECT count(*) AS n FROM gateway.idempotency_keys WHERE account_id = $1",
+                      account)[0]["n"] == 2
+    assert client.http.delete(f"/v1/voices/{voice.json()['voice_id']}", headers=client.auth(key)).status_code == 204
+    assert client.sql("SELECT count(*) AS n FROM gateway.idempotency_keys WHERE account_id = $1",
+                      account)[0]["n"] == 0
+    # The retry runs again rather than bringing the deleted voice back.
+    again = client.http.post("/v1/voices", headers=idem, data={"name": "short-lived"},
+                             files={"ref_audio": ("ref.wav", wavs.valid_wav(6.0), "audio/wav")})
+    assert again.status_code == 201 and "Idempotent-Replayed" not in again.headers
+    assert again.json()["voice_id"] != voice.json()["voice_id"]
