@@ -73,11 +73,10 @@ async def _keep_leased(store: Any, account_id: str, key: str, lease: str, lease_
             log.warning("idempotency_lease_renewal_failed", error=type(exc).__name__)
 
 
-def _replayed(stored: StoredResponse, body: bytes, media_type: str | None = None) -> Response:
-    response = Response(body, status_code=stored.status_code, media_type=media_type)
+def _replayed(stored: StoredResponse) -> Response:
+    response = Response(stored.body, status_code=stored.status_code)
     for name, value in stored.headers:
-        if media_type is None or name.lower() != "content-type":
-            response.headers.append(name, value)
+        response.headers.append(name, value)
     response.headers["Idempotent-Replayed"] = "true"
     return response
 
@@ -110,7 +109,7 @@ async def idempotent(ctx: Any, *, account_id: str, key: str | None, request_fing
         assert stored is not None
         if stored.audio_format is not None and replay_audio is not None:
             return await replay_audio(stored)
-        return _replayed(stored, stored.body)
+        return _replayed(stored)
     renewals = asyncio.create_task(_keep_leased(store, account_id, key, claim.lease, lease_s))
     try:
         response = await run()
