@@ -81,10 +81,11 @@ def test_openapi_documents_every_route_header_and_error(client):
     expected_errors = {
         ("POST", "/v1/keys"): {"401", "422"}, ("PATCH", "/v1/keys/{key_id}"): {"401", "404", "422"},
         ("DELETE", "/v1/keys/{key_id}"): {"401", "404"},
-        ("POST", "/v1/voices"): {"400", "401", "409", "422", "429"}, ("GET", "/v1/voices"): {"401", "429"},
+        ("POST", "/v1/voices"): {"400", "401", "409", "413", "422", "429"}, ("GET", "/v1/voices"): {"401", "429"},
+        ("POST", "/v1/uploads"): {"409", "413"},
         ("GET", "/v1/voices/{voice_id}"): {"401", "404", "429"},
         ("DELETE", "/v1/voices/{voice_id}"): {"401", "404", "429"},
-        ("POST", "/v1/synthesize"): {"400", "401", "404", "409", "422", "429"},
+        ("POST", "/v1/synthesize"): {"400", "401", "404", "409", "422", "429", "503"},
         ("GET", "/v1/jobs/{job_id}"): {"401", "404", "429"}, ("GET", "/v1/jobs/{job_id}/audio"): {"401", "404", "429"},
     }
     for route, statuses in expected_errors.items():
@@ -96,7 +97,9 @@ def test_openapi_documents_every_route_header_and_error(client):
     codes = {status: set(answer.get("x-error-codes", [])) for status, answer in
              ops[("POST", "/v1/synthesize")]["responses"].items()}
     assert {"text_too_long", "invalid_backend", "unsupported_language", "idempotency_key_reused"} <= codes["422"]
-    assert codes["404"] == {"voice_not_found"} and codes["429"] == {"rate_limited", "too_many_concurrent_requests"}
+    assert codes["404"] == {"voice_not_found"}
+    assert codes["429"] == {"rate_limited", "too_many_concurrent_requests", "too_many_pending_jobs"}
+    assert "work_queue_full" in codes["503"]
     voice_codes = ops[("POST", "/v1/voices")]["responses"]["422"]["x-error-codes"]
     assert {"not_wav", "duration_out_of_range", "file_too_large"} <= set(voice_codes)
     synth = ops[("POST", "/v1/synthesize")]

@@ -90,7 +90,9 @@ def test_upload_expiry_follows_its_purpose_and_its_url_serves_the_bytes(client, 
     body = r.json()
     assert body["purpose"] == (purpose or "upload") and body["size"] == len(data)
     if purpose == "voice_clone":
-        assert body["expires_at"] is None  # voice-clone references are permanent
+        # Kept a day unless a voice claims it (test_bounds: a voice made from it keeps it).
+        lifetime = _parse(body["expires_at"]) - _parse(body["created_at"])
+        assert abs(lifetime - timedelta(hours=24)) < timedelta(seconds=5), lifetime
     else:
         lifetime = _parse(body["expires_at"]) - _parse(body["created_at"])
         assert abs(lifetime - timedelta(days=30)) < timedelta(seconds=5), lifetime
@@ -258,10 +260,13 @@ def test_stored_keys_follow_the_seed_layout(client, wavs):
         (f"{created:%Y}", f"{created:%m}", f"{created:%d}", f"{created:%H%M%S}")
     voice = client.create_voice(key, wavs.valid_wav(6.0), name="layout").json()
     assert (_root(client) / f"voices/custom/{account}/{voice['voice_id']}.wav").is_file()
+    # The extension is the sniffed type's, never the client's file name: bytes of no audio type are .bin.
     upload = _upload(client, key, b"not audio", filename="notes.txt", content_type="text/plain").json()
     uploads = _files_under(client, f"uploads/{account}/")
-    assert len(uploads) == 1 and uploads[0].endswith(f"-{upload['upload_id']}.txt"), uploads
-    assert re.fullmatch(rf"uploads/{account}/\d{{4}}/\d{{2}}/\d{{2}}/\d{{6}}-{upload['upload_id']}\.txt", uploads[0])
+    assert len(uploads) == 1 and uploads[0].endswith(f"-{upload['upload_id']}.bin"), uploads
+    assert re.fullmatch(rf"uploads/{account}/\d{{4}}/\d{{2}}/\d{{2}}/\d{{6}}-{upload['upload_id']}\.bin", uploads[0])
+    wav = _upload(client, key, wavs.valid_wav(1.0), filename="page.html", content_type="text/html").json()
+    assert [u for u in _files_under(client, f"uploads/{account}/") if wav["upload_id"] in u][0].endswith(".wav")
 
 
 # Account purge -----------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ class WorkerService:
         deps = {"engine": self.engine, "bus": self.bus, "http": self.http,
                 "max_reference_bytes": self.settings.max_reference_bytes}
         for backend in self.engine.names:
-            await self.bus.consume(local_work_queue(backend),
+            await self.bus.consume(local_work_queue(backend, self.settings.work_queue_max_length),
                                    {SynthesisRequested: partial(handlers.on_synthesis_requested, **deps)})
         for backend in self.engine.names:
             await self.bus.consume(voice_profile_queue(backend), {VoiceRegistered: partial(
@@ -91,6 +91,6 @@ async def build(settings: WorkerSettings | None = None, *,
                     batch_timeout_s=settings.batch_timeout_s)
     bus = await Bus(url=settings.amqp_url.get_secret_value(), namespace=settings.bus_namespace,
                     service="gpu_worker", rpc_timeout=settings.rpc_timeout_s).connect(
-                        declare=[*(local_work_queue(b) for b in engine.names),
+                        declare=[*(local_work_queue(b, settings.work_queue_max_length) for b in engine.names),
                                  *(voice_profile_queue(b) for b in engine.names)])
     return WorkerService(settings, bus, engine)

@@ -3,6 +3,7 @@
 Consumes: synthesis.requested (the local executor's work queue), voice.registered (per-voice profiles, one
 queue per backend).
 Emits: synthesis.completed (WAV as the body), synthesis.failed, voice.profiled, worker.heartbeat.
+Calls: dispatcher (LookupJob: is this work order still the job's current attempt?).
 """
 from __future__ import annotations
 
@@ -13,9 +14,16 @@ import httpx
 from timbre_common import metrics, tracing
 from timbre_common.audio import encode_wav
 from timbre_common.contracts import Envelope
-from timbre_common.contracts.synthesis import SynthesisCompleted, SynthesisFailed, SynthesisRequested
+from timbre_common.contracts.synthesis import (
+    JobOwner,
+    LookupJob,
+    SynthesisCompleted,
+    SynthesisFailed,
+    SynthesisRequested,
+)
 from timbre_common.contracts.voices import VoiceProfiled, VoiceRegistered
 from timbre_common.logging import get_logger
+from timbre_common.messaging import RemoteError, RpcTimeout
 from timbre_common.ports import MessageBus
 
 from .backends.base import BackendError, SynthesisRequest
@@ -44,9 +52,38 @@ async def fetch_reference(http: httpx.AsyncClient, url: str, *, max_bytes: int) 
     return b"".join(chunks)
 
 
+# How long the worker waits to learn whether a work order is still wanted; past it, the order is run.
+SUPERSEDED_CHECK_TIMEOUT_S = 5.0
+
+
+async def superseded(order: SynthesisRequested, *, bus: MessageBus) -> str | None:
+    """Why the work order need not run (the job is gone or ended, or a newer attempt was handed out), or None.
+
+    One short RPC per order: cheap beside a synthesis, and it keeps a backlog of re-sent orders from being
+    synthesized once per attempt. Without an answer the order runs (the dispatcher keeps the first result).
+    """
+    try:
+        owner, _ = await bus.call("dispatcher", LookupJob(job_id=order.job_id), expect=JobOwner,
+                                  timeout=SUPERSEDED_CHECK_TIMEOUT_S)
+    except RemoteError as exc:
+        return "job deleted" if exc.code == "job_not_found" else None
+    except RpcTimeout:
+        return None
+    if owner.status != "pending":
+        return f"job {owner.status}"
+    if owner.attempts > order.attempt:
+        return f"attempt {owner.attempts} handed out"
+    return None
+
+
 async def on_synthesis_requested(order: SynthesisRequested, *, envelope: Envelope, engine: Engine, bus: MessageBus,
                                  http: httpx.AsyncClient, max_reference_bytes: int) -> None:
-    """Synthesize one job and report it; a final failure is reported, a transient one raised for retry."""
+    """Synthesize one job and report it; a final failure is reported, a transient one raised for retry.
+
+    A superseded work order is acknowledged without synthesis."""
+    if (why := await superseded(order, bus=bus)) is not None:
+        log.info("work_order_superseded", job_id=order.job_id, attempt=order.attempt, reason=why)
+        return
     started = time.perf_counter()
     log.info("synthesis_started", job_id=order.job_id, backend=order.backend, attempt=order.attempt)
     try:

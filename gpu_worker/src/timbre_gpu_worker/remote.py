@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from timbre_common.logging import get_logger
+from timbre_common.logging import get_logger, scrub_urls
 
 from .backends.base import BackendError, SynthesisRequest
 
@@ -22,6 +22,8 @@ log = get_logger(__name__)
 CALLBACK_ATTEMPTS = 6
 CALLBACK_BACKOFF_S = 0.5
 DEFAULT_BACKEND = "qwen3-1.7b"
+# The most a reference download may bring (a 60 s float32 stereo 48 kHz WAV is 23 MB).
+MAX_REFERENCE_BYTES = 25 * 1024 * 1024
 
 # post(url, json_body, headers) -> HTTP status
 PayloadPost = Callable[[str, dict[str, Any], dict[str, str]], int]
@@ -83,7 +85,9 @@ def synthesize_payloads(payloads: Sequence[Mapping[str, Any]], backend_for: Call
         try:
             reference = _reference_bytes(p, fetch)
         except Exception as exc:
-            body.update(error=f"could not fetch the reference audio: {exc}", error_code="reference_unavailable")
+            # An HTTP error's text quotes the presigned URL: its signature stays out of the job's error.
+            body.update(error=scrub_urls(f"could not fetch the reference audio: {exc}"),
+                        error_code="reference_unavailable")
             continue
         groups.setdefault(str(p.get("backend") or DEFAULT_BACKEND), []).append((i, request_for(p, reference)))
 
@@ -130,13 +134,26 @@ def process_jobs(payloads: Sequence[Mapping[str, Any]], backend_for: Callable[[s
     return bodies
 
 
-def httpx_fetch(url: str) -> bytes:
-    """GET a presigned URL."""
+class ReferenceTooLarge(Exception):
+    """The reference download passed the worker's size limit."""
+
+
+def httpx_fetch(url: str, *, max_bytes: int = MAX_REFERENCE_BYTES) -> bytes:
+    """GET a presigned URL, refusing more than `max_bytes` (read as it arrives, never held whole first)."""
     import httpx
 
-    resp = httpx.get(url, timeout=30.0, follow_redirects=True)
-    resp.raise_for_status()
-    return resp.content
+    with httpx.stream("GET", url, timeout=30.0, follow_redirects=True) as resp:
+        resp.raise_for_status()
+        declared = resp.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_bytes:
+            raise ReferenceTooLarge(f"reference audio of {declared} bytes exceeds the limit of {max_bytes}")
+        chunks, size = [], 0
+        for chunk in resp.iter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ReferenceTooLarge(f"reference audio exceeds the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def httpx_post(url: str, body: dict[str, Any], headers: dict[str, str]) -> int:

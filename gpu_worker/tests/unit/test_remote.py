@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pytest
 
 from timbre_common.audio import parse_wav
+from timbre_common.testing import LoopbackServer
 from timbre_gpu_worker.backends.base import BackendError, SynthesisRequest, SynthesisResult
-from timbre_gpu_worker.remote import post_with_retry, process_jobs
+from timbre_gpu_worker.remote import ReferenceTooLarge, httpx_fetch, post_with_retry, process_jobs
 
 
 class EchoBackend:
@@ -76,3 +78,48 @@ def test_callback_retries_5xx_and_connection_errors_and_stops_at_4xx():
     answers[:] = [401, 200]
     assert post_with_retry(post, "u", {"job_id": "j"}, "s", sleep=waits.append) == 401
     assert answers == [200]
+
+
+@pytest.fixture(scope="module")
+def reference_server() -> Iterator[str]:
+    """Serves /big (an endless-looking body without Content-Length), /sized (declared too big), /ok, /secret."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope["path"]
+        if path == "/secret":
+            await send({"type": "http.response.start", "status": 403, "headers": []})
+            await send({"type": "http.response.body", "body": b"denied"})
+            return
+        if path == "/sized":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(10**9).encode())]})
+            await send({"type": "http.response.body", "body": b"x" * 1024})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        chunks = 64 if path == "/big" else 1
+        for i in range(chunks):
+            await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": i + 1 < chunks})
+
+    server = LoopbackServer(app).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_the_remote_reference_fetch_is_capped(reference_server: str) -> None:
+    assert len(httpx_fetch(f"{reference_server}/ok", max_bytes=100_000)) == 65536
+    with pytest.raises(ReferenceTooLarge):
+        httpx_fetch(f"{reference_server}/big", max_bytes=1_000_000)  # 4 MiB streamed, no length declared
+    with pytest.raises(ReferenceTooLarge):
+        httpx_fetch(f"{reference_server}/sized", max_bytes=1_000_000)
+
+
+def test_a_failed_reference_fetch_reports_no_signature(reference_server: str) -> None:
+    posts: list[dict[str, Any]] = []
+    url = f"{reference_server}/secret?X-Amz-Credential=AKIAEXAMPLE&X-Amz-Signature=deadbeefcafe"
+    process_jobs([_payload("j", reference_url=url)], lambda name: EchoBackend(), httpx_fetch,
+                 lambda u, body, h: posts.append(body) or 200, sleep=lambda s: None)
+    [body] = posts
+    assert body["error_code"] == "reference_unavailable" and "403" in body["error"]
+    assert "deadbeefcafe" not in body["error"] and "AKIAEXAMPLE" not in body["error"]

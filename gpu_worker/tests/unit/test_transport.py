@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from timbre_common.audio import decode_wav, parse_wav
-from timbre_common.contracts.synthesis import SynthesisCompleted, SynthesisFailed, SynthesisRequested
+from timbre_common.contracts.synthesis import (
+    JobOwner,
+    LookupJob,
+    SynthesisCompleted,
+    SynthesisFailed,
+    SynthesisRequested,
+)
+from timbre_common.messaging import RemoteError, RpcTimeout
 from timbre_common.testing import FakeBus, envelope
 from timbre_gpu_worker import handlers
 from timbre_gpu_worker.backends.base import BackendError, SynthesisRequest, SynthesisResult
@@ -120,6 +127,19 @@ def order(job: str = "j1", *, text: str = "Hello", backend: str = "fake", attemp
                               voice_profile={"nearest": "joe"})
 
 
+def dispatcher_bus(jobs: dict[str, tuple[str, int]] | None = None) -> FakeBus:
+    """A bus whose dispatcher says each job is pending at attempt 1, unless `jobs` says (status, attempts)."""
+    bus = FakeBus()
+
+    async def lookup(cmd: LookupJob, body: bytes | None) -> JobOwner:
+        status, attempts = (jobs or {}).get(cmd.job_id, ("pending", 1))
+        return JobOwner(job_id=cmd.job_id, account_id="acc-1", voice_id="v-1", backend="fake", status=status,
+                        created_at=CREATED, attempts=attempts)
+
+    bus.on(LookupJob, lookup)
+    return bus
+
+
 async def handle(o: SynthesisRequested, *, engine: Engine, bus: FakeBus, http: httpx.AsyncClient,
                  max_reference_bytes: int = 1_000_000) -> None:
     await handlers.on_synthesis_requested(o, envelope=envelope(), engine=engine, bus=bus, http=http,
@@ -170,7 +190,7 @@ async def test_requests_that_arrive_during_a_batch_form_the_next_one() -> None:
 async def test_concurrent_orders_through_the_transport_share_one_batch(engine: Engine, backend: FakeBackend,
                                                                        http: httpx.AsyncClient,
                                                                        storage: Reference) -> None:
-    bus = FakeBus()
+    bus = dispatcher_bus()
     orders = [order(f"j{i}", text="Hello" * (i + 1), reference_url="http://store/ref.wav") for i in range(3)]
     await asyncio.gather(*(handle(o, engine=engine, bus=bus, http=http) for o in orders))
     assert [len(b) for b in backend.batches] == [3]
@@ -186,7 +206,7 @@ async def test_concurrent_orders_through_the_transport_share_one_batch(engine: E
 
 async def test_a_completion_carries_its_timings_and_the_wav_body(engine: Engine,
                                                                  http: httpx.AsyncClient) -> None:
-    bus = FakeBus()
+    bus = dispatcher_bus()
     await handle(order("j1", text="Hello there", attempt=2), engine=engine, bus=bus, http=http)
     [(done, body, message_id)] = bus.published
     assert isinstance(done, SynthesisCompleted) and message_id == "j1:2:completed"
@@ -207,7 +227,7 @@ async def test_a_completion_carries_its_timings_and_the_wav_body(engine: Engine,
 
 async def test_a_backend_error_for_one_request_fails_only_that_job_without_retry(
         engine: Engine, backend: FakeBackend, http: httpx.AsyncClient) -> None:
-    bus = FakeBus()
+    bus = dispatcher_bus()
     await asyncio.gather(handle(order("ok"), engine=engine, bus=bus, http=http),
                          handle(order("bad", text="unsayable"), engine=engine, bus=bus, http=http))
     assert [len(b) for b in backend.batches] == [2]
@@ -222,7 +242,7 @@ async def test_a_backend_error_raised_for_the_whole_batch_fails_every_job_in_it(
         http: httpx.AsyncClient) -> None:
     backend = FakeBackend(raise_on_batch=BackendError("unsupported_language", "no such language"))
     engine = Engine({"fake": backend}, batch_window_ms=40)
-    bus = FakeBus()
+    bus = dispatcher_bus()
     try:
         await asyncio.gather(*(handle(order(f"j{i}"), engine=engine, bus=bus, http=http) for i in range(3)))
     finally:
@@ -235,7 +255,7 @@ async def test_a_backend_error_raised_for_the_whole_batch_fails_every_job_in_it(
 async def test_an_unknown_backend_fails_at_once_with_a_clear_reason(engine: Engine, backend: FakeBackend,
                                                                    http: httpx.AsyncClient,
                                                                    storage: Reference) -> None:
-    bus = FakeBus()
+    bus = dispatcher_bus()
     await handle(order(backend="qwen3-1.7b", reference_url="http://store/ref.wav"), engine=engine, bus=bus,
                  http=http)
     [failed] = bus.events(SynthesisFailed)
@@ -248,7 +268,7 @@ async def test_an_unknown_backend_fails_at_once_with_a_clear_reason(engine: Engi
                          [("/gone.wav", 404), ("/forbidden.wav", 403), ("/expired.wav", 410)])
 async def test_a_reference_that_storage_no_longer_serves_is_a_final_failure(
         engine: Engine, backend: FakeBackend, http: httpx.AsyncClient, path: str, status: int) -> None:
-    bus = FakeBus()
+    bus = dispatcher_bus()
     await handle(order(reference_url=f"http://store{path}"), engine=engine, bus=bus, http=http)
     [failed] = bus.events(SynthesisFailed)
     assert failed.code == "reference_missing" and not failed.retryable and str(status) in failed.reason
@@ -256,7 +276,7 @@ async def test_a_reference_that_storage_no_longer_serves_is_a_final_failure(
 
 
 async def test_a_reference_over_the_limit_is_a_final_failure(engine: Engine, http: httpx.AsyncClient) -> None:
-    bus = FakeBus()
+    bus = dispatcher_bus()
     await handle(order(reference_url="http://store/ref.wav"), engine=engine, bus=bus, http=http,
                  max_reference_bytes=len(REFERENCE) - 1)
     [failed] = bus.events(SynthesisFailed)
@@ -270,7 +290,7 @@ async def test_a_reference_over_the_limit_is_a_final_failure(engine: Engine, htt
 async def test_a_transient_reference_fetch_error_is_raised_for_retry(
         engine: Engine, backend: FakeBackend, http: httpx.AsyncClient, storage: Reference,
         failure: Exception | int) -> None:
-    bus = FakeBus()
+    bus = dispatcher_bus()
     storage.fail_next = [failure]
     with pytest.raises(httpx.HTTPError):
         await handle(order(reference_url="http://store/ref.wav"), engine=engine, bus=bus, http=http)
@@ -284,7 +304,7 @@ async def test_an_unexpected_model_crash_is_raised_for_retry_not_reported_as_fin
         http: httpx.AsyncClient) -> None:
     backend = FakeBackend(raise_on_batch=RuntimeError("CUDA out of memory"))
     engine = Engine({"fake": backend}, batch_window_ms=10)
-    bus = FakeBus()
+    bus = dispatcher_bus()
     try:
         with pytest.raises(RuntimeError, match="out of memory"):
             await handle(order(), engine=engine, bus=bus, http=http)
@@ -308,7 +328,7 @@ async def test_a_backend_returning_too_few_results_fails_the_batch_and_the_loop_
 
     backend = ShortBackend()
     engine = Engine({"fake": backend}, batch_window_ms=10)
-    bus = FakeBus()
+    bus = dispatcher_bus()
     try:
         with pytest.raises(RuntimeError, match="returned 0 results"):
             await asyncio.wait_for(handle(order(), engine=engine, bus=bus, http=http), 5)
@@ -324,6 +344,47 @@ async def test_a_batch_that_never_returns_times_out_and_is_retried(http: httpx.A
     engine = Engine({"fake": backend}, batch_window_ms=10, batch_timeout_s=0.3)
     try:
         with pytest.raises(TimeoutError, match="longer than"):
-            await asyncio.wait_for(handle(order(), engine=engine, bus=FakeBus(), http=http), 5)
+            await asyncio.wait_for(handle(order(), engine=engine, bus=dispatcher_bus(), http=http), 5)
     finally:
         await engine.close()
+
+
+# Superseded work orders ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("job", "state"), [("old-attempt", ("pending", 2)), ("done", ("ready", 1)),
+                                            ("dead", ("failed", 1))])
+async def test_a_superseded_work_order_is_acknowledged_without_synthesis(engine: Engine, backend: FakeBackend,
+                                                                         http: httpx.AsyncClient, job: str,
+                                                                         state: tuple[str, int]) -> None:
+    # A re-sent job's older attempt, or a job that already ended, costs no synthesis and reports nothing.
+    bus = dispatcher_bus({job: state})
+    await handle(order(job, attempt=1), engine=engine, bus=bus, http=http)
+    assert backend.batches == [] and bus.published == []
+
+
+async def test_a_work_order_of_a_deleted_job_is_dropped(engine: Engine, backend: FakeBackend,
+                                                        http: httpx.AsyncClient) -> None:
+    bus = FakeBus()
+
+    async def gone(cmd: LookupJob, body: bytes | None) -> None:
+        raise RemoteError("job_not_found", "job gone", status=404)
+
+    bus.on(LookupJob, gone)
+    await handle(order("deleted"), engine=engine, bus=bus, http=http)
+    assert backend.batches == [] and bus.published == []
+
+
+async def test_the_current_attempt_runs_and_an_unanswered_check_does_not_block_work(
+        engine: Engine, backend: FakeBackend, http: httpx.AsyncClient) -> None:
+    bus = dispatcher_bus({"j2": ("pending", 2)})
+    await handle(order("j2", attempt=2), engine=engine, bus=bus, http=http)
+    assert [e.job_id for e in bus.events(SynthesisCompleted)] == ["j2"]
+
+    silent = FakeBus()
+
+    async def timeout(cmd: LookupJob, body: bytes | None) -> None:
+        raise RpcTimeout("dispatcher did not answer")
+
+    silent.on(LookupJob, timeout)
+    await handle(order("j3"), engine=engine, bus=silent, http=http)
+    assert [e.job_id for e in silent.events(SynthesisCompleted)] == ["j3"]

@@ -20,6 +20,7 @@ __all__ = [
     "WavInfo",
     "QualityReport",
     "RESPONSE_FORMATS",
+    "sniff_content_type",
     "parse_wav",
     "decode_wav",
     "to_mono",
@@ -603,6 +604,29 @@ def _nearest_supported_rate(sr: int, rates: tuple[int, ...]) -> int:
     higher = [r for r in rates if r >= sr]
     # Prefer going up so no bandwidth is lost.
     return min(higher) if higher else max(rates)
+
+
+def sniff_content_type(data: bytes) -> str:
+    """The audio container `data` starts with, as a media type (by its magic bytes, never by what a client
+    claims); application/octet-stream when it is none Timbre knows."""
+    head = bytes(data[:12])
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "audio/wav"
+    if head[:4] == b"fLaC":
+        return "audio/flac"
+    if head[:4] == b"OggS":
+        return "audio/ogg"
+    if head[:4] == b"\x1a\x45\xdf\xa3":
+        return "audio/webm"
+    if head[4:8] == b"ftyp":
+        return "audio/mp4"
+    if head[:3] == b"ID3":
+        return "audio/mpeg"
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xF6) == 0xF0:
+        return "audio/aac"  # ADTS: sync word, layer 0
+    if len(head) >= 2 and head[0] == 0xFF and (head[1] & 0xE0) == 0xE0:
+        return "audio/mpeg"  # an MPEG audio frame without an ID3 tag
+    return "application/octet-stream"
 
 
 def transcode(wav_bytes: bytes, fmt: str) -> tuple[bytes, str]:

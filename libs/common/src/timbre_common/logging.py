@@ -41,6 +41,15 @@ _SECRET_TEXT = re.compile(
     r"|\b((?:sk|rk|whsec)_(?:live|test)?_?)[A-Za-z0-9]{8,}")
 
 
+# A URL's query: where a presigned URL keeps its signature and credentials.
+_URL_QUERY = re.compile(r"(https?://[^\s?#'\"<>]+)\?[^\s'\"<>]*")
+
+
+def scrub_urls(text: str, limit: int = 2000) -> str:
+    """Text fit to keep and show a client (a job's error): every URL's query cut, the length bounded."""
+    return _URL_QUERY.sub(r"\1?[redacted]", text)[:limit]
+
+
 def _scrub(text: str) -> str:
     return _SECRET_TEXT.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "[redacted]", text)
 

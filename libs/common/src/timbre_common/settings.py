@@ -52,6 +52,8 @@ class CommonSettings(BaseSettings):
     # Prefix of every exchange and queue: lets several deployments (or test runs) share a broker.
     bus_namespace: str = "timbre"
     rpc_timeout_s: float = 30.0
+    # Work orders a backend's queue holds before it refuses more; the same value in every service.
+    work_queue_max_length: int = Field(default=10_000, gt=0)
     log_level: str = "INFO"
     # Prometheus metrics on a port of the process's own (off unless set; the gateway also serves /metrics on
     # its API port). Off loopback they need METRICS_SECRET as a bearer token.

@@ -68,7 +68,11 @@ def _sentence_spans(text: str) -> list[str]:
             at_gap = i >= n or text[i].isspace()
             if cjk or at_gap:
                 single_dot = text[run_start:i].rstrip("".join(_CLOSERS)) == "."
-                next_char = text[i:].lstrip()[:1]
+                # The next visible character, found by scanning (never by copying the rest of the text).
+                j = i
+                while j < n and text[j].isspace():
+                    j += 1
+                next_char = text[j] if j < n else ""
                 # "3. mai", "etc. and": a lower-case continuation means the dot was not a full stop.
                 continues = single_dot and next_char.islower()
                 if not cjk and single_dot and (continues or _is_abbreviation(text, run_start)):
@@ -81,36 +85,43 @@ def _sentence_spans(text: str) -> list[str]:
     return [" ".join(s.split()) for s in sentences if s.strip()]
 
 
-def _cut_point(sentence: str, max_chars: int) -> int:
-    """Where to cut an over-long sentence so the head fits in max_chars without splitting a word."""
-    window = sentence[: max_chars + 1]
+def _cut_point(text: str, start: int, max_chars: int) -> int:
+    """Where to cut the over-long rest of a sentence (from `start`) so the head fits in max_chars without
+    splitting a word; an index into `text`. Looks at a window of max_chars + 1 characters, never copies the rest."""
+    sentence = text[start : start + max_chars + 1]
+    window = sentence
     floor = max_chars // 3
     for i in range(min(len(window), max_chars) - 1, floor - 1, -1):
         # "1,000" is one word: a Latin comma is a break only when a space follows it.
         if window[i] in _SOFT_BREAKS and (_is_cjk(window[i]) or sentence[i + 1 : i + 2].isspace()):
-            return i + 1
+            return start + i + 1
     for i in range(len(window) - 1, 0, -1):
         if window[i].isspace():
-            return i
+            return start + i
     for i in range(min(len(window), max_chars), 0, -1):
         # Between two ideographs there is no word to break.
         if _is_cjk(sentence[i - 1]) or _is_cjk(sentence[i]):
-            return i
+            return start + i
     # One unbreakable token (a URL, a long compound): keep it whole rather than cut inside it.
-    nxt = next((i for i in range(max_chars, len(sentence)) if sentence[i].isspace()), len(sentence))
-    return nxt
+    i = start + max_chars
+    while i < len(text) and not text[i].isspace():
+        i += 1
+    return i
 
 
 def _split_long(sentence: str, max_chars: int) -> list[str]:
     pieces: list[str] = []
-    rest = sentence
-    while len(rest) > max_chars:
-        cut = _cut_point(rest, max_chars)
-        head, rest = rest[:cut].strip(), rest[cut:].strip()
+    start, n = 0, len(sentence)
+    while n - start > max_chars:
+        cut = _cut_point(sentence, start, max_chars)
+        head = sentence[start:cut].strip()
         if head:
             pieces.append(head)
-    if rest:
-        pieces.append(rest)
+        start = cut
+        while start < n and sentence[start].isspace():
+            start += 1
+    if start < n:
+        pieces.append(sentence[start:])
     return pieces
 
 

@@ -486,3 +486,17 @@ def test_transcode_rejects_unknown_format_and_bad_input() -> None:
     assert caught.value.code == "unsupported_format"
     with pytest.raises(AudioError):
         transcode(b"not a wav", "mp3")
+
+
+def test_an_uploads_type_is_sniffed_from_its_bytes_not_taken_from_a_name() -> None:
+    from timbre_common.audio import encode_wav, sniff_content_type
+
+    assert sniff_content_type(encode_wav(np.zeros(10, dtype=np.float32), 24000)) == "audio/wav"
+    assert sniff_content_type(b"fLaC\x00\x00\x00\x22") == "audio/flac"
+    assert sniff_content_type(b"OggS\x00\x02" + bytes(20)) == "audio/ogg"
+    assert sniff_content_type(b"ID3\x04\x00" + bytes(10)) == "audio/mpeg"
+    assert sniff_content_type(b"\xff\xfb\x90\x00") == "audio/mpeg"
+    assert sniff_content_type(b"\xff\xf1\x50\x80") == "audio/aac"
+    assert sniff_content_type(b"\x00\x00\x00\x20ftypM4A ") == "audio/mp4"
+    assert sniff_content_type(b"<html><script>") == "application/octet-stream"
+    assert sniff_content_type(b"") == "application/octet-stream"

@@ -162,3 +162,35 @@ def test_chunking_never_loses_characters(text: str, max_chars: int) -> None:
 def test_spaced_words_survive_chunking_intact(words: list[str], gaps: list[str], max_chars: int) -> None:
     text = "".join(word + gap for word, gap in zip(words, gaps, strict=False))
     assert " ".join(split_sentences(text, max_chars=max_chars)).split() == text.split()
+
+
+class _CountingText(str):
+    """A text that counts the characters every slice of it copies."""
+
+    copied = 0
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        piece = super().__getitem__(index)
+        if isinstance(index, slice):
+            type(self).copied += len(piece)
+        return piece
+
+
+def test_splitting_copies_the_text_a_bounded_number_of_times() -> None:
+    # Work counted, not timed: the splitter once copied the rest of the text at every sentence end.
+    text = _CountingText("Hi there. Mr. Smith went home! Did he? Yes.\n" * 2_000)
+    _CountingText.copied = 0
+    chunks = split_sentences(text, max_chars=300)
+    assert "".join(chunks).replace(" ", "") == str(text).replace(" ", "").replace("\n", "")
+    assert _CountingText.copied <= 3 * len(text)
+
+
+@pytest.mark.timeout(120)
+def test_millions_of_characters_split_in_linear_time() -> None:
+    # One-character words with max_chars=1 make a piece of every word: a quadratic splitter (copying the rest of
+    # the sentence at every cut) copies ~2*10^12 characters here and does not finish within the timeout.
+    words = "a " * 1_500_000
+    pieces = split_sentences(words, max_chars=1)
+    assert len(pieces) == 1_500_000 and set(pieces) == {"a"}
+    sentences = split_sentences("Ok. " * 250_000, max_chars=300)
+    assert sum(c.count("Ok.") for c in sentences) == 250_000 and max(len(c) for c in sentences) <= 300

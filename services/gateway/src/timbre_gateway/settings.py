@@ -36,7 +36,10 @@ class GatewaySettings(CommonSettings):
     checkout_rate_per_minute: int = Field(default=10, gt=0)
     # Seals checkout keys at rest (AES-GCM); unset, a key is derived from ADMIN_SECRET under its own label.
     checkout_key_secret: SecretStr = SecretStr("")
-    # A checkout's API key nobody collected is erased after this long (CHECKOUT_KEY_TTL_S) ...
+    # An in-flight Idempotency-Key claim is a lease renewed while its request runs; a crashed replica's claim
+    # lapses after this. Unset: just above the longest RPC wait (RPC_TIMEOUT_S + 5 s).
+    idempotency_lease_s: float | None = Field(default=None, gt=0)
+    # A checkout's API key plaintext nobody collected is erased after this long (CHECKOUT_KEY_TTL_S) ...
     checkout_key_ttl_s: float = Field(default=24 * 3600, gt=0)
     # ... by the success page's read, or by a sweep this often, whichever comes first.
     gateway_sweep_interval_s: float = Field(default=300.0, gt=0)
@@ -78,6 +81,11 @@ class GatewaySettings(CommonSettings):
     def _schedule_parses(cls, value: str) -> str:
         parse_schedule(value)
         return value
+
+    @property
+    def idempotency_lease(self) -> float:
+        """Seconds an Idempotency-Key claim lasts unless renewed."""
+        return self.idempotency_lease_s or self.rpc_timeout_s + 5.0
 
     @model_validator(mode="after")
     def _secrets(self) -> GatewaySettings:

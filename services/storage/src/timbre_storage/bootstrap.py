@@ -36,13 +36,15 @@ class StorageService:
 
     async def start(self) -> None:
         d = {"repo": self.repo, "store": self.store}
+        limits = self.settings.account_limits()
         await self.bus.ensure()
         self.bus.start()
         await self.broker.serve({
-            c.PutVoiceReference: partial(a.put_voice_reference, **d),
-            c.PutUpload: partial(a.put_upload, **d),
+            c.PutVoiceReference: partial(a.put_voice_reference, limits=limits, **d),
+            c.PutUpload: partial(a.put_upload, limits=limits, **d),
             c.GetUpload: partial(a.get_upload, **d),
             c.GetObject: partial(a.get_object, **d),
+            c.GetRendition: partial(a.get_rendition, **d),
             c.Presign: partial(a.presign, **d),
         })
         deduper = PgDeduper(self.pool)

@@ -1,6 +1,6 @@
 """The storage service on the bus: commands and events translated to the handlers of `handlers.py`.
 
-Serves (RPC): PutVoiceReference, PutUpload, GetUpload, GetObject, Presign (each checks the account).
+Serves (RPC): PutVoiceReference, PutUpload, GetUpload, GetObject, GetRendition, Presign (each checks the account).
 Consumes: synthesis.completed (WAV body), voice.deleted, objects.released, account.purge_requested.
 Emits: audio.stored, objects.expired, account.purged.
 """
@@ -10,19 +10,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from timbre_common.audio import AudioError
 from timbre_common.contracts import Envelope, utcnow
 from timbre_common.contracts import storage as c
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
 from timbre_common.contracts.synthesis import SynthesisCompleted
 from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.logging import get_logger
-from timbre_common.messaging import Invalid, NotFound
+from timbre_common.messaging import Invalid, NotFound, RpcError
 from timbre_common.ports import MessageBus
 
 from . import handlers
 from .adapters.blob import BlobStore
 from .adapters.repository import ObjectRepository
-from .domain import InvalidId, InvalidPurpose, ObjectExpired, ObjectMissing, StoredObject
+from .domain import AccountLimits, InvalidId, InvalidPurpose, ObjectExpired, ObjectMissing, QuotaExceeded, StoredObject
 
 log = get_logger(__name__)
 
@@ -38,6 +39,10 @@ async def _domain_errors() -> AsyncIterator[None]:
         raise NotFound("object_not_found", f"no such object: {exc}") from exc
     except (InvalidId, InvalidPurpose) as exc:
         raise Invalid("invalid_storage_request", str(exc)) from exc
+    except AudioError as exc:
+        raise Invalid(exc.code, exc.message) from exc
+    except QuotaExceeded as exc:
+        raise RpcError(exc.code, exc.message, status=exc.status) from exc
 
 
 def _reply(obj: StoredObject) -> c.StoredObject:
@@ -46,10 +51,10 @@ def _reply(obj: StoredObject) -> c.StoredObject:
 
 
 async def put_voice_reference(cmd: c.PutVoiceReference, *, envelope: Envelope, body: bytes, repo: ObjectRepository,
-                              store: BlobStore) -> c.StoredObject:
+                              store: BlobStore, limits: AccountLimits | None = None) -> c.StoredObject:
     async with _domain_errors():
         obj = await handlers.store_voice_reference(account_id=cmd.account_id, voice_id=cmd.voice_id, wav=body,
-                                                   repo=repo, store=store)
+                                                   repo=repo, store=store, limits=limits, upload_id=cmd.upload_id)
     return _reply(obj)
 
 
@@ -64,11 +69,11 @@ async def _upload_record(upload: Any, obj: StoredObject, *, repo: ObjectReposito
 
 
 async def put_upload(cmd: c.PutUpload, *, envelope: Envelope, body: bytes, repo: ObjectRepository,
-                     store: BlobStore) -> c.UploadRecord:
+                     store: BlobStore, limits: AccountLimits | None = None) -> c.UploadRecord:
     async with _domain_errors():
         await handlers.store_upload(account_id=cmd.account_id, upload_id=cmd.upload_id, purpose=cmd.purpose,
                                     data=body, content_type=cmd.content_type, filename=cmd.filename, repo=repo,
-                                    store=store)
+                                    store=store, limits=limits)
         upload, obj = await handlers.get_upload(account_id=cmd.account_id, upload_id=cmd.upload_id, repo=repo)
         return await _upload_record(upload, obj, repo=repo, store=store)
 
@@ -96,6 +101,14 @@ async def get_object(cmd: c.GetObject, *, envelope: Envelope, repo: ObjectReposi
     return _reply(obj), data
 
 
+async def get_rendition(cmd: c.GetRendition, *, envelope: Envelope, repo: ObjectRepository,
+                        store: BlobStore) -> tuple[c.StoredObject, bytes]:
+    async with _domain_errors():
+        obj, data = await handlers.get_rendition(account_id=cmd.account_id, key=cmd.key, fmt=cmd.format, repo=repo,
+                                                 store=store)
+    return _reply(obj), data
+
+
 async def presign(cmd: c.Presign, *, envelope: Envelope, repo: ObjectRepository, store: BlobStore) -> c.PresignedUrl:
     async with _domain_errors():
         got = await handlers.presign(key=cmd.key, account_id=cmd.account_id, expires_in=cmd.expires_in, repo=repo,
@@ -120,9 +133,8 @@ async def on_synthesis_completed(event: SynthesisCompleted, *, envelope: Envelop
 
 async def on_voice_deleted(event: VoiceDeleted, *, envelope: Envelope, repo: ObjectRepository,
                            store: BlobStore) -> None:
-    if event.reference_key:
-        await handlers.delete_objects(keys=[event.reference_key], account_id=event.account_id, repo=repo,
-                                      store=store)
+    await handlers.delete_voice_objects(account_id=event.account_id, reference_key=event.reference_key,
+                                        voice_id=event.voice_id, repo=repo, store=store)
 
 
 async def on_objects_released(event: c.ObjectsReleased, *, envelope: Envelope, repo: ObjectRepository,

@@ -33,6 +33,36 @@ class ObjectExpired(ObjectMissing):
     """The object's retention ran out: gone for its owner, deleted from the bucket at the next sweep."""
 
 
+class QuotaExceeded(StorageError):
+    """The account's storage caps refuse this write; `code` and `status` are what the client gets."""
+
+    def __init__(self, code: str, message: str, status: int) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+@dataclass(frozen=True, slots=True)
+class AccountLimits:
+    """What one account may keep: live uploads, and bytes of uploads plus custom voice references.
+
+    A voice_clone upload lives `voice_clone_ttl` unless a voice claims it."""
+
+    max_uploads: int = 1000
+    max_bytes: int = 1024 * 1024 * 1024
+    voice_clone_ttl: timedelta = timedelta(hours=24)
+
+    def check(self, *, uploads: int, stored_bytes: int, adding_bytes: int, adding_upload: bool) -> None:
+        """Raise QuotaExceeded when the write would pass a cap."""
+        if adding_upload and uploads >= self.max_uploads:
+            raise QuotaExceeded("upload_limit_reached",
+                                f"this account keeps {uploads} uploads, its limit; delete voices or wait for "
+                                "unused uploads to expire", 409)
+        if stored_bytes + adding_bytes > self.max_bytes:
+            raise QuotaExceeded("storage_quota_exceeded",
+                                f"this account stores {stored_bytes} bytes of uploads and voices; {adding_bytes} "
+                                f"more would pass its limit of {self.max_bytes}", 413)
+
+
 class RetentionClass(StrEnum):
     """How long an object is kept (seed 001)."""
 
@@ -64,7 +94,8 @@ _LIFETIMES: dict[RetentionClass, timedelta | None] = {
     RetentionClass.STT_INPUT: timedelta(days=30),
     RetentionClass.WATERMARK_INPUT: timedelta(days=30),
     RetentionClass.AUDIO_JOB_INPUT: timedelta(days=30),
-    RetentionClass.VOICE_CLONE: None,
+    # Until a voice claims it (AccountLimits.voice_clone_ttl is the configured lifetime); claimed, permanent.
+    RetentionClass.VOICE_CLONE: timedelta(hours=24),
 }
 
 
@@ -161,13 +192,10 @@ def check_key(key: str) -> str:
     return key
 
 
-def ext_for_content_type(content_type: str, filename: str | None = None) -> str:
-    """File extension for a MIME type, else a safe one from the filename, else 'bin'."""
-    ext = _CONTENT_TYPE_EXT.get(content_type.split(";", 1)[0].strip().lower())
-    if ext is None and filename and "." in filename:
-        candidate = filename.rsplit(".", 1)[1].lower()
-        ext = candidate if _EXT_RE.fullmatch(candidate) else None
-    return ext or "bin"
+def ext_for_content_type(content_type: str) -> str:
+    """File extension for a MIME type (the gateway sniffs it from the bytes), else 'bin'; never the client's
+    file name."""
+    return _CONTENT_TYPE_EXT.get(content_type.split(";", 1)[0].strip().lower()) or "bin"
 
 
 def _utc(moment: datetime) -> datetime:
@@ -208,6 +236,24 @@ def upload_key(account_id: str, upload_id: str, purpose: UploadPurpose, created_
     """Key of an upload; voice-clone recordings go under the permanent voice-recordings/ prefix."""
     prefix = "voice-recordings" if purpose is UploadPurpose.VOICE_CLONE else "uploads"
     return _dated(prefix, account_id, created_at, check_id(upload_id, "upload_id"), ext)
+
+
+# Formats a generation is handed out in besides its WAV, each encoded once and kept beside it (same stem).
+RENDITION_FORMATS = ("mp3", "opus", "flac", "pcm")
+
+
+def rendition_key(source_key: str, fmt: str) -> str:
+    """Key of a generated WAV's rendition in another response format."""
+    if fmt not in RENDITION_FORMATS or not source_key.endswith(".wav"):
+        raise InvalidId(f"no {fmt!r} rendition of {source_key!r}")
+    return f"{source_key[: -len('.wav')]}.{fmt}"
+
+
+def renditions_of(key: str) -> list[str]:
+    """The rendition keys that go with a generated WAV (none for any other key)."""
+    if not (key.startswith("generations/") and key.endswith(".wav")):
+        return []
+    return [rendition_key(key, fmt) for fmt in RENDITION_FORMATS]
 
 
 def account_prefixes(account_id: str) -> list[str]:

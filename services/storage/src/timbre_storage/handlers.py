@@ -14,13 +14,16 @@ Every write is idempotent: a redelivered message writes the same key and answers
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
+from timbre_common.audio import transcode
 from timbre_storage.adapters.blob import BlobStore
 from timbre_storage.adapters.repository import ObjectRepository, Upload
 from timbre_storage.domain import (
+    AccountLimits,
     InvalidId,
     ObjectExpired,
     ObjectKind,
@@ -35,6 +38,8 @@ from timbre_storage.domain import (
     expires_at,
     ext_for_content_type,
     generation_key,
+    rendition_key,
+    renditions_of,
     upload_key,
     voice_key,
 )
@@ -102,8 +107,13 @@ async def store_voice_reference(
     store: BlobStore,
     retention: RetentionClass = RetentionClass.VOICE_REFERENCE,
     now: datetime | None = None,
+    limits: AccountLimits | None = None,
+    upload_id: str | None = None,
 ) -> StoredObject:
-    """Store a voice's reference audio (system when account_id is None); permanent; rewrite replaces."""
+    """Store a voice's reference audio (system when account_id is None); permanent; rewrite replaces.
+
+    Within the account's byte cap (`limits`); `upload_id` names the voice_clone upload it was made from, which
+    the voice claims (it stops expiring and goes with the voice)."""
     if retention not in (RetentionClass.VOICE_REFERENCE, RetentionClass.BUILT_VOICE):
         raise ValueError(f"a voice reference cannot have retention {retention}")
     obj = StoredObject(
@@ -117,7 +127,11 @@ async def store_voice_reference(
         created_at=_now(now),
         owner_ref=voice_id,
     )
-    return await _write(obj, wav, repo=repo, store=store)
+    recorded = await repo.record(obj, limits=limits)
+    await store.put(obj.key, wav, obj.content_type)
+    if upload_id is not None and account_id is not None:
+        await repo.claim_upload(account_id, check_id(upload_id, "upload_id"), voice_id)
+    return recorded
 
 
 async def store_upload(
@@ -131,8 +145,11 @@ async def store_upload(
     store: BlobStore,
     filename: str | None = None,
     now: datetime | None = None,
+    limits: AccountLimits | None = None,
 ) -> StoredObject:
-    """Store a client upload: voice_clone under voice-recordings/ (permanent), others under uploads/ (30 days)."""
+    """Store a client upload: voice_clone under voice-recordings/ (kept a day unless a voice claims it), others
+    under uploads/ (30 days); within the account's caps (`limits`). The extension comes from the content
+    type, never from the client's file name."""
     purpose = UploadPurpose.parse(purpose)
     check_id(account_id, "account_id")
     check_id(upload_id, "upload_id")
@@ -146,12 +163,15 @@ async def store_upload(
     moment = previous.created_at if previous is not None else _now(now)
     retention = purpose.retention
     key = previous.key if previous is not None else upload_key(
-        account_id, upload_id, purpose, moment, ext_for_content_type(content_type, filename)
+        account_id, upload_id, purpose, moment, ext_for_content_type(content_type)
     )
+    expiry = expires_at(retention, moment)
+    if purpose is UploadPurpose.VOICE_CLONE and limits is not None:
+        expiry = moment + limits.voice_clone_ttl
     obj = StoredObject(
         key=key,
         size=len(data),
-        expires_at=expires_at(retention, moment),
+        expires_at=expiry,
         account_id=account_id,
         kind=ObjectKind.VOICE_RECORDING if purpose is UploadPurpose.VOICE_CLONE else ObjectKind.UPLOAD,
         retention=retention,
@@ -159,7 +179,7 @@ async def store_upload(
         created_at=moment,
         owner_ref=upload_id,
     )
-    await repo.record_upload(obj, upload_id=upload_id, purpose=purpose)
+    await repo.record_upload(obj, upload_id=upload_id, purpose=purpose, limits=limits)
     await store.put(key, data, content_type)
     recorded = await repo.get(key)
     assert recorded is not None
@@ -189,6 +209,40 @@ async def get_object(
     account's, expired, or indexed but gone from the bucket."""
     await _live(key, repo, _now(now), account_id)
     return await store.get(key)
+
+
+async def get_rendition(
+    *, account_id: str, key: str, fmt: str, repo: ObjectRepository, store: BlobStore, now: datetime | None = None
+) -> tuple[StoredObject, bytes]:
+    """A generated audio object of the account in `fmt`: encoded on the first request, then read back.
+
+    The rendition lives beside its source with the source's expiry, so the sweeper, a release of the source and
+    the account purge remove it with the source.
+    """
+    moment = _now(now)
+    source = await _live(key, repo, moment)
+    if source.account_id != account_id or source.kind is not ObjectKind.GENERATION:
+        raise ObjectMissing(key)
+    if fmt == "wav":
+        return source, await store.get(key)
+    target = rendition_key(key, fmt)
+    kept = await repo.get(target)
+    if kept is not None and await store.exists(target):
+        return kept, await store.get(target)
+    # Seconds of CPU for minutes of mp3 or opus: once per format and job, off the event loop.
+    body, content_type = await asyncio.to_thread(transcode, await store.get(key), fmt)
+    obj = StoredObject(
+        key=target,
+        size=len(body),
+        expires_at=source.expires_at,
+        account_id=account_id,
+        kind=ObjectKind.GENERATION,
+        retention=source.retention,
+        content_type=content_type,
+        created_at=moment,
+        owner_ref=source.owner_ref,
+    )
+    return await _write(obj, body, repo=repo, store=store), body
 
 
 async def get_upload(
@@ -232,15 +286,27 @@ async def _owned_by(key: str, account_id: str | None, repo: ObjectRepository) ->
 async def delete_objects(
     *, keys: Iterable[str], account_id: str | None, repo: ObjectRepository, store: BlobStore
 ) -> int:
-    """Delete objects from the bucket, then their index rows: only `account_id`'s keys (None: system objects)."""
+    """Delete objects from the bucket, then their index rows: only `account_id`'s keys (None: system objects).
+
+    A generated WAV takes its renditions (other formats of it) with it."""
     removed = 0
     for key in keys:
         check_key(key)
         if not await _owned_by(key, account_id, repo):
             continue  # an owner may only release its own objects
-        await store.delete(key)
-        removed += await repo.delete(key)
+        for target in (key, *renditions_of(key)):
+            await store.delete(target)
+            removed += await repo.delete(target)
     return removed
+
+
+async def delete_voice_objects(
+    *, account_id: str, reference_key: str | None, voice_id: str, repo: ObjectRepository, store: BlobStore
+) -> int:
+    """A deleted voice's reference and the uploads it claimed."""
+    keys = [reference_key] if reference_key else []
+    keys += await repo.claimed_upload_keys(account_id, voice_id)
+    return await delete_objects(keys=keys, account_id=account_id, repo=repo, store=store)
 
 
 async def sweep_expired(

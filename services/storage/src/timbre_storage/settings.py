@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,8 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from timbre_common.settings import CommonSettings, is_placeholder
+
+from .domain import AccountLimits
 
 DEV_SIGNING_KEY = "timbre-dev-signing-key-do-not-use-outside-dev"
 # Beyond the common placeholders: words that only name an environment, and the dev default itself.
@@ -55,6 +58,11 @@ class StorageSettings(CommonSettings):
     sweep_interval_s: float = 60.0
     # Objects one sweep transaction claims; replicas each claim their own batch.
     sweep_batch: int = Field(default=200, ge=1, le=10_000)
+    # What one account may keep: live uploads (409 upload_limit_reached past it) and bytes of uploads plus
+    # custom voice references (413 storage_quota_exceeded); an unclaimed voice_clone upload expires after the TTL.
+    max_account_uploads: int = Field(default=1000, gt=0)
+    max_account_stored_bytes: int = Field(default=1024 * 1024 * 1024, gt=0)
+    voice_clone_upload_ttl_s: float = Field(default=24 * 3600, gt=0)
 
     r2_account_id: str | None = None
     r2_access_key_id: str | None = None
@@ -66,6 +74,11 @@ class StorageSettings(CommonSettings):
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
     s3_bucket: str | None = None
+
+    def account_limits(self) -> AccountLimits:
+        """The per-account storage caps."""
+        return AccountLimits(max_uploads=self.max_account_uploads, max_bytes=self.max_account_stored_bytes,
+                             voice_clone_ttl=timedelta(seconds=self.voice_clone_upload_ttl_s))
 
     @property
     def is_dev(self) -> bool:

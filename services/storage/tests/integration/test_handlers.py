@@ -66,7 +66,9 @@ async def test_uploads_by_purpose(repo: ObjectRepository, store: BlobStore) -> N
         account_id="acc1", upload_id="u1", purpose="voice_clone", data=b"W", content_type="audio/wav",
         repo=repo, store=store, now=NOW,
     )
-    assert clone.key == "voice-recordings/acc1/2026/05/01/120000-u1.wav" and clone.expires_at is None
+    # Kept a day unless a voice claims it.
+    assert clone.key == "voice-recordings/acc1/2026/05/01/120000-u1.wav"
+    assert clone.expires_at == NOW + timedelta(days=1)
     stt = await handlers.store_upload(
         account_id="acc1", upload_id="u2", purpose=UploadPurpose.STT_INPUT, data=b"M", content_type="audio/mpeg",
         repo=repo, store=store, now=NOW,
@@ -92,7 +94,8 @@ async def test_uploads_by_purpose(repo: ObjectRepository, store: BlobStore) -> N
         account_id="acc1", upload_id="u4", purpose=None, data=b"F", content_type="application/octet-stream",
         filename="take.FLAC", repo=repo, store=store, now=NOW,
     )
-    assert generic.key == "uploads/acc1/2026/05/01/120000-u4.flac" and generic.retention is RetentionClass.UPLOAD
+    # The client's file name picks nothing: bytes of no known type are stored as .bin.
+    assert generic.key == "uploads/acc1/2026/05/01/120000-u4.bin" and generic.retention is RetentionClass.UPLOAD
     upload, found = await handlers.get_upload(account_id="acc1", upload_id="u2", repo=repo, now=NOW)
     assert (upload.purpose, found) == (UploadPurpose.STT_INPUT, stt)
     with pytest.raises(ObjectMissing):

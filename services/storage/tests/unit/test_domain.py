@@ -109,7 +109,7 @@ def test_account_prefixes_name_the_account_and_end_with_slash() -> None:
         (RetentionClass.AUDIO_JOB_INPUT, 30),
         (RetentionClass.VOICE_REFERENCE, None),
         (RetentionClass.BUILT_VOICE, None),
-        (RetentionClass.VOICE_CLONE, None),
+        (RetentionClass.VOICE_CLONE, 1),  # unless a voice claims it
     ],
 )
 def test_retention(cls: RetentionClass, days: int | None) -> None:
@@ -130,3 +130,10 @@ def test_ext_for_content_type() -> None:
     assert ext_for_content_type("audio/wav") == "wav"
     assert ext_for_content_type("audio/MPEG; charset=x") == "mp3"
     assert ext_for_content_type("application/x-evil/../") == "bin"
+
+
+def test_the_extension_never_comes_from_the_clients_file_name() -> None:
+    # The content type is what the gateway sniffed from the bytes; a file name cannot pick the extension.
+    assert ext_for_content_type("application/octet-stream") == "bin"
+    with pytest.raises(TypeError):
+        ext_for_content_type("application/octet-stream", "take.html")  # type: ignore[call-arg]

@@ -47,9 +47,9 @@ log = get_logger(__name__)
 def work_queues(settings: DispatcherSettings) -> list[QueueSpec]:
     """Every backend's work orders have a queue before the first is published: Modal's or the local one."""
     modal = settings.modal_backend_names if settings.executor == "modal" else []
-    queues = [local_work_queue(b) for b in KNOWN_BACKENDS if b not in modal]
+    queues = [local_work_queue(b, settings.work_queue_max_length) for b in KNOWN_BACKENDS if b not in modal]
     if modal:
-        queues.append(modal_executor_queue(modal))
+        queues.append(modal_executor_queue(modal, settings.work_queue_max_length))
     return queues
 
 
@@ -69,7 +69,9 @@ class DispatcherService:
         self.jobs = JobRepository(pool)
         self.cache = CacheIndex(pool)
         self.policy = handlers.JobPolicy(deadline_s=settings.job_deadline_s, max_attempts=settings.job_max_attempts,
-                                         reference_url_ttl_s=settings.reference_url_ttl_s)
+                                         reference_url_ttl_s=settings.reference_url_ttl_s,
+                                         deadline_per_char_s=dict(settings.job_deadline_per_char_s),
+                                         max_pending_per_account=settings.max_pending_jobs_per_account)
         self.spawner = spawner
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -96,7 +98,8 @@ class DispatcherService:
         }, deduper=deduper)
         if self.settings.executor == "modal":
             spawner = self.spawner or spawner_for(self.settings)
-            await self.broker.consume(modal_executor_queue(self.settings.modal_backend_names),
+            await self.broker.consume(modal_executor_queue(self.settings.modal_backend_names,
+                                                           self.settings.work_queue_max_length),
                                    {SynthesisRequested: partial(
                 spawn_work_order, spawner=spawner, jobs=self.jobs, public_base_url=self.settings.public_base_url,
                 callback_secret=self.settings.modal_callback_secret.get_secret_value())})
@@ -104,6 +107,8 @@ class DispatcherService:
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
 
     async def _sweep_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_retention = loop.time()
         while True:
             await asyncio.sleep(self.settings.sweep_interval_s)
             try:
@@ -112,6 +117,16 @@ class DispatcherService:
                     log.info("overdue_jobs_swept", jobs=swept)
             except Exception:
                 log.exception("deadline_sweep_failed")
+            if loop.time() >= next_retention:
+                # Retention works in days: a pass a minute is plenty.
+                next_retention = loop.time() + 60.0
+                try:
+                    deleted = await handlers.sweep_finished(jobs=self.jobs, cache=self.cache, bus=self.bus,
+                                                            retention_s=self.settings.job_retention_s)
+                    if deleted:
+                        log.info("finished_jobs_deleted", jobs=deleted)
+                except Exception:
+                    log.exception("job_retention_sweep_failed")
 
     async def _advertise_modal(self) -> None:
         backends = self.settings.modal_backend_names

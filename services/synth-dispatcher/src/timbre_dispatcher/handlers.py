@@ -3,13 +3,14 @@
 Serves (RPC): SubmitSynthesis, GetJob, FetchJobAudio, LookupJob, PurgeVoiceJobs.
 Consumes: audio.stored, synthesis.failed, objects.expired, voice.deleted, account.purge_requested.
 Emits: synthesis.requested (the work order), job.ready, job.failed, objects.released, account.purged.
-Calls: storage (GetObject, Presign).
+Calls: storage (GetRendition, Presign).
+Timers (bootstrap): sweep_overdue (deadlines), sweep_finished (job retention).
 """
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from timbre_common import metrics
@@ -17,7 +18,7 @@ from timbre_common.contracts import Envelope
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
 from timbre_common.contracts.storage import (
     AudioStored,
-    GetObject,
+    GetRendition,
     ObjectsExpired,
     ObjectsReleased,
     Presign,
@@ -40,8 +41,8 @@ from timbre_common.contracts.synthesis import (
 )
 from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.ids import is_canonical_uuid
-from timbre_common.logging import get_logger
-from timbre_common.messaging import NotFound, RemoteError, RpcError, work_routing_key
+from timbre_common.logging import get_logger, scrub_urls
+from timbre_common.messaging import NotFound, PublishRefused, RemoteError, RpcError, work_routing_key
 from timbre_common.ports import MessageBus
 
 from . import domain
@@ -61,9 +62,27 @@ def _job_finished(row: Any, outcome: str) -> None:
 
 @dataclass(frozen=True)
 class JobPolicy:
+    # The least time an attempt gets; a long text gets its characters times its backend's rate.
     deadline_s: float = 300.0
     max_attempts: int = 3
     reference_url_ttl_s: int = 3600
+    deadline_per_char_s: dict[str, float] = field(default_factory=dict)
+    # Pending jobs one account may have; None: no cap.
+    max_pending_per_account: int | None = None
+
+    def deadline_for(self, backend: str, characters: int) -> float:
+        """Seconds an attempt of a job of this length on this backend may take before it is sent again."""
+        return max(self.deadline_s, characters * self.deadline_per_char_s.get(backend, 0.0))
+
+
+class WorkQueueFull(RpcError):
+    """The backend's work queue refused the work order: too much is waiting already."""
+
+    status = 503
+
+    def __init__(self, backend: str) -> None:
+        super().__init__("work_queue_full", f"the {backend} backend has too much work waiting; retry later",
+                         details={"retry_after_s": 30})
 
 
 # What storage answers for an object its owner can no longer have.
@@ -92,8 +111,16 @@ async def _work_order(row: Any, *, bus: MessageBus, policy: JobPolicy) -> Synthe
 
 
 async def _hand_out(order: SynthesisRequested, *, bus: MessageBus) -> None:
-    """Publish the work order on its backend's route; the message id makes each attempt distinct."""
-    await bus.publish(order, message_id=f"{order.job_id}:{order.attempt}", routing_key=work_routing_key(order.backend))
+    """Publish the work order on its backend's route; the message id makes each attempt distinct.
+
+    Straight to the broker, not through the outbox: a full work queue must refuse this request now (and not
+    hold up every event behind it in the relay), and a lost publish is repaired by the deadline sweep."""
+    publish = getattr(bus, "publish_now", bus.publish)
+    try:
+        await publish(order, message_id=f"{order.job_id}:{order.attempt}",
+                      routing_key=work_routing_key(order.backend))
+    except PublishRefused as exc:
+        raise WorkQueueFull(order.backend) from exc
 
 
 async def _dispatch(row: Any, *, jobs: JobRepository, bus: MessageBus, policy: JobPolicy) -> bool:
@@ -118,7 +145,9 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
     if entry is not None:
         started = time.perf_counter()
         try:
-            stored, audio = await bus.call("storage", GetObject(key=entry["audio_key"], account_id=cmd.account_id),
+            # In the format asked for: storage encodes a format once per job and keeps it.
+            stored, audio = await bus.call("storage", GetRendition(account_id=cmd.account_id, key=entry["audio_key"],
+                                                                   format=cmd.response_format),
                                            expect=StoredObject)
         except RemoteError as exc:
             if exc.code not in _GONE:
@@ -130,7 +159,7 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
             metrics.CACHE_LOOKUPS.labels(cmd.backend, "hit").inc()
             return SynthesisAccepted(cache_hit=True, job_id=str(entry["job_id"]), status=domain.READY,
                                      cache_key=key, synthesis_ms=entry["synthesis_ms"] or 0,
-                                     expires_at=stored.expires_at), audio or b""
+                                     expires_at=stored.expires_at, content_type=stored.content_type), audio or b""
     metrics.CACHE_LOOKUPS.labels(cmd.backend, "miss").inc()
     in_flight = await jobs.pending_for(cmd.account_id, key, cmd.response_format)
     if in_flight is not None:
@@ -141,12 +170,24 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
     job_id = str(uuid.uuid4())
     row = await jobs.create(job_id=job_id, account_id=cmd.account_id, voice_id=cmd.voice.voice_id, text=cmd.text,
                             lang=cmd.lang, backend=cmd.backend, cache_key=key,
-                            response_format=cmd.response_format, request=request, deadline_s=policy.deadline_s,
-                            hold_id=cmd.hold_id)
+                            response_format=cmd.response_format, request=request,
+                            deadline_s=policy.deadline_for(cmd.backend, len(cmd.text)), hold_id=cmd.hold_id,
+                            max_pending=policy.max_pending_per_account)
+    if row is None:
+        raise RpcError("too_many_pending_jobs",
+                       f"this account already has {policy.max_pending_per_account} jobs pending; wait for some to "
+                       "finish", status=429, details={"retry_after_s": 5})
     # The new job owns the quota hold now: job.ready or job.failed gives it back to billing.
     attached = cmd.hold_id is not None
     # Publish after the row exists: a crash in between leaves a pending job the deadline sweep re-sends.
-    if not await _dispatch(row, jobs=jobs, bus=bus, policy=policy):
+    try:
+        dispatched = await _dispatch(row, jobs=jobs, bus=bus, policy=policy)
+    except WorkQueueFull:
+        # Refused, not queued: the job ends now (its hold released with job.failed) and the client is told.
+        await _fail(job_id, cmd.account_id, "work_queue_full", "the backend's work queue was full", jobs=jobs,
+                    bus=bus)
+        raise
+    if not dispatched:
         return SynthesisAccepted(cache_hit=False, job_id=job_id, status=domain.FAILED, cache_key=key,
                                  hold_attached=attached)
     log.info("job_created", job_id=job_id, backend=cmd.backend, characters=len(cmd.text))
@@ -218,9 +259,10 @@ async def fetch_audio(cmd: FetchJobAudio, *, envelope: Envelope, jobs: JobReposi
         raise _expired(cmd.job_id)
     if row["status"] != domain.READY:
         raise NotFound("job_not_ready", f"job {cmd.job_id} is {row['status']}, not ready")
+    fmt = cmd.response_format or row["response_format"]
     try:
-        _, audio = await bus.call("storage", GetObject(key=row["audio_key"], account_id=row["account_id"]),
-                                  expect=StoredObject)
+        stored, audio = await bus.call("storage", GetRendition(account_id=row["account_id"], key=row["audio_key"],
+                                                               format=fmt), expect=StoredObject)
     except RemoteError as exc:
         if exc.code not in _GONE:
             raise
@@ -230,7 +272,8 @@ async def fetch_audio(cmd: FetchJobAudio, *, envelope: Envelope, jobs: JobReposi
             raise _expired(cmd.job_id) from exc
         raise RpcError("audio_missing", f"job {cmd.job_id} was ready but its audio is missing; marked failed",
                        status=500) from exc
-    return await _view(row, bus=bus, with_url=False), audio or b""
+    view = await _view(row, bus=bus, with_url=False)
+    return view.model_copy(update={"response_format": fmt, "content_type": stored.content_type}), audio or b""
 
 
 async def lookup_job(cmd: LookupJob, *, envelope: Envelope, jobs: JobRepository) -> JobOwner:
@@ -241,7 +284,7 @@ async def lookup_job(cmd: LookupJob, *, envelope: Envelope, jobs: JobRepository)
         raise _job_not_found(cmd.job_id)
     return JobOwner(job_id=cmd.job_id, account_id=row["account_id"], voice_id=row["voice_id"],
                     backend=row["backend"], status=row["status"], created_at=row["created_at"],
-                    attempt=row["attempts"])
+                    attempt=row["attempts"], attempts=row["attempts"])
 
 
 async def _purge_voice(account_id: str, voice_id: str, *, jobs: JobRepository, cache: CacheIndex,
@@ -313,6 +356,7 @@ async def _apply_audio_stored(event: AudioStored, *, jobs: JobRepository, cache:
 
 async def _fail(job_id: str, account_id: str, code: str, reason: str, *, jobs: JobRepository,
                 bus: MessageBus) -> None:
+    reason = scrub_urls(reason)  # a presigned URL's signature never reaches a job's error text
     async with bus.transaction():  # failed and job.failed commit together
         failed = await jobs.mark_failed(job_id, code=code, reason=reason)
         if failed is not None:
@@ -330,8 +374,14 @@ async def _redispatch(row: Any, *, jobs: JobRepository, bus: MessageBus, policy:
         await _fail(str(row["job_id"]), row["account_id"], code,
                     f"{reason} (after {row['attempts']} attempts)", jobs=jobs, bus=bus)
         return
-    retried = await jobs.retry(str(row["job_id"]), deadline_s=policy.deadline_s)
-    if retried is None or not await _dispatch(retried, jobs=jobs, bus=bus, policy=policy):
+    retried = await jobs.retry(str(row["job_id"]), deadline_s=policy.deadline_for(row["backend"], row["characters"]))
+    try:
+        if retried is None or not await _dispatch(retried, jobs=jobs, bus=bus, policy=policy):
+            return
+    except WorkQueueFull:
+        # The attempt is counted: the next deadline tries again, and the last attempt fails the job.
+        log.warning("job_redispatch_refused", job_id=str(row["job_id"]), attempt=retried["attempts"],
+                    reason="work queue full")
         return
     log.warning("job_redispatched", job_id=str(row["job_id"]), attempt=retried["attempts"], reason=reason)
 
@@ -355,9 +405,25 @@ async def sweep_overdue(*, jobs: JobRepository, bus: MessageBus, policy: JobPoli
     """Re-send or fail every pending job past its deadline: no job stays pending forever."""
     rows = await jobs.overdue()
     for row in rows:
+        allowed = policy.deadline_for(row["backend"], row["characters"])
         await _redispatch(row, jobs=jobs, bus=bus, policy=policy, code="deadline_exceeded",
-                          reason=f"no result within {policy.deadline_s:.0f}s")
+                          reason=f"no result within {allowed:.0f}s")
     return len(rows)
+
+
+async def sweep_finished(*, jobs: JobRepository, cache: CacheIndex, bus: MessageBus, retention_s: float) -> int:
+    """Delete jobs that ended more than `retention_s` ago, with their text, cache entries and any audio left."""
+    total = 0
+    while rows := await jobs.delete_finished(older_than_s=retention_s):
+        await cache.drop_jobs([str(r["job_id"]) for r in rows])
+        by_account: dict[str, list[str]] = {}
+        for r in rows:
+            if r["audio_key"]:
+                by_account.setdefault(r["account_id"], []).append(r["audio_key"])
+        for account_id, keys in by_account.items():
+            await bus.publish(ObjectsReleased(account_id=account_id, keys=keys))
+        total += len(rows)
+    return total
 
 
 async def on_objects_expired(event: ObjectsExpired, *, envelope: Envelope, jobs: JobRepository,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from timbre_common.settings import CommonSettings, require_callback_secret
 
@@ -12,9 +12,17 @@ class DispatcherSettings(CommonSettings):
     db_schema: ClassVar[str] = "dispatch"
     # local: a RabbitMQ work queue drained by gpu_worker; modal: spawn the Modal function.
     executor: str = "local"
-    # A job not finished this long after it was handed out is handed out again, up to max attempts.
+    # A job not finished in time after it was handed out is handed out again, up to max attempts. Its time is
+    # its characters times its backend's rate (seconds per character), never less than JOB_DEADLINE_S, so a
+    # long job is not sent again while its first attempt still runs.
     job_deadline_s: float = 300.0
+    job_deadline_per_char_s: dict[str, float] = Field(
+        default_factory=lambda: {"embedded": 0.1, "qwen3-1.7b": 0.25, "qwen3-0.6b": 0.2})
     job_max_attempts: int = 3
+    # Jobs one account may have pending at once; the next submission is refused with 429.
+    max_pending_jobs_per_account: int = Field(default=100, gt=0)
+    # Finished jobs (and their text) are deleted this long after they ended.
+    job_retention_s: float = Field(default=30 * 24 * 3600, gt=0)
     sweep_interval_s: float = 5.0
     reference_url_ttl_s: int = 3600
     modal_app_name: str = "timbre-gpu-worker"

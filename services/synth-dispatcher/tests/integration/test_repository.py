@@ -357,3 +357,27 @@ async def test_cache_delete_account(cache: CacheIndex) -> None:
     assert await cache.get("acc2", "k1") is not None
     assert await cache.delete_account("acc1") == 0
 
+
+
+async def test_a_burst_of_submissions_cannot_pass_the_pending_cap(jobs: JobRepository) -> None:
+    async def submit(n: int) -> asyncpg.Record | None:
+        return await jobs.create(job_id=str(uuid.uuid4()), account_id="burst", voice_id="v", text=f"t{n}",
+                                 lang="en", backend="piper", cache_key=f"k{n}", response_format="wav", request={},
+                                 deadline_s=60, max_pending=5)
+
+    made = await asyncio.gather(*(submit(n) for n in range(20)))
+    assert sum(r is not None for r in made) == 5
+    assert await jobs.pool.fetchval("SELECT count(*) FROM jobs WHERE account_id = 'burst'") == 5
+
+
+async def test_finished_jobs_are_deleted_after_the_retention_and_pending_ones_never(jobs: JobRepository,
+                                                                                  cache: CacheIndex) -> None:
+    old, recent, running = [await new_job(jobs, key=k) for k in ("a", "b", "c")]
+    await ready(jobs, old, "generations/acc1/old.wav")
+    await jobs.mark_failed(recent, code="x", reason="y")
+    await jobs.pool.execute("UPDATE jobs SET completed_at = now() - interval '40 days', "
+                            "created_at = now() - interval '40 days' WHERE job_id = $1 OR job_id = $2", old, running)
+    gone = await jobs.delete_finished(older_than_s=30 * 24 * 3600)
+    assert [(str(r["job_id"]), r["audio_key"]) for r in gone] == [(old, "generations/acc1/old.wav")]
+    assert await jobs.get(old) is None and await jobs.get(recent) is not None
+    assert (await jobs.get(running))["status"] == PENDING

@@ -5,7 +5,8 @@ import copy
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from timbre_common.contracts.storage import GetObject, Presign, PresignedUrl, StoredObject
+from timbre_common.audio import transcode
+from timbre_common.contracts.storage import GetObject, GetRendition, Presign, PresignedUrl, StoredObject
 from timbre_common.messaging import RemoteError
 from timbre_common.testing import FakeBus
 
@@ -35,8 +36,12 @@ class FakeJobRepository:
 
     async def create(self, *, job_id: str, account_id: str, voice_id: str, text: str, lang: str, backend: str,
                      cache_key: str, response_format: str, request: dict[str, Any],
-                     deadline_s: float, hold_id: str | None = None) -> dict[str, Any]:
+                     deadline_s: float, hold_id: str | None = None,
+                     max_pending: int | None = None) -> dict[str, Any] | None:
         assert job_id not in self.rows
+        pending = sum(1 for r in self.rows.values() if r["account_id"] == account_id and r["status"] == "pending")
+        if max_pending is not None and pending >= max_pending:
+            return None
         now = self.clock()
         self.rows[job_id] = {
             "job_id": job_id, "account_id": account_id, "voice_id": voice_id, "text": text, "lang": lang,
@@ -114,6 +119,12 @@ class FakeJobRepository:
     async def delete_account(self, account_id: str) -> list[dict[str, Any]]:
         return await self._delete(lambda r: r["account_id"] == account_id)
 
+    async def delete_finished(self, *, older_than_s: float, limit: int = 500) -> list[dict[str, Any]]:
+        cutoff = self.clock() - timedelta(seconds=older_than_s)
+        gone = [self.rows.pop(j) for j in [j for j, r in self.rows.items() if r["status"] != "pending"
+                                           and r["completed_at"] is not None and r["completed_at"] < cutoff][:limit]]
+        return [{"job_id": r["job_id"], "account_id": r["account_id"], "audio_key": r["audio_key"]} for r in gone]
+
 
 class FakeCacheIndex:
     """Implements CacheIndex: one entry per (account, cache key); expired entries are invisible."""
@@ -151,16 +162,21 @@ class FakeCacheIndex:
     async def delete_account(self, account_id: str) -> int:
         return len(await self._delete(lambda e: e["account_id"] == account_id))
 
+    async def drop_jobs(self, job_ids: list[str]) -> int:
+        return len(await self._delete(lambda e: str(e["job_id"]) in job_ids))
+
 
 class FakeStorage:
-    """The storage service's answers to GetObject and Presign, over a dict of objects."""
+    """The storage service's answers to GetObject, GetRendition and Presign, over a dict of objects."""
 
     def __init__(self, bus: FakeBus, clock: Clock) -> None:
         self.clock = clock
         self.objects: dict[str, bytes] = {}
         self.expires_at: dict[str, datetime | None] = {}
         self.owners: dict[str, str | None] = {}
+        self.encoded: list[tuple[str, str]] = []
         bus.on(GetObject, self._get)
+        bus.on(GetRendition, self._rendition)
         bus.on(Presign, self._presign)
 
     def put(self, key: str, body: bytes, expires_at: datetime | None = None, *, owner: str | None = None) -> None:
@@ -187,6 +203,16 @@ class FakeStorage:
         self._check_live(cmd.key)
         data = self.objects[cmd.key]
         return StoredObject(key=cmd.key, size=len(data), expires_at=self.expires_at[cmd.key]), data
+
+    async def _rendition(self, cmd: GetRendition, body: bytes | None) -> tuple[StoredObject, bytes]:
+        self._check_live(cmd.key)
+        data = self.objects[cmd.key]
+        if cmd.format == "wav":
+            return StoredObject(key=cmd.key, size=len(data), expires_at=self.expires_at[cmd.key]), data
+        self.encoded.append((cmd.key, cmd.format))
+        encoded, content_type = transcode(data, cmd.format)
+        return StoredObject(key=cmd.key, size=len(encoded), content_type=content_type,
+                            expires_at=self.expires_at[cmd.key]), encoded
 
     async def _presign(self, cmd: Presign, body: bytes | None) -> PresignedUrl:
         self._check_owner(cmd.key, cmd.account_id)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
-from timbre_common.contracts.storage import AudioStored, GetObject, ObjectsExpired, ObjectsReleased
+from timbre_common.contracts.storage import AudioStored, GetRendition, ObjectsExpired, ObjectsReleased
 from timbre_common.contracts.synthesis import (
     FetchJobAudio,
     GetJob,
@@ -141,7 +141,7 @@ async def test_a_miss_creates_a_pending_job_and_hands_out_the_work_order(world: 
     assert order.voice_profile == {"x_vector": [0.1]}
     assert world.bus.routing_keys[-1] == work_routing_key(BACKEND)
     assert world.message_ids(SynthesisRequested) == [f"{accepted.job_id}:1"]
-    [presign] = [c for _, c, _ in world.bus.calls if not isinstance(c, GetObject)]
+    [presign] = [c for _, c, _ in world.bus.calls if not isinstance(c, GetRendition)]
     assert presign.expires_in == 600  # the policy's reference URL lifetime
 
 
@@ -198,10 +198,10 @@ async def test_a_storage_error_other_than_not_found_is_not_swallowed(world: Worl
     await world.cache.put(account_id=ACCOUNT, cache_key=key, voice_id=VOICE, job_id="job-old",
                           audio_key="generations/a/x.wav", expires_at=None, synthesis_ms=5)
 
-    async def broken(cmd: GetObject, body: bytes | None) -> None:
+    async def broken(cmd: GetRendition, body: bytes | None) -> None:
         raise RemoteError("storage_unavailable", "disk on fire", status=503)
 
-    world.bus.on(GetObject, broken)
+    world.bus.on(GetRendition, broken)
     with pytest.raises(RemoteError):
         await world.submit("Hello there.")
     assert (ACCOUNT, key) in world.cache.entries and world.jobs.rows == {}

@@ -36,7 +36,7 @@ from timbre_common.contracts.voices import (
 )
 from timbre_common.ids import is_canonical_uuid
 from timbre_common.logging import get_logger
-from timbre_common.messaging import Invalid, NotFound, RpcError, voice_profile_routing_key
+from timbre_common.messaging import Conflict, Invalid, NotFound, RpcError, voice_profile_routing_key
 from timbre_common.ports import MessageBus
 from timbre_common.text import SUPPORTED_LANGUAGES, unstorable_characters
 
@@ -52,6 +52,11 @@ def _analyse(body: bytes, settings: VoicesSettings) -> tuple[Any, dict[str, Any]
     info = validate_reference(body, min_s=settings.min_reference_s, max_s=settings.max_reference_s,
                               max_bytes=settings.max_reference_bytes)
     return info, quality_report(body).to_dict(), normalise_reference(body, target_sr=settings.reference_sample_rate)
+
+
+def _voice_limit(settings: VoicesSettings) -> Conflict:
+    return Conflict("voice_limit_reached", f"this account has {settings.max_voices_per_account} custom voices, "
+                    "its limit; delete one first")
 
 
 def _voice_not_found(voice_id: str) -> NotFound:
@@ -78,6 +83,9 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
         problem = unstorable_characters(value or "")
         if problem:
             raise Invalid("invalid_field", f"{field} {problem}")
+    # Cheap first: a full account is refused before its audio is analysed (the insert checks again, atomically).
+    if await repo.count(cmd.account_id) >= settings.max_voices_per_account:
+        raise _voice_limit(settings)
     upload_meta: dict[str, str] = {}
     if cmd.upload_id:
         if body:
@@ -93,7 +101,9 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
     except AudioError as exc:
         raise Invalid(exc.code, exc.message) from exc
     voice_id = str(uuid.uuid4())
-    stored, _ = await bus.call("storage", PutVoiceReference(account_id=cmd.account_id, voice_id=voice_id),
+    # Made from an upload, the voice claims it: the upload stops expiring and goes with the voice.
+    stored, _ = await bus.call("storage", PutVoiceReference(account_id=cmd.account_id, voice_id=voice_id,
+                                                            upload_id=cmd.upload_id or None),
                                body=normalised, expect=StoredObject)
     metadata = {
         "original": {"sample_rate": info.sample_rate, "channels": info.channels, "bits": info.bits_per_sample,
@@ -112,8 +122,9 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
         async with bus.transaction():  # the voice and voice.registered commit together
             row = await repo.add(voice_id=voice_id, account_id=cmd.account_id, name=name, backend=cmd.backend,
                                  lang=cmd.lang, ref_text=(cmd.ref_text or None), family=(cmd.family or None),
-                                 reference_key=stored.key, quality=quality, metadata=metadata)
-            if reference_url is not None:
+                                 reference_key=stored.key, quality=quality, metadata=metadata,
+                                 max_voices=settings.max_voices_per_account)
+            if row is not None and reference_url is not None:
                 await bus.publish(VoiceRegistered(voice_id=voice_id, account_id=cmd.account_id,
                                                   backend=cmd.backend, lang=cmd.lang, reference_key=stored.key,
                                                   reference_url=reference_url, ref_text=cmd.ref_text),
@@ -122,6 +133,9 @@ async def register_voice(cmd: RegisterVoice, *, envelope: Envelope, body: bytes 
         # No voice, so no reason to keep its (permanent) reference: release it, then report the failure.
         await bus.publish(ObjectsReleased(account_id=cmd.account_id, keys=[stored.key]))
         raise
+    if row is None:
+        await bus.publish(ObjectsReleased(account_id=cmd.account_id, keys=[stored.key]))
+        raise _voice_limit(settings)
     log.info("voice_registered", voice_id=voice_id, account_id=cmd.account_id, backend=cmd.backend,
              grade=quality.get("grade"))
     return domain.custom_record(row)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from pydantic import Field
+
 from timbre_common.settings import CommonSettings
 
 
@@ -13,3 +15,5 @@ class VoicesSettings(CommonSettings):
     max_reference_s: float = 60.0
     # Rate the models get: references are normalised to mono 16-bit at this rate.
     reference_sample_rate: int = 24000
+    # Custom voices one account may keep (409 voice_limit_reached past it).
+    max_voices_per_account: int = Field(default=100, gt=0)

@@ -52,13 +52,18 @@ class FakeVoiceRepository:
 
     async def add(self, *, voice_id: str, account_id: str, name: str, backend: str, lang: str,
                   ref_text: str | None, family: str | None, reference_key: str, quality: dict[str, Any],
-                  metadata: dict[str, Any]) -> dict[str, Any]:
+                  metadata: dict[str, Any], max_voices: int | None = None) -> dict[str, Any] | None:
+        if max_voices is not None and await self.count(account_id) >= max_voices:
+            return None
         self._tick += 1
         self.rows[voice_id] = {"voice_id": uuid.UUID(voice_id), "account_id": account_id, "name": name,
                                "backend": backend, "lang": lang, "ref_text": ref_text, "family": family,
                                "reference_key": reference_key, "quality": quality, "profile": {},
                                "metadata": metadata, "created_at": NOW + timedelta(seconds=self._tick)}
         return copy.deepcopy(self.rows[voice_id])
+
+    async def count(self, account_id: str) -> int:
+        return sum(1 for r in self.rows.values() if r["account_id"] == account_id)
 
     async def get(self, account_id: str, voice_id: str) -> dict[str, Any] | None:
         row = self.rows.get(voice_id)
@@ -96,6 +101,7 @@ class FakeStorage:
     def __init__(self, bus: FakeBus) -> None:
         self.objects: dict[str, bytes] = {}
         self.uploads: dict[tuple[str, str], tuple[str, bytes]] = {}
+        self.claimed: dict[str, str] = {}
         bus.on(PutVoiceReference, self._put_reference)
         bus.on(GetUpload, self._get_upload)
         bus.on(Presign, self._presign)
@@ -103,6 +109,8 @@ class FakeStorage:
     async def _put_reference(self, cmd: PutVoiceReference, body: bytes | None) -> StoredObject:
         key = f"voices/custom/{cmd.account_id}/{cmd.voice_id}.wav"
         self.objects[key] = body or b""
+        if cmd.upload_id:
+            self.claimed[cmd.upload_id] = cmd.voice_id
         return StoredObject(key=key, size=len(body or b""), retention="permanent")
 
     async def _get_upload(self, cmd: GetUpload, body: bytes | None) -> tuple[UploadRecord, bytes | None]:
@@ -177,6 +185,20 @@ async def test_a_reference_may_come_from_an_earlier_upload(world: World, referen
     record = await world.register(None, upload_id="up-1")
     assert record.metadata["upload_id"] == "up-1" and record.metadata["upload_purpose"] == "voice_clone"
     assert record.reference_key in world.storage.objects
+    # The voice claims the upload, so storage keeps it (an unclaimed voice_clone upload expires).
+    assert world.storage.claimed == {"up-1": record.voice_id}
+
+
+async def test_an_account_at_its_voice_cap_is_refused_409_before_any_work(world: World, reference: bytes) -> None:
+    world.settings = VoicesSettings(max_voices_per_account=2)
+    await world.register(reference)
+    await world.register(reference)
+    stored_before = dict(world.storage.objects)
+    with pytest.raises(RpcError) as refused:
+        await world.register(reference)
+    assert (refused.value.status, refused.value.code) == (409, "voice_limit_reached")
+    assert len(world.repo.rows) == 2 and world.storage.objects == stored_before
+    await world.register(reference, account=OTHER)  # each account has its own cap
 
 
 async def test_another_accounts_upload_cannot_be_used(world: World, reference: bytes) -> None:

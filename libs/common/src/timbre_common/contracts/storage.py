@@ -25,6 +25,8 @@ class PutVoiceReference(Command):
     BINARY: ClassVar[bool] = True
     account_id: str | None = None
     voice_id: str
+    # The voice_clone upload the reference was made from: the voice claims it, so it does not expire.
+    upload_id: str | None = None
 
 
 class PutUpload(Command):
@@ -65,6 +67,19 @@ class GetObject(Command):
     TYPE: ClassVar[str] = "storage.get_object"
     key: str
     account_id: str | None = None
+
+
+class GetRendition(Command):
+    """A generated audio object in a response format, as the binary body of the reply (StoredObject).
+
+    The first request of a format encodes it and keeps it beside the source, with the source's expiry; later
+    ones read it back. Deleting or expiring the source takes its renditions with it.
+    """
+
+    TYPE: ClassVar[str] = "storage.get_rendition"
+    account_id: str
+    key: str
+    format: str
 
 
 class Presign(Command):

@@ -48,6 +48,8 @@ class SynthesisAccepted(Reply):
     expires_at: datetime | None = None
     # True when a new job took the submission's hold_id; otherwise the caller releases the hold.
     hold_attached: bool = False
+    # A cache hit's body is already in the requested format (encoded once, kept by storage): its media type.
+    content_type: str | None = None
 
 
 class GetJob(Command):
@@ -73,14 +75,17 @@ class JobView(Reply):
     error_code: str | None = None
     synthesis_ms: int | None = None
     audio_seconds: float | None = None
+    # Set on FetchJobAudio's reply: the media type of the binary body (the format asked for).
+    content_type: str | None = None
 
 
 class FetchJobAudio(Command):
-    """The WAV of a ready job as the binary body of the reply (JobView)."""
+    """A ready job's audio as the binary body of the reply (JobView), in `response_format` (default: the job's)."""
 
     TYPE: ClassVar[str] = "dispatch.fetch_audio"
     account_id: str
     job_id: str
+    response_format: str | None = None
 
 
 class LookupJob(Command):
@@ -100,6 +105,8 @@ class JobOwner(Reply):
     created_at: datetime
     # The attempt now handed out: a remote callback for another one is stale.
     attempt: int | None = None
+    # The job's current attempt: a work order of an older one is superseded.
+    attempts: int = 1
 
 
 class PurgeVoiceJobs(Command):

@@ -1,5 +1,5 @@
 """Messaging on aio-pika: topology, publishing with confirms, consuming with a policy, RPC."""
-from .bus import Bus, PgDeduper
+from .bus import Bus, PgDeduper, PublishRefused
 from .codec import UndecodableMessage, decode, encode, envelope_for
 from .consumer import Consumer, Deduper
 from .outbox import OutboxBus, TransactionalPool
@@ -18,8 +18,8 @@ from .topology import (
                        work_routing_key,
 )
 
-__all__ = ["Bus", "PgDeduper", "UndecodableMessage", "decode", "encode", "envelope_for", "Consumer", "Deduper",
-           "OutboxBus", "TransactionalPool",
+__all__ = ["Bus", "PgDeduper", "PublishRefused", "UndecodableMessage", "decode", "encode", "envelope_for",
+           "Consumer", "Deduper", "OutboxBus", "TransactionalPool",
            "BrokerUnavailable", "Conflict", "Invalid", "NotFound", "RemoteError", "RpcClient", "RpcError",
            "RpcServer", "RpcTimeout",
            "QUEUES", "RETRY_DELAYS", "Names", "QueueSpec", "declare_topology", "ensure_topology", "local_work_queue",

@@ -6,6 +6,8 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
+from aiormq.exceptions import DeliveryError
+from pamqp.commands import Basic
 
 from ..contracts import Command, Event, Message
 from ..logging import correlation_id_var, get_logger
@@ -34,6 +36,10 @@ def connection_url(url: str, name: str) -> str:
     query.setdefault("name", name)
     query.setdefault("reconnect_interval", str(RECONNECT_INTERVAL_S))
     return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+class PublishRefused(Exception):
+    """The broker refused the message (negative confirm): a queue it routes to is full (`reject-publish`)."""
 
 
 class Bus:
@@ -89,10 +95,15 @@ class Bus:
         with instrument.publishing(routing_key or event.routing_key(), envelope.message_id):
             message = encode(event, envelope, body=body)
             try:
-                await asyncio.wait_for(self._events.publish(message, routing_key=routing_key or event.routing_key(),
-                                                            mandatory=False), PUBLISH_TIMEOUT_S)
+                confirmation = await asyncio.wait_for(
+                    self._events.publish(message, routing_key=routing_key or event.routing_key(), mandatory=False),
+                    PUBLISH_TIMEOUT_S)
+            except DeliveryError as exc:  # a negative confirm
+                raise PublishRefused(f"the broker refused {event.TYPE} (a queue it routes to is full)") from exc
             except (TimeoutError, *BROKER_ERRORS) as exc:
                 raise BrokerUnavailable(f"could not publish {event.TYPE}: {type(exc).__name__}: {exc}") from exc
+            if isinstance(confirmation, Basic.Nack):
+                raise PublishRefused(f"the broker refused {event.TYPE} (a queue it routes to is full)")
         log.debug("event_published", type=event.TYPE, message_id=envelope.message_id)
         return envelope.message_id
 
@@ -172,16 +183,26 @@ class Bus:
 
 
 class PgDeduper:
-    """Message ids already handled, kept in the service's own schema (table `inbox`)."""
+    """Message ids already handled, kept in the service's own schema (table `inbox`) for `retention_s`.
+
+    Past the retention a message id is forgotten: far longer than any redelivery or retry tier takes (a parked
+    message redriven later than that is handled again, and every handler is idempotent). Pruned by whoever
+    remembers, at most once per `prune_every_s`.
+    """
 
     DDL = ("CREATE TABLE IF NOT EXISTS inbox (consumer text NOT NULL, message_id text NOT NULL, "
            "handled_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (consumer, message_id))")
+    INDEX = "CREATE INDEX IF NOT EXISTS inbox_handled_at ON inbox (handled_at)"
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Any, *, retention_s: float = 7 * 24 * 3600, prune_every_s: float = 3600) -> None:
         self.pool = pool
+        self.retention_s = retention_s
+        self.prune_every_s = prune_every_s
+        self._next_prune = 0.0
 
     async def ensure(self) -> None:
         await self.pool.execute(self.DDL)
+        await self.pool.execute(self.INDEX)
 
     async def seen(self, consumer: str, message_id: str) -> bool:
         return bool(await self.pool.fetchval(
@@ -190,3 +211,20 @@ class PgDeduper:
     async def remember(self, consumer: str, message_id: str) -> None:
         await self.pool.execute(
             "INSERT INTO inbox (consumer, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING", consumer, message_id)
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_prune:
+            self._next_prune = now + self.prune_every_s
+            try:
+                pruned = await self.prune()
+            except Exception as exc:  # noqa: BLE001 - pruning is housekeeping; the message was handled
+                log.warning("inbox_prune_failed", error=type(exc).__name__)
+            else:
+                if pruned:
+                    log.info("inbox_pruned", rows=pruned)
+
+    async def prune(self, limit: int = 10_000) -> int:
+        """Forget up to `limit` message ids older than the retention; how many went."""
+        status = await self.pool.execute(
+            "DELETE FROM inbox WHERE ctid IN (SELECT ctid FROM inbox WHERE handled_at < now() - "
+            "make_interval(secs => $1) LIMIT $2)", float(self.retention_s), limit)
+        return int(status.split()[-1])

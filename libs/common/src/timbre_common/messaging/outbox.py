@@ -132,6 +132,11 @@ class OutboxBus:
             self._wake.set()
         return message_id
 
+    async def publish_now(self, event: Event, **kwargs: Any) -> str:
+        """Publish straight to the broker with its confirm, past the outbox: for a message whose refusal the
+        caller must hear at once (a work order to a full queue) and whose loss a sweep already repairs."""
+        return await self.bus.publish(event, **kwargs)
+
     async def call(self, service: str, command: Command, **kwargs: Any) -> Any:
         return await self.bus.call(service, command, **kwargs)
 

@@ -14,6 +14,14 @@ from ..contracts import accounts, billing, storage, synthesis, voices, webhooks
 RETRY_DELAYS: tuple[int, ...] = (1, 5, 30, 300, 1800)
 # Deliveries before the broker itself dead-letters a message that keeps crashing its consumer.
 DELIVERY_LIMIT = 5
+# Work orders a backend's queue holds before the broker refuses more (the publisher's confirm is negative and
+# the client is told to come back later): a backlog cannot grow without bound. Every declarer of a work queue
+# must pass the same value (WORK_QUEUE_MAX_LENGTH), as the broker refuses a redeclaration with other arguments.
+WORK_QUEUE_MAX_LENGTH = 10_000
+
+
+def _bounded(max_length: int) -> dict[str, object]:
+    return {"x-max-length": max_length, "x-overflow": "reject-publish"}
 
 
 @dataclass(frozen=True)
@@ -69,15 +77,17 @@ def work_routing_key(backend: str) -> str:
     return f"{synthesis.SynthesisRequested.routing_key()}.{backend}"
 
 
-def local_work_queue(backend: str) -> QueueSpec:
-    """The queue local GPU workers running `backend` share."""
-    return QueueSpec(f"gpu_worker.synthesis.{backend}", (work_routing_key(backend),), prefetch=8, max_attempts=3)
+def local_work_queue(backend: str, max_length: int = WORK_QUEUE_MAX_LENGTH) -> QueueSpec:
+    """The queue local GPU workers running `backend` share; full, it refuses new work orders."""
+    return QueueSpec(f"gpu_worker.synthesis.{backend}", (work_routing_key(backend),), prefetch=8, max_attempts=3,
+                     arguments=_bounded(max_length))
 
 
-def modal_executor_queue(backends: list[str] | tuple[str, ...]) -> QueueSpec:
+def modal_executor_queue(backends: list[str] | tuple[str, ...],
+                         max_length: int = WORK_QUEUE_MAX_LENGTH) -> QueueSpec:
     """The queue the dispatcher drains to spawn Modal calls for the backends routed to Modal."""
     return QueueSpec("dispatcher.modal_executor", tuple(work_routing_key(b) for b in backends), prefetch=8,
-                     max_attempts=5)
+                     max_attempts=5, arguments=_bounded(max_length))
 
 
 class Names:

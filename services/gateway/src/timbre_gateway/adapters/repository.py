@@ -81,6 +81,8 @@ class AccountRepository:
         async with self.pool.acquire() as conn, conn.transaction():
             keys = await conn.execute("DELETE FROM api_keys WHERE account_id = $1", account_id)
             await conn.execute("DELETE FROM checkout_keys WHERE account_id = $1", account_id)
+            # Nothing of a purged account stays replayable.
+            await conn.execute("DELETE FROM idempotency_keys WHERE account_id = $1", account_id)
             await conn.execute("DELETE FROM accounts WHERE account_id = $1", account_id)
         return int(keys.split()[-1])
 

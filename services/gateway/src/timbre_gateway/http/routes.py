@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from timbre_common.audio import AudioError, parse_wav, transcode
+from timbre_common.audio import AudioError, decode_wav, sniff_content_type, transcode
 from timbre_common.catalogue import BACKEND_LANGUAGES, KNOWN_BACKENDS
 from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurgeRequested
 from timbre_common.contracts.billing import CheckQuota, GetUsage, QuotaDecision, ReleaseHold, UsageReport
@@ -32,13 +32,13 @@ from timbre_common.contracts.synthesis import (
 )
 from timbre_common.contracts.voices import DeleteVoice, GetVoice, ListVoices, RegisterVoice, VoiceList, VoiceRecord
 from timbre_common.ids import is_canonical_uuid
-from timbre_common.logging import get_logger
+from timbre_common.logging import get_logger, scrub_urls
 from timbre_common.messaging import RemoteError
 from timbre_common.text import SUPPORTED_LANGUAGES
 
 from .deps import AdminDep, CallbackAttemptDep, CallerDep, Ctx
 from .errors import ApiError, error_responses
-from .idempotency import IdempotencyKey, fingerprint, idempotent
+from .idempotency import IdempotencyKey, ReplayRef, StoredResponse, about, fingerprint, idempotent
 from .multipart import read_form
 from .routes_webhooks import endpoint_for_request
 from .schemas import (
@@ -65,6 +65,8 @@ router = APIRouter(prefix="/v1")
 # What a remote worker reports when the trouble was its own (a GPU, a network), not the request's: another
 # attempt, maybe on another container, may well succeed; the dispatcher bounds the attempts.
 REMOTE_TRANSIENT_FAILURES = frozenset({"backend_unavailable", "reference_unavailable", "synthesis_failed"})
+# The dispatcher's answers when work is piling up: the client is told when to come back.
+BACKLOG_REFUSALS = frozenset({"too_many_pending_jobs", "work_queue_full"})
 UPLOAD_PURPOSES = ("voice_clone", "stt_input", "watermark_input", "audio_job_input")
 UPLOAD_CONTENT_TYPES = frozenset({"audio/wav", "audio/x-wav", "audio/wave", "audio/vnd.wave", "audio/mpeg", "audio/mp3",
                                   "audio/mp4", "audio/x-m4a", "audio/aac", "audio/ogg", "audio/opus", "audio/webm",
@@ -106,9 +108,13 @@ def _link_next_page(response: Response, path: str, cursor: str | None, **params:
     response.headers["Link"] = f'<{path}?{query}>; rel="next"'
 
 
-async def _audio(wav: bytes, fmt: str, headers: dict[str, str], status: int = 200) -> Response:
-    # Encoding minutes of mp3 or opus takes seconds of CPU: off the event loop, so other requests keep flowing.
-    body, content_type = transcode(wav, fmt) if fmt == "wav" else await asyncio.to_thread(transcode, wav, fmt)
+async def _audio(audio: bytes, fmt: str, headers: dict[str, str], status: int = 200, *,
+                 content_type: str | None = None) -> Response:
+    """The audio answer. Storage hands out each format encoded once (`content_type` says it is); a WAV from an
+    older dispatcher is still encoded here, off the event loop."""
+    if content_type is not None:
+        return Response(audio, status_code=status, media_type=content_type, headers=headers)
+    body, content_type = transcode(audio, fmt) if fmt == "wav" else await asyncio.to_thread(transcode, audio, fmt)
     return Response(body, status_code=status, media_type=content_type, headers=headers)
 
 
@@ -222,12 +228,13 @@ VOICE_FORM = {
 
 @router.post("/voices", status_code=201, response_model=VoiceOut, tags=["voices"], summary="Register a cloned voice",
              openapi_extra=VOICE_FORM, responses={201: {"headers": IDEMPOTENT_REPLAY_HEADERS},
-                                                  **error_responses(400, 401, 404, 409, 422, 429, 503, codes={
+                                                  **error_responses(400, 401, 404, 409, 413, 422, 429, 503, codes={
                                                       400: ["missing_field", "malformed_multipart", "duplicate_field",
                                                             "too_many_parts", "invalid_field", "unexpected_file",
                                                             "invalid_idempotency_key"],
                                                       404: ["upload_not_found"],
-                                                      409: ["idempotency_in_progress"],
+                                                      409: ["idempotency_in_progress", "voice_limit_reached"],
+                                                      413: ["payload_too_large", "storage_quota_exceeded"],
                                                       422: ["not_wav", "duration_out_of_range", "file_too_large",
                                                             "invalid_backend", "backend_unavailable",
                                                             "unsupported_language", "unsupported_media_type",
@@ -255,7 +262,8 @@ async def create_voice(request: Request, ctx: Ctx, caller: CallerDep,
 
     async def register() -> Response:
         record, _ = await ctx.bus.call("voices", command, body=audio.data if audio else None, expect=VoiceRecord)
-        return JSONResponse(_voice_out(record).model_dump(mode="json"), status_code=201)
+        return about(JSONResponse(_voice_out(record).model_dump(mode="json"), status_code=201),
+                     ReplayRef(voice_id=record.voice_id))
 
     sent = {"fields": form.fields, "ref_audio": hashlib.sha256(audio.data).hexdigest() if audio else None}
     return await idempotent(ctx, account_id=caller.account_id, key=idempotency_key,
@@ -300,6 +308,9 @@ async def delete_voice(ctx: Ctx, caller: CallerDep, voice_id: str) -> Response:
     await ctx.bus.call("voices", DeleteVoice(account_id=caller.account_id, voice_id=voice_id))
     # Done now so the client sees no job of the voice after the 204; the voice.deleted event repeats it.
     await ctx.bus.call("dispatcher", PurgeVoiceJobs(account_id=caller.account_id, voice_id=voice_id))
+    if ctx.idempotency is not None:
+        # A retried request must not bring back the voice's record or audio.
+        await ctx.idempotency.forget_voice(caller.account_id, voice_id)
     return Response(status_code=204)
 
 
@@ -340,12 +351,23 @@ def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ign
                             400: ["missing_field", "invalid_json", "invalid_body", "invalid_idempotency_key"],
                             402: ["quota_exceeded"], 404: ["voice_not_found"], 409: ["idempotency_in_progress"],
                             422: ["text_too_long", "invalid_backend", "backend_unavailable", "unsupported_language",
-                                  "invalid_request", "idempotency_key_reused", "webhook_not_registered"]})})
+                                  "invalid_request", "idempotency_key_reused", "webhook_not_registered"],
+                            429: ["rate_limited", "too_many_concurrent_requests", "too_many_pending_jobs"],
+                            503: ["service_unavailable", "work_queue_full"]})})
 async def synthesize(ctx: Ctx, caller: CallerDep, body: SynthesizeRequest,
                      idempotency_key: IdempotencyKey = None) -> Response:
+    async def replay_audio(stored: StoredResponse) -> Response:
+        """The first answer was audio: read it again (encoded once, kept by storage with the job)."""
+        view, audio = await ctx.bus.call("dispatcher", FetchJobAudio(
+            account_id=caller.account_id, job_id=stored.job_id or "", response_format=stored.audio_format),
+            expect=JobView)
+        headers = {k: v for k, v in stored.headers if k.lower() != "content-type"} | {"Idempotent-Replayed": "true"}
+        return await _audio(audio or b"", stored.audio_format or "wav", headers, stored.status_code,
+                            content_type=view.content_type)
+
     return await idempotent(ctx, account_id=caller.account_id, key=idempotency_key,
                             request_fingerprint=fingerprint("POST /v1/synthesize", body.model_dump()),
-                            run=lambda: _synthesize(ctx, caller, body))
+                            run=lambda: _synthesize(ctx, caller, body), replay_audio=replay_audio)
 
 
 async def _release_hold(ctx, account_id: str, hold_id: str | None) -> None:  # type: ignore[no-untyped-def]
@@ -405,9 +427,12 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
             expect=SynthesisAccepted)
     except RemoteError as exc:
         # A refusal made no job; a timeout or a server error may have, and that job consumes the hold (else
-        # it expires), so only the refusal gives it back now.
+        # it expires), so only the refusal gives it back now. A full work queue failed its job, which released it.
         if exc.status < 500:
             await _release_hold(ctx, caller.account_id, hold_id)
+        if exc.code in BACKLOG_REFUSALS:
+            raise ApiError(exc.status, exc.code, exc.message,
+                           headers={"Retry-After": str(exc.details.get("retry_after_s", 5))}) from None
         raise
     if not accepted.hold_attached:
         # A cache hit or a joined job in flight: nothing new is billed, so nothing stays held.
@@ -418,11 +443,14 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
                     "X-Job-Id": accepted.job_id or ""}
         if accepted.expires_at:
             headers["X-Expires-At"] = accepted.expires_at.isoformat()
-        return await _audio(audio or b"", body.response_format, headers)
+        answer = await _audio(audio or b"", body.response_format, headers, content_type=accepted.content_type)
+        return about(answer, ReplayRef(voice_id=voice.voice_id, job_id=accepted.job_id,
+                                       audio_format=body.response_format))
     if webhook_id is not None and accepted.job_id:
         await ctx.webhooks.attach_job(accepted.job_id, webhook_id, caller.account_id)
     headers |= {"X-Cache": "MISS", "X-Synthesis-Time-Ms": "-1", "Location": f"/v1/jobs/{accepted.job_id}"}
-    return JSONResponse({"job_id": accepted.job_id, "status": "pending"}, status_code=202, headers=headers)
+    return about(JSONResponse({"job_id": accepted.job_id, "status": "pending"}, status_code=202, headers=headers),
+                 ReplayRef(voice_id=voice.voice_id))
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, response_model_exclude_none=True, tags=["synthesis"],
@@ -448,7 +476,7 @@ async def get_job_audio(ctx: Ctx, caller: CallerDep, job_id: str) -> Response:
     headers = {"X-Job-Id": view.job_id, "X-Voice-Id": view.voice_id, "X-Backend": view.backend}
     if view.expires_at:
         headers["X-Expires-At"] = view.expires_at.isoformat()
-    return await _audio(audio or b"", view.response_format, headers)
+    return await _audio(audio or b"", view.response_format, headers, content_type=view.content_type)
 
 
 def _callback_body(raw: bytes) -> CompletionCallback:
@@ -487,20 +515,24 @@ async def complete_job(request: Request, ctx: Ctx, attempt: CallbackAttemptDep, 
     if body.wav_b64:
         try:
             wav = base64.b64decode(body.wav_b64, validate=True)
-            info = parse_wav(wav)
+            # Every sample decoded now (NaN or infinite floats refused), not only the header: audio accepted here
+            # must encode later in any format.
+            samples, sample_rate = await asyncio.to_thread(decode_wav, wav)
         except (binascii.Error, ValueError, AudioError) as exc:
             raise ApiError(422, "invalid_audio", f"wav_b64 is not a valid base64 WAV: {exc}") from None
-        seconds = body.audio_seconds or info.duration_s
+        if samples.size == 0:
+            raise ApiError(422, "invalid_audio", "wav_b64 holds no samples")
+        seconds = body.audio_seconds or samples.shape[0] / sample_rate
         synthesis_ms = body.synthesis_ms or 0
         await ctx.bus.publish(SynthesisCompleted(
             job_id=job_id, account_id=owner.account_id, voice_id=owner.voice_id, backend=owner.backend,
-            sample_rate=info.sample_rate, audio_seconds=round(seconds, 3), synthesis_ms=synthesis_ms,
+            sample_rate=sample_rate, audio_seconds=round(seconds, 3), synthesis_ms=synthesis_ms,
             rtf=body.rtf if body.rtf is not None else (synthesis_ms / 1000 / seconds if seconds else 0.0),
             job_created_at=owner.created_at, details={"executor": "modal"}), body=wav)
     else:
         code = body.error_code or "synthesis_failed"
-        await ctx.bus.publish(SynthesisFailed(job_id=job_id, account_id=owner.account_id, code=code,
-                                              reason=(body.error or "the GPU worker reported no audio")[:2000],
+        reason = scrub_urls(body.error or "the GPU worker reported no audio")[:2000]
+        await ctx.bus.publish(SynthesisFailed(job_id=job_id, account_id=owner.account_id, code=code, reason=reason,
                                               retryable=code in REMOTE_TRANSIENT_FAILURES, attempt=attempt))
     return CallbackOutcome(status="accepted")
 
@@ -514,7 +546,8 @@ UPLOAD_FORM = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 @router.post("/uploads", status_code=201, response_model=UploadOut, tags=["uploads"], openapi_extra=UPLOAD_FORM,
              summary="Upload a file with a retention purpose",
-             responses=error_responses(400, 401, 422, 429, 503))
+             responses=error_responses(400, 401, 409, 413, 422, 429, 503, codes={
+                 409: ["upload_limit_reached"], 413: ["payload_too_large", "storage_quota_exceeded"]}))
 async def create_upload(request: Request, ctx: Ctx, caller: CallerDep) -> UploadOut:
     form = await read_form(request, file_fields={"file"}, max_file_bytes=ctx.settings.max_upload_bytes)
     part = form.files.get("file")
@@ -523,9 +556,10 @@ async def create_upload(request: Request, ctx: Ctx, caller: CallerDep) -> Upload
     purpose = form.fields.get("purpose") or None
     if purpose is not None and purpose not in UPLOAD_PURPOSES:
         raise ApiError(422, "invalid_purpose", f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}")
-    claimed = (part.content_type or "").split(";")[0].strip().lower()
-    # Uploads are audio; a claimed type outside our list is stored as plain bytes, never as a web page.
-    content_type = claimed if claimed in UPLOAD_CONTENT_TYPES else "application/octet-stream"
+    # The type (and so the stored key's extension) is what the bytes are, never what the client's file name or
+    # header claims; bytes of no audio container Timbre knows are stored as plain bytes, never as a web page.
+    sniffed = sniff_content_type(part.data)
+    content_type = sniffed if sniffed in UPLOAD_CONTENT_TYPES else "application/octet-stream"
     record, _ = await ctx.bus.call("storage", PutUpload(account_id=caller.account_id, upload_id=str(uuid.uuid4()),
                                                         purpose=purpose, content_type=content_type,
                                                         filename=(part.filename or None)),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
-from timbre_storage.domain import ObjectKind, RetentionClass, StoredObject, UploadPurpose
+from timbre_storage.domain import AccountLimits, ObjectKind, RetentionClass, StoredObject, UploadPurpose
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[3] / "migrations"
 
@@ -80,14 +80,43 @@ class ObjectRepository:
         )
         return _object(row)
 
-    async def record(self, obj: StoredObject) -> StoredObject:
-        """Insert the row, or update size/content type of an existing key; returns the stored row."""
-        async with self._pool.acquire() as conn:
+    @staticmethod
+    async def _within_limits(conn: asyncpg.Connection, obj: StoredObject, limits: AccountLimits | None, *,
+                             adding_upload: bool) -> None:
+        """Check the account's caps with its other writes held off (a transaction-scoped lock per account)."""
+        if limits is None or obj.account_id is None:
+            return
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('storage-quota:' || $1))", obj.account_id)
+        usage = await conn.fetchrow(
+            """
+            SELECT count(u.upload_id) AS uploads, coalesce(sum(o.size), 0) AS bytes
+            FROM objects o LEFT JOIN uploads u ON u.key = o.key
+            WHERE o.account_id = $1 AND o.kind = ANY($2::text[]) AND o.key <> $3
+              AND (o.expires_at IS NULL OR o.expires_at > now())
+            """,
+            obj.account_id,
+            [ObjectKind.UPLOAD.value, ObjectKind.VOICE_RECORDING.value, ObjectKind.CUSTOM_VOICE.value],
+            obj.key,
+        )
+        limits.check(uploads=usage["uploads"], stored_bytes=int(usage["bytes"]), adding_bytes=obj.size,
+                     adding_upload=adding_upload)
+
+    async def record(self, obj: StoredObject, *, limits: AccountLimits | None = None) -> StoredObject:
+        """Insert the row, or update size/content type of an existing key; returns the stored row.
+
+        With `limits`, refuses (QuotaExceeded) a write that would pass the account's byte cap."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._within_limits(conn, obj, limits, adding_upload=False)
             return await self._upsert(conn, obj)
 
-    async def record_upload(self, obj: StoredObject, *, upload_id: str, purpose: UploadPurpose) -> Upload:
-        """Record an upload's object and its uploads row in one transaction; idempotent per upload_id."""
+    async def record_upload(self, obj: StoredObject, *, upload_id: str, purpose: UploadPurpose,
+                            limits: AccountLimits | None = None) -> Upload:
+        """Record an upload's object and its uploads row in one transaction; idempotent per upload_id.
+
+        With `limits`, a new upload past the account's count or byte cap is refused (QuotaExceeded)."""
         async with self._pool.acquire() as conn, conn.transaction():
+            known = await conn.fetchval("SELECT 1 FROM uploads WHERE upload_id = $1", upload_id)
+            await self._within_limits(conn, obj, limits, adding_upload=known is None)
             await self._upsert(conn, obj)
             await conn.execute(
                 """
@@ -114,6 +143,22 @@ class ObjectRepository:
             upload_id,
         )
         return None if row is None else _upload(row)
+
+    async def claim_upload(self, account_id: str, upload_id: str, voice_id: str) -> str | None:
+        """A voice keeps the upload it was made from: the upload no longer expires; returns its key."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            key = await conn.fetchval(
+                "UPDATE uploads SET voice_id = $3 WHERE upload_id = $1 AND account_id = $2 RETURNING key",
+                upload_id, account_id, voice_id)
+            if key is not None:
+                await conn.execute("UPDATE objects SET expires_at = NULL WHERE key = $1", key)
+            return key
+
+    async def claimed_upload_keys(self, account_id: str, voice_id: str) -> list[str]:
+        """Keys of the uploads a voice claimed."""
+        rows = await self._pool.fetch("SELECT key FROM uploads WHERE account_id = $1 AND voice_id = $2",
+                                      account_id, voice_id)
+        return [row["key"] for row in rows]
 
     async def get(self, key: str) -> StoredObject | None:
         """The index row of a key, if any."""

@@ -76,7 +76,8 @@ async def spawn_work_order(order: SynthesisRequested, *, envelope: Envelope, spa
         log.info("work_order_skipped", job_id=order.job_id, reason="job no longer pending")
         return
     if row.get("attempts") is not None and order.attempt < row["attempts"]:
-        log.info("work_order_skipped", job_id=order.job_id, reason="superseded attempt", attempt=order.attempt)
+        log.info("work_order_skipped", job_id=order.job_id, reason="superseded by a newer attempt",
+                 attempt=order.attempt, current=row["attempts"])
         return
     callback_url = f"{public_base_url.rstrip('/')}/v1/jobs/{order.job_id}/complete?attempt={order.attempt}"
     token = callback_token(callback_secret, order.job_id, order.attempt)

@@ -15,13 +15,23 @@ class JobRepository:
 
     async def create(self, *, job_id: str, account_id: str, voice_id: str, text: str, lang: str, backend: str,
                      cache_key: str, response_format: str, request: dict[str, Any],
-                     deadline_s: float, hold_id: str | None = None) -> asyncpg.Record:
-        return await self.pool.fetchrow(
-            "INSERT INTO jobs (job_id, account_id, voice_id, text, lang, backend, cache_key, response_format, "
-            "status, characters, request, deadline_at, hold_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,'pending',$9,$10, "
-            "now() + make_interval(secs => $11), $12) RETURNING *",
-            job_id, account_id, voice_id, text, lang, backend, cache_key, response_format, len(text), request,
-            deadline_s, hold_id)
+                     deadline_s: float, hold_id: str | None = None,
+                     max_pending: int | None = None) -> asyncpg.Record | None:
+        """The new pending job; None (nothing created) when the account already has `max_pending` pending."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if max_pending is not None:
+                # One submission of an account at a time counts and inserts: a burst cannot overrun the cap.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('pending-jobs:' || $1))", account_id)
+                pending = await conn.fetchval(
+                    "SELECT count(*) FROM jobs WHERE account_id = $1 AND status = 'pending'", account_id)
+                if pending >= max_pending:
+                    return None
+            return await conn.fetchrow(
+                "INSERT INTO jobs (job_id, account_id, voice_id, text, lang, backend, cache_key, response_format, "
+                "status, characters, request, deadline_at, hold_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,'pending',$9, "
+                "$10, now() + make_interval(secs => $11), $12) RETURNING *",
+                job_id, account_id, voice_id, text, lang, backend, cache_key, response_format, len(text), request,
+                deadline_s, hold_id)
 
     async def get(self, job_id: str, account_id: str | None = None) -> asyncpg.Record | None:
         if account_id is None:
@@ -86,6 +96,13 @@ class JobRepository:
         return await self.pool.fetch("DELETE FROM jobs WHERE account_id = $1 RETURNING job_id, audio_key",
                                      account_id)
 
+    async def delete_finished(self, *, older_than_s: float, limit: int = 500) -> list[asyncpg.Record]:
+        """Delete up to `limit` jobs that ended more than `older_than_s` ago (their text with them)."""
+        return await self.pool.fetch(
+            "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs WHERE status <> 'pending' "
+            "AND completed_at < now() - make_interval(secs => $1) ORDER BY completed_at LIMIT $2 "
+            "FOR UPDATE SKIP LOCKED) RETURNING job_id, account_id, audio_key", float(older_than_s), limit)
+
 
 class CacheIndex:
     def __init__(self, pool: asyncpg.Pool) -> None:
@@ -120,6 +137,10 @@ class CacheIndex:
 
     async def delete_account(self, account_id: str) -> int:
         status = await self.pool.execute("DELETE FROM cache_entries WHERE account_id = $1", account_id)
+        return int(status.split()[-1])
+
+    async def drop_jobs(self, job_ids: list[str]) -> int:
+        status = await self.pool.execute("DELETE FROM cache_entries WHERE job_id = ANY($1::uuid[])", job_ids)
         return int(status.split()[-1])
 
 

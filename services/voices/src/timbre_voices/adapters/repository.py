@@ -12,11 +12,20 @@ class VoiceRepository:
 
     async def add(self, *, voice_id: str, account_id: str, name: str, backend: str, lang: str,
                   ref_text: str | None, family: str | None, reference_key: str, quality: dict[str, Any],
-                  metadata: dict[str, Any]) -> asyncpg.Record:
-        return await self.pool.fetchrow(
-            "INSERT INTO voices (voice_id, account_id, name, backend, lang, ref_text, family, reference_key, "
-            "quality, metadata) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) RETURNING *",
-            voice_id, account_id, name, backend, lang, ref_text, family, reference_key, quality, metadata)
+                  metadata: dict[str, Any], max_voices: int | None = None) -> asyncpg.Record | None:
+        """The new voice; None (nothing added) when the account already has `max_voices`."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if max_voices is not None:
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('voices:' || $1))", account_id)
+                if await conn.fetchval("SELECT count(*) FROM voices WHERE account_id = $1", account_id) >= max_voices:
+                    return None
+            return await conn.fetchrow(
+                "INSERT INTO voices (voice_id, account_id, name, backend, lang, ref_text, family, reference_key, "
+                "quality, metadata) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10) RETURNING *",
+                voice_id, account_id, name, backend, lang, ref_text, family, reference_key, quality, metadata)
+
+    async def count(self, account_id: str) -> int:
+        return await self.pool.fetchval("SELECT count(*) FROM voices WHERE account_id = $1", account_id)
 
     async def get(self, account_id: str, voice_id: str) -> asyncpg.Record | None:
         return await self.pool.fetchrow(
