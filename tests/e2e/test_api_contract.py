@@ -61,7 +61,10 @@ def voice(client, key, wavs) -> dict:
 # Health and keys ----------------------------------------------------------------------------------------
 def test_health_needs_no_auth(client):
     r = client.http.get("/v1/health")
-    assert r.status_code == 200 and r.json() == {"status": "ok", "backends": ["embedded"]}
+    assert r.status_code == 200
+    assert {k: r.json()[k] for k in ("status", "backends", "failing")} == \
+        {"status": "ok", "backends": ["embedded"], "failing": []}
+    assert client.http.get("/v1/ready").status_code == 200
 
 
 def test_keys_create_list_revoke_and_never_show_a_hash(client, wavs):
