@@ -70,10 +70,11 @@ def test_openapi_documents_every_route_header_and_error(client):
     authed = [k for k, o in ops.items() if "401" in o["responses"]]
     assert len(authed) >= 15
     for (method, path), op in ops.items():
-        if path.startswith(("/v1/signup", "/v1/checkout", "/v1/webhooks")):
+        if path.startswith(("/v1/signup", "/v1/checkout", "/v1/webhooks/stripe")):
             continue
         for status, answer in op["responses"].items():
-            if status.startswith(("4", "5")):
+            # The readiness probe's 503 says what is failing, in the probe's own body.
+            if status.startswith(("4", "5")) and (path, status) != ("/v1/ready", "503"):
                 ref = answer["content"]["application/json"]["schema"]["$ref"]
                 assert ref == "#/components/schemas/ErrorBody", (method, path, status)
         if "Authorization" in str(op.get("security")) or "HTTPBearer" in str(op.get("security")):

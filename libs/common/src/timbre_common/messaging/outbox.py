@@ -21,9 +21,10 @@ import asyncio
 import contextvars
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
+from .. import tracing
 from ..contracts import Command, Event, lookup, new_id
 from ..logging import correlation_id_var, get_logger
 
@@ -115,6 +116,8 @@ class OutboxBus:
 
     async def ensure(self) -> None:
         await self.pool.execute(self.DDL)
+        # The trace the event was announced in, so the relay's publish continues it (added after the table).
+        await self.pool.execute("ALTER TABLE outbox ADD COLUMN IF NOT EXISTS traceparent text")
 
     # The MessageBus port ------------------------------------------------------------------------------
     async def publish(self, event: Event, *, body: bytes | None = None, account_id: str | None = None,
@@ -122,12 +125,14 @@ class OutboxBus:
                       routing_key: str | None = None) -> str:
         """Record `event` for publication: inside `transaction()` it commits (or not) with the state."""
         message_id = message_id or new_id()
+        trace: dict[str, Any] = {}
+        tracing.inject(trace)
         await self.pool.execute(
-            "INSERT INTO outbox (message_id, type, version, payload, body, account_id, correlation_id, routing_key)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO outbox (message_id, type, version, payload, body, account_id, correlation_id, routing_key,"
+            " traceparent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             message_id, event.TYPE, event.VERSION, event.model_dump(mode="json"), body,
             account_id or getattr(event, "account_id", None), correlation_id or correlation_id_var.get(),
-            routing_key)
+            routing_key, trace.get("traceparent"))
         if not self.pool.in_transaction():
             self._wake.set()
         return message_id
@@ -167,10 +172,13 @@ class OutboxBus:
                     continue
                 payload = row["payload"]
                 event = cls.model_validate(json.loads(payload) if isinstance(payload, str) else payload)
+                traced = row.get("traceparent")
                 try:
-                    await self.bus.publish(event, body=row["body"], account_id=row["account_id"],
-                                           message_id=row["message_id"], correlation_id=row["correlation_id"],
-                                           routing_key=row["routing_key"])
+                    with (tracing.continued("outbox relay", {"traceparent": traced}, kind="internal") if traced
+                          else nullcontext()):
+                        await self.bus.publish(event, body=row["body"], account_id=row["account_id"],
+                                               message_id=row["message_id"], correlation_id=row["correlation_id"],
+                                               routing_key=row["routing_key"])
                 except Exception as exc:  # what was confirmed is deleted; the rest waits for the next round
                     failure = exc
                     break
