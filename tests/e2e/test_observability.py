@@ -83,7 +83,7 @@ def test_every_service_metrics_move_with_a_synthesis(observed: Client):
     assert value(after["gpu_worker"], "timbre_synthesis_wall_seconds_total", backend="embedded") > 0
     # Storage stored the audio; voices answered; billing counted the job.
     moved("storage", "timbre_messages_handled_total", queue="storage.events", type="synthesis.completed")
-    moved("storage", "timbre_rpc_server_duration_seconds_count", command="storage.get_object")
+    moved("storage", "timbre_rpc_server_duration_seconds_count", command="storage.get_rendition")
     moved("voices", "timbre_rpc_server_duration_seconds_count", 2, command="voices.get", outcome="ok")
     moved("billing", "timbre_rpc_server_duration_seconds_count", 2, command="billing.check_quota")
     moved("billing", "timbre_messages_handled_total", queue="billing.events", type="job.ready")
