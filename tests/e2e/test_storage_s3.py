@@ -174,7 +174,8 @@ def test_core_flow_on_s3(s3_client, moto, wavs):
     assert client.http.get(job["audio_url"]).content == audio.content
     hit = client.http.post("/v1/synthesize", json={"voice_id": voice_id, "text": text}, headers=client.auth(key))
     assert hit.status_code == 200 and hit.headers["X-Cache"] == "HIT" and hit.content == audio.content
-    # Uploads: a generic one (30 days) and a voice-clone one (permanent), each with a working presigned URL.
+    # Uploads: a generic one (30 days) and a voice-clone one (a day, unless a voice is made from it), each with a
+    # working presigned URL.
     data = wavs.valid_wav(6.0)
     for purpose, prefix in ((None, "uploads"), ("voice_clone", "voice-recordings")):
         r = client.http.post("/v1/uploads", headers=client.auth(key), data={"purpose": purpose} if purpose else {},
@@ -185,7 +186,8 @@ def test_core_flow_on_s3(s3_client, moto, wavs):
         assert len(stored) == 1, _keys(moto)
         _check_presigned(upload["url"], moto, stored[0])
         assert client.http.get(upload["url"]).content == data
-        assert (upload["expires_at"] is None) == (purpose == "voice_clone")
+        days = (dt.datetime.fromisoformat(upload["expires_at"]) - dt.datetime.now(dt.UTC)).total_seconds() / 86400
+        assert round(days) == (1 if purpose == "voice_clone" else 30), upload
     from_upload = client.http.post("/v1/voices", headers=client.auth(key),
                                    files={"name": (None, "from upload"), "upload_id": (None, upload["upload_id"])})
     assert from_upload.status_code == 201, from_upload.text
