@@ -3,21 +3,29 @@
 Consumes: synthesis.requested (the local executor's work queue), voice.registered (per-voice profiles, one
 queue per backend).
 Emits: synthesis.completed (WAV as the body), synthesis.failed, voice.profiled, worker.heartbeat.
+Sends: synthesis.chunk (PCM pieces of a streamed job, straight to the gateway instance named in the order).
 """
 from __future__ import annotations
 
+import asyncio
 import time
 
 import httpx
+import numpy as np
 
 from timbre_common.audio import encode_wav
 from timbre_common.contracts import Envelope
-from timbre_common.contracts.synthesis import SynthesisCompleted, SynthesisFailed, SynthesisRequested
+from timbre_common.contracts.synthesis import (
+    SynthesisChunk,
+    SynthesisCompleted,
+    SynthesisFailed,
+    SynthesisRequested,
+)
 from timbre_common.contracts.voices import VoiceProfiled, VoiceRegistered
 from timbre_common.logging import get_logger
 from timbre_common.ports import MessageBus
 
-from .backends.base import BackendError, SynthesisRequest
+from .backends.base import BackendError, SynthesisRequest, SynthesisResult
 from .engine import Engine
 
 log = get_logger(__name__)
@@ -43,11 +51,80 @@ async def fetch_reference(http: httpx.AsyncClient, url: str, *, max_bytes: int) 
     return b"".join(chunks)
 
 
+def pcm16(samples: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] as 16-bit little-endian PCM."""
+    return np.round(np.clip(np.asarray(samples, np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+class StreamSender:
+    """Sends the pieces of one streamed job, in order, to the gateway instance that holds its connection.
+
+    The backend hands pieces over from its own thread; they queue here and one task sends them, so a slow
+    broker never stalls synthesis and the order is kept. A piece that cannot be sent is logged and skipped:
+    the gateway sees the gap and ends the stream with an error, while the job itself still completes.
+    """
+
+    def __init__(self, bus: MessageBus, order: SynthesisRequested) -> None:
+        self.bus, self.order = bus, order
+        self.next_seq = 0
+        self._queue: asyncio.Queue[tuple[np.ndarray, int, int, int] | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def sink(self):  # type: ignore[no-untyped-def]
+        """The backend's on_chunk: thread-safe, never blocks the backend."""
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._pump())
+
+        def on_chunk(samples: np.ndarray, sample_rate: int, index: int, total: int) -> None:
+            loop.call_soon_threadsafe(self._queue.put_nowait, (samples, sample_rate, index, total))
+
+        return on_chunk
+
+    async def _pump(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            samples, rate, index, total = item
+            await self.send(pcm16(samples), rate, seq=index, final=index + 1 >= total, total=total)
+
+    async def send(self, body: bytes, sample_rate: int, *, seq: int, final: bool, total: int | None,
+                   error_code: str | None = None, error: str | None = None) -> None:
+        order = self.order
+        assert order.stream_to and order.stream_id
+        chunk = SynthesisChunk(job_id=order.job_id, stream_id=order.stream_id, attempt=order.attempt, seq=seq,
+                               final=final, sample_rate=sample_rate, total=total, error_code=error_code,
+                               error=error)
+        try:
+            await self.bus.send(order.stream_to, chunk, body=body, account_id=order.account_id)
+        except Exception as exc:  # noqa: BLE001 - the job must finish even if its listener cannot be reached
+            log.warning("stream_piece_unsent", job_id=order.job_id, seq=seq, error=type(exc).__name__)
+            return
+        self.next_seq = seq + 1
+        log.info("stream_piece_sent", job_id=order.job_id, seq=seq, final=final, total=total, bytes=len(body))
+
+    async def close(self) -> None:
+        """Wait until every piece handed over has been sent."""
+        if self._task is not None:
+            self._queue.put_nowait(None)
+            await self._task
+            self._task = None
+
+    async def finish(self, result: SynthesisResult) -> None:
+        """After a good synthesis: a backend that could not stream sends its whole audio as the one piece."""
+        await self.close()
+        if not result.streamed:
+            await self.send(pcm16(result.samples), result.sample_rate, seq=0, final=True, total=1)
+
+    async def fail(self, code: str, reason: str) -> None:
+        """After a final failure: tell the listener, so its client gets the reason rather than a timeout."""
+        await self.close()
+        await self.send(b"", 0, seq=self.next_seq, final=True, total=None, error_code=code, error=reason)
+
+
 async def on_synthesis_requested(order: SynthesisRequested, *, envelope: Envelope, engine: Engine, bus: MessageBus,
                                  http: httpx.AsyncClient, max_reference_bytes: int) -> None:
     """Synthesize one job and report it; a final failure is reported, a transient one raised for retry."""
     started = time.perf_counter()
     log.info("synthesis_started", job_id=order.job_id, backend=order.backend, attempt=order.attempt)
+    stream = StreamSender(bus, order) if order.stream_to and order.stream_id else None
     try:
         engine.require(order.backend)  # before downloading a reference that no backend here could use
         reference = None
@@ -55,9 +132,18 @@ async def on_synthesis_requested(order: SynthesisRequested, *, envelope: Envelop
             reference = await fetch_reference(http, order.reference_url, max_bytes=max_reference_bytes)
         request = SynthesisRequest(job_id=order.job_id, text=order.text, lang=order.lang, voice_id=order.voice_id,
                                    reference_wav=reference, ref_text=order.ref_text,
-                                   system_voice=order.system_voice, voice_profile=order.voice_profile)
-        result = await engine.synthesize(order.backend, request)
+                                   system_voice=order.system_voice, voice_profile=order.voice_profile,
+                                   on_chunk=stream.sink() if stream else None)
+        try:
+            result = await engine.synthesize(order.backend, request)
+        finally:
+            if stream:
+                await stream.close()
+        if stream:
+            await stream.finish(result)
     except BackendError as exc:
+        if stream:
+            await stream.fail(exc.code, exc.reason)
         await bus.publish(SynthesisFailed(job_id=order.job_id, account_id=order.account_id, code=exc.code,
                                           reason=exc.reason, retryable=False, attempt=order.attempt),
                           message_id=f"{order.job_id}:{order.attempt}:failed")

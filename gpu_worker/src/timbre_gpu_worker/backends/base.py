@@ -1,7 +1,7 @@
 """The interface every TTS backend of the GPU worker implements."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +24,9 @@ class BackendUnavailable(Exception):
     """The backend cannot run on this deployment (weights absent, no device)."""
 
 
+ChunkSink = Callable[[np.ndarray, int, int, int], None]
+
+
 @dataclass(frozen=True)
 class SynthesisRequest:
     """One job as a backend sees it."""
@@ -39,6 +42,10 @@ class SynthesisRequest:
     system_voice: str | None = None
     # Hints computed earlier for this voice (e.g. the embedded backend's nearest bundled voice).
     voice_profile: dict | None = None
+    # Set for a streamed request: called (from the backend's thread) with each piece of audio as soon as it is
+    # made, as on_chunk(samples, sample_rate, index, total). The pieces concatenate to the result's samples.
+    # A backend that cannot stream ignores it; the transport then sends the whole result as one piece.
+    on_chunk: ChunkSink | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,8 @@ class SynthesisResult:
     samples: np.ndarray
     sample_rate: int
     details: dict = field(default_factory=dict)
+    # True when every piece of the audio already went to the request's on_chunk.
+    streamed: bool = False
 
     @property
     def audio_seconds(self) -> float:

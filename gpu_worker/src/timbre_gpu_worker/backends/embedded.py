@@ -155,6 +155,8 @@ class EmbeddedBackend:
         self,
         *,
         max_chunk_chars: int = 300,
+        first_stream_chunk_chars: int = 60,
+        stream_chunk_chars: int = 120,
         pause_ms: int = 120,
         min_pitch_factor: float = 0.7,
         max_pitch_factor: float = 1.4,
@@ -163,6 +165,10 @@ class EmbeddedBackend:
         threads: int = 1,
     ) -> None:
         self.max_chunk_chars = max_chunk_chars
+        # A streamed request's first piece is short (a clause), so the first audio comes early; later ones
+        # are longer, since they only have to keep ahead of playback.
+        self.first_stream_chunk_chars = first_stream_chunk_chars
+        self.stream_chunk_chars = stream_chunk_chars
         self.pause_ms = pause_ms
         self.min_pitch_factor = min_pitch_factor
         self.max_pitch_factor = max_pitch_factor
@@ -328,6 +334,9 @@ class EmbeddedBackend:
             engine = self._engines.get(request.system_voice)
             if engine is None:
                 raise BackendError("unknown_voice", f"no bundled voice named {request.system_voice!r}")
+            if request.on_chunk is not None:
+                return self._stream(engine, request, None, {"voice": engine.voice.name,
+                                                            "engine": engine.voice.engine}, started)
             samples = self._speak_long(engine, request.text)
             details = {"voice": engine.voice.name, "engine": engine.voice.engine}
         elif request.reference_wav is not None:
@@ -336,6 +345,11 @@ class EmbeddedBackend:
             )
             engine = self._engines[profile["voice"]]
             factor = float(np.clip(profile["pitch_factor"], self.min_pitch_factor, self.max_pitch_factor))
+            if request.on_chunk is not None:
+                return self._stream(engine, request, factor, {
+                    "voice": engine.voice.name, "engine": engine.voice.engine,
+                    "similarity": profile.get("similarity"), "ref_f0_hz": profile.get("ref_f0_hz"),
+                    "pitch_factor": factor}, started)
             samples = self._speak_long(engine, request.text)
             samples = change_pitch(samples, engine.voice.sample_rate, factor, self.formant_factor)
             details = {
@@ -363,3 +377,43 @@ class EmbeddedBackend:
         if len(chunks) == 1:
             return chunks[0]
         return join_chunks(chunks, engine.voice.sample_rate, pause_ms=self.pause_ms)
+
+    def stream_parts(self, text: str) -> list[str]:
+        """The pieces a streamed request is spoken in: a short first clause, then sentence groups."""
+        first, *rest = split_sentences(text, max_chars=self.first_stream_chunk_chars) or [""]
+        tail = split_sentences(" ".join(rest), max_chars=self.stream_chunk_chars) if rest else []
+        return [first, *tail]
+
+    def _stream(self, engine: _Engine, request: SynthesisRequest, pitch_factor: float | None, details: dict,
+                started: float) -> SynthesisResult:
+        """Speak piece by piece, handing each to request.on_chunk as soon as it is made.
+
+        The level cannot be set over the whole utterance before the first piece leaves, so each piece is
+        scaled by the loudest peak met so far; the stored audio is exactly the pieces sent.
+        """
+        assert request.on_chunk is not None
+        rate = engine.voice.sample_rate
+        parts = self.stream_parts(request.text)
+        pause = np.zeros(int(rate * self.pause_ms / 1000), np.float32)
+        peak, sent, total = 0.0, [], len(parts)
+        for index, part in enumerate(parts):
+            raw = engine.speak(part) if part.strip() else np.zeros(0, np.float32)
+            if raw.size and pitch_factor is not None:
+                raw = change_pitch(raw, rate, pitch_factor, self.formant_factor)
+            piece = np.zeros(0, np.float32)
+            if raw.size:
+                y = np.asarray(raw, np.float32) - np.float32(raw.mean())
+                peak = max(peak, float(np.max(np.abs(y))))
+                if peak > 1e-6:
+                    y = y * np.float32(OUTPUT_PEAK / peak)
+                piece = join_chunks([np.clip(y, -1.0, 1.0)], rate, pause_ms=0)
+                if sent:
+                    piece = np.concatenate([pause, piece])
+                sent.append(piece)
+            request.on_chunk(piece, rate, index, total)
+        samples = np.concatenate(sent).astype(np.float32) if sent else np.zeros(0, np.float32)
+        if samples.size == 0:
+            raise BackendError("empty_text", "text has nothing to pronounce")
+        details = {**details, "pieces": total,
+                   "rtf": round((time.perf_counter() - started) / (samples.size / rate), 4)}
+        return SynthesisResult(samples=samples, sample_rate=rate, details=details, streamed=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .contracts import Command, Event
+from .contracts import Command, Event, Message
 
 
 class MessageBus(Protocol):
@@ -14,3 +14,6 @@ class MessageBus(Protocol):
     async def call(self, service: str, command: Command, *, body: bytes | None = None,
                    account_id: str | None = None, timeout: float | None = None,
                    expect: type | None = None) -> tuple[Any, bytes | None]: ...
+
+    async def send(self, queue: str, message: Message, *, body: bytes | None = None,
+                   account_id: str | None = None) -> None: ...

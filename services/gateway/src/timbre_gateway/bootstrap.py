@@ -22,6 +22,7 @@ from .adapters.backends import BackendRegistry
 from .adapters.idempotency import IdempotencyStore
 from .adapters.limits import RedisLimiter
 from .adapters.repository import AccountRepository
+from .adapters.stream_relay import StreamRelay, StreamTimeouts
 from .http.app import create_app
 from .settings import GatewaySettings
 
@@ -42,6 +43,8 @@ class GatewayContext:
     redis: Any = None
     limiter: RedisLimiter | None = None
     idempotency: IdempotencyStore | None = None
+    # This instance's relay of streamed audio (None in tests that stream nothing).
+    streams: StreamRelay | None = None
 
 
 class GatewayService:
@@ -64,6 +67,8 @@ class GatewayService:
             AccountKeysRestored: partial(handlers.on_keys_restored, **deps),
         }, deduper=deduper)
         await ctx.bus.subscribe([WorkerHeartbeat], ctx.backends.on_heartbeat)
+        if ctx.streams is not None:
+            await ctx.streams.start()
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
         self._server = HttpServer(self.app, host=ctx.settings.host, port=ctx.settings.port)
         await self._server.start()
@@ -109,7 +114,10 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
     limiter = RedisLimiter(redis, namespace=settings.bus_namespace, lease_ttl_s=settings.concurrency_lease_s)
     return GatewayContext(settings=settings, bus=bus, pool=pool, accounts=AccountRepository(pool),
                           backends=BackendRegistry(grace=settings.heartbeat_grace), extras={},
-                          redis=redis, limiter=limiter, idempotency=IdempotencyStore(pool))
+                          redis=redis, limiter=limiter, idempotency=IdempotencyStore(pool),
+                          streams=StreamRelay(bus, timeouts=StreamTimeouts(
+                              start_s=settings.stream_start_timeout_s, idle_s=settings.stream_idle_timeout_s,
+                              gap_s=settings.stream_gap_timeout_s)))
 
 
 async def build(settings: GatewaySettings | None = None) -> GatewayService:

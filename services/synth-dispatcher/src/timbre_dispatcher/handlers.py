@@ -119,12 +119,15 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
             return SynthesisAccepted(cache_hit=True, job_id=str(entry["job_id"]), status=domain.READY,
                                      cache_key=key, synthesis_ms=entry["synthesis_ms"] or 0,
                                      expires_at=stored.expires_at), audio or b""
-    in_flight = await jobs.pending_for(cmd.account_id, key, cmd.response_format)
+    # A streamed request makes its own job: the pieces of a job in flight go to another client's connection.
+    in_flight = None if cmd.stream_to else await jobs.pending_for(cmd.account_id, key, cmd.response_format)
     if in_flight is not None:
         return SynthesisAccepted(cache_hit=False, job_id=str(in_flight["job_id"]), cache_key=key)
     profile = (cmd.voice.profile or {}).get(cmd.backend)
     request = {"ref_text": cmd.voice.ref_text, "system_voice": cmd.voice.system_voice, "voice_profile": profile,
                "reference_key": cmd.voice.reference_key if cmd.voice.kind == "custom" else None}
+    if cmd.stream_to:
+        request |= {"stream_to": cmd.stream_to, "stream_id": cmd.stream_id}
     job_id = str(uuid.uuid4())
     row = await jobs.create(job_id=job_id, account_id=cmd.account_id, voice_id=cmd.voice.voice_id, text=cmd.text,
                             lang=cmd.lang, backend=cmd.backend, cache_key=key,

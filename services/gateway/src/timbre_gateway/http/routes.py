@@ -36,6 +36,7 @@ from timbre_common.logging import get_logger
 from timbre_common.messaging import RemoteError
 from timbre_common.text import SUPPORTED_LANGUAGES
 
+from ..adapters.stream_relay import Stream
 from .deps import AdminDep, CallbackSecretDep, CallerDep, Ctx
 from .errors import ApiError, error_responses
 from .idempotency import IdempotencyKey, fingerprint, idempotent
@@ -320,6 +321,11 @@ def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ign
                                   "invalid_request", "idempotency_key_reused"]})})
 async def synthesize(ctx: Ctx, caller: CallerDep, body: SynthesizeRequest,
                      idempotency_key: IdempotencyKey = None) -> Response:
+    if body.stream:
+        from .speech import streamed_synthesis  # speech builds on this module's submit_synthesis
+
+        # A stream cannot be kept and replayed; a repeated streamed request is answered from the cache instead.
+        return await streamed_synthesis(ctx, caller, body)
     return await idempotent(ctx, account_id=caller.account_id, key=idempotency_key,
                             request_fingerprint=fingerprint("POST /v1/synthesize", body.model_dump()),
                             run=lambda: _synthesize(ctx, caller, body))
@@ -336,6 +342,16 @@ async def _release_hold(ctx, account_id: str, hold_id: str | None) -> None:  # t
 
 
 async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type: ignore[no-untyped-def]
+    accepted, audio, headers = await submit_synthesis(ctx, caller, body)
+    if accepted.cache_hit:
+        return await _audio(audio or b"", body.response_format, headers)
+    return JSONResponse({"job_id": accepted.job_id, "status": "pending"}, status_code=202, headers=headers)
+
+
+async def submit_synthesis(ctx, caller, body: SynthesizeRequest, *,  # type: ignore[no-untyped-def]
+                           stream: Stream | None = None) -> tuple[SynthesisAccepted, bytes | None, dict[str, str]]:
+    """Check, hold quota, and submit to the dispatcher: (its answer, the cached WAV on a hit, the headers).
+    With `stream`, a miss's worker sends its pieces to that stream."""
     text = body.text
     if not text.strip():
         raise ApiError(400, "missing_field", "text is required", details={"fields": ["text"]})
@@ -377,7 +393,9 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
     try:
         accepted, audio = await ctx.bus.call(
             "dispatcher", SubmitSynthesis(account_id=caller.account_id, voice=snapshot, text=text, lang=lang,
-                                          backend=backend, response_format=body.response_format, hold_id=hold_id),
+                                          backend=backend, response_format=body.response_format, hold_id=hold_id,
+                                          stream_to=stream.target if stream else None,
+                                          stream_id=stream.stream_id if stream else None),
             expect=SynthesisAccepted)
     except RemoteError as exc:
         # A refusal made no job; a timeout or a server error may have, and that job consumes the hold (else
@@ -394,9 +412,9 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
                     "X-Job-Id": accepted.job_id or ""}
         if accepted.expires_at:
             headers["X-Expires-At"] = accepted.expires_at.isoformat()
-        return await _audio(audio or b"", body.response_format, headers)
+        return accepted, audio, headers
     headers |= {"X-Cache": "MISS", "X-Synthesis-Time-Ms": "-1", "Location": f"/v1/jobs/{accepted.job_id}"}
-    return JSONResponse({"job_id": accepted.job_id, "status": "pending"}, status_code=202, headers=headers)
+    return accepted, None, headers
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, response_model_exclude_none=True, tags=["synthesis"],

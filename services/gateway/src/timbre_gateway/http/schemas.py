@@ -93,6 +93,8 @@ class SynthesizeRequest(BaseModel):
     lang: Text | None = Field(default=None, description="Defaults to the voice's language")
     backend: Text | None = Field(default=None, description="Defaults to the voice's backend")
     response_format: Literal[tuple(RESPONSE_FORMATS)] = "wav"  # type: ignore[valid-type]
+    stream: bool = Field(default=False, description="Answer 200 with the audio as it is made (chunked), even "
+                         "on a cache miss; the job is still created, stored and cached")
 
 
 class JobAccepted(BaseModel):
