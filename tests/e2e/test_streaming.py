@@ -13,6 +13,8 @@ import pytest
 from timbre_common.audio import decode_wav
 from timbre_common.catalogue import SYSTEM_VOICES
 
+from .conftest import running_platform
+
 pytestmark = pytest.mark.e2e
 HEART = next(v for v in SYSTEM_VOICES if v.name == "heart")
 JOE = next(v for v in SYSTEM_VOICES if v.name == "joe")
@@ -155,3 +157,39 @@ def test_streamed_request_refused_like_any_other(client):
     r = client.http.post("/v1/synthesize", json={"voice_id": JOE.voice_id, "text": "Bonjour.", "lang": "fr",
                                                  "stream": True}, headers=client.auth(key))
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_language"
+
+
+@pytest.fixture(scope="module")
+def impatient(database_url, amqp_url, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A platform whose gateway takes a worker silent for 3 s as dead."""
+    with running_platform(database_url, amqp_url, tmp_path_factory.mktemp("impatient"),
+                          overrides={"STREAM_IDLE_TIMEOUT_S": "3"}) as c:
+        yield c
+
+
+def test_a_worker_that_dies_mid_stream_ends_it_with_an_error_not_a_silent_cut(impatient):
+    client = impatient
+    key = client.new_key()
+    text = " ".join(f"Sentence number {i} of a long passage that keeps the worker busy for a while."
+                    for i in range(40))
+    body = {"voice_id": JOE.voice_id, "text": text, "stream": True, "response_format": "pcm"}
+    received = 0
+    with client.http.stream("POST", "/v1/synthesize", json=body, headers=client.auth(key)) as r:
+        assert r.status_code == 200
+        job_id = r.headers["X-Job-Id"]
+        chunks = r.iter_raw()
+        received += len(next(chunks))
+        client.platform.kill("gpu_worker")
+        # The body ends without HTTP's closing chunk: the client's library reports an incomplete body.
+        with pytest.raises(httpx.RemoteProtocolError):
+            for chunk in chunks:
+                received += len(chunk)
+    broken = [json.loads(line) for line in client.platform.log("gateway").splitlines()
+              if "audio_stream_broken" in line and job_id in line]
+    assert broken and broken[0]["code"] == "worker_lost"
+    # The job itself is not lost: the work order goes back to the queue and a new worker finishes it.
+    client.platform.start("gpu_worker")
+    job = client.wait_job(key, job_id, timeout=180)
+    assert job["status"] == "ready", job
+    stored = client.http.get(f"/v1/jobs/{job_id}/audio", headers=client.auth(key))  # in the job's format, pcm
+    assert stored.headers["content-type"].startswith("audio/pcm") and len(stored.content) > received
