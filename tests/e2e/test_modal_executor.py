@@ -193,6 +193,34 @@ def test_a_job_goes_spawn_callback_storage_ready(platform, modal: FakeModal):
     assert re.search(spawned, platform.platform.log("dispatcher"))
 
 
+def test_a_streamed_job_on_modal_posts_its_pieces_as_chunk_callbacks(platform, modal: FakeModal):
+    key = platform.new_key()
+    text = ("Spoken on a remote GPU, piece by piece. Each piece is posted back as it is made. The gateway "
+            "forwards it to the connection that waits. And the whole lands in storage.")
+    body = {"voice_id": HEART.voice_id, "text": text, "stream": True, "response_format": "pcm"}
+    with platform.http.stream("POST", "/v1/synthesize", json=body, headers=platform.auth(key)) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["X-Cache"] == "MISS" and r.headers["content-type"].startswith("audio/pcm; rate=24000")
+        job_id = r.headers["X-Job-Id"]
+        streamed = b"".join(r.iter_bytes())
+    [payload] = [p for p in modal.spawned if p["job_id"] == job_id]
+    assert payload["chunk_url"] == f"{platform.base_url}/v1/jobs/{job_id}/chunks"
+    assert payload["stream_to"].startswith(f"{platform.env['BUS_NAMESPACE']}.gateway.stream.")
+    job = platform.wait_job(key, job_id)
+    assert job["status"] == "ready", job
+    # The completion callback's WAV is exactly the pieces streamed.
+    [sent] = modal.sent_for(job_id)
+    samples, rate = decode_wav(base64.b64decode(sent["wav_b64"]))
+    assert rate == 24000 and np.array_equal(np.round(samples.reshape(-1) * 32767).astype("<i2").tobytes(), streamed)
+    # The chunk callback takes the callback secret and only names this deployment's stream queues.
+    piece = {"job_id": job_id, "stream_to": payload["stream_to"], "stream_id": payload["stream_id"], "seq": 0,
+             "sample_rate": 24000, "pcm_b64": ""}
+    assert platform.http.post(f"/v1/jobs/{job_id}/chunks", json=piece).status_code == 401
+    wrong = platform.http.post(f"/v1/jobs/{job_id}/chunks", json={**piece, "stream_to": "other.queue"},
+                               headers={"Authorization": f"Bearer {platform.env['MODAL_CALLBACK_SECRET']}"})
+    assert wrong.status_code == 422 and wrong.json()["error"]["code"] == "invalid_stream"
+
+
 def test_wrong_secret_is_refused_and_a_replay_is_ignored(platform, modal: FakeModal):
     key = platform.new_key()
     job_id = _submit(platform, key, HEART.voice_id, "A finished job keeps its first audio.")

@@ -25,7 +25,7 @@ from timbre_common.contracts.voices import VoiceProfiled, VoiceRegistered
 from timbre_common.logging import get_logger
 from timbre_common.ports import MessageBus
 
-from .backends.base import BackendError, SynthesisRequest, SynthesisResult
+from .backends.base import BackendError, SynthesisRequest, SynthesisResult, pcm16
 from .engine import Engine
 
 log = get_logger(__name__)
@@ -49,11 +49,6 @@ async def fetch_reference(http: httpx.AsyncClient, url: str, *, max_bytes: int) 
                 raise BackendError("reference_too_large", "reference audio exceeds the worker's limit")
             chunks.append(chunk)
     return b"".join(chunks)
-
-
-def pcm16(samples: np.ndarray) -> bytes:
-    """Float samples in [-1, 1] as 16-bit little-endian PCM."""
-    return np.round(np.clip(np.asarray(samples, np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
 class StreamSender:

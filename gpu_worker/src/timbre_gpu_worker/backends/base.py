@@ -27,6 +27,11 @@ class BackendUnavailable(Exception):
 ChunkSink = Callable[[np.ndarray, int, int, int], None]
 
 
+def pcm16(samples: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] as 16-bit little-endian PCM (how pieces of a streamed job travel)."""
+    return np.round(np.clip(np.asarray(samples, np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
 @dataclass(frozen=True)
 class SynthesisRequest:
     """One job as a backend sees it."""

@@ -61,9 +61,14 @@ class SpawnRefused(Exception):
     """The remote host did not accept the call; the work order is retried."""
 
 
-def payload_for(order: SynthesisRequested, *, callback_url: str, callback_secret: str) -> dict[str, Any]:
-    """What the Modal function receives: the work order plus where and how to report."""
-    return {**order.model_dump(mode="json"), "callback_url": callback_url, "callback_secret": callback_secret}
+def payload_for(order: SynthesisRequested, *, callback_url: str, callback_secret: str,
+                chunk_url: str | None = None) -> dict[str, Any]:
+    """What the Modal function receives: the work order plus where and how to report (and, for a streamed
+    job, where to post its pieces as they are made)."""
+    payload = {**order.model_dump(mode="json"), "callback_url": callback_url, "callback_secret": callback_secret}
+    if chunk_url and order.stream_to:
+        payload["chunk_url"] = chunk_url
+    return payload
 
 
 async def spawn_work_order(order: SynthesisRequested, *, envelope: Envelope, spawner: Spawner, jobs: Any,
@@ -74,9 +79,11 @@ async def spawn_work_order(order: SynthesisRequested, *, envelope: Envelope, spa
         log.info("work_order_skipped", job_id=order.job_id, reason="job no longer pending")
         return
     callback_url = f"{public_base_url.rstrip('/')}/v1/jobs/{order.job_id}/complete"
+    chunk_url = f"{public_base_url.rstrip('/')}/v1/jobs/{order.job_id}/chunks"
     # A spawn that hangs must not hold its work order (and a prefetch slot) forever: time out and retry.
     call_id = await asyncio.wait_for(
-        spawner.spawn(payload_for(order, callback_url=callback_url, callback_secret=callback_secret)),
+        spawner.spawn(payload_for(order, callback_url=callback_url, callback_secret=callback_secret,
+                                  chunk_url=chunk_url)),
         spawn_timeout_s)
     await jobs.set_executor_ref(order.job_id, call_id)
     log.info("modal_call_spawned", job_id=order.job_id, call_id=call_id, attempt=order.attempt)
