@@ -193,3 +193,37 @@ def test_a_worker_that_dies_mid_stream_ends_it_with_an_error_not_a_silent_cut(im
     assert job["status"] == "ready", job
     stored = client.http.get(f"/v1/jobs/{job_id}/audio", headers=client.auth(key))  # in the job's format, pcm
     assert stored.headers["content-type"].startswith("audio/pcm") and len(stored.content) > received
+
+
+def test_word_timestamps_on_the_job_and_in_the_sse_stream(client):
+    key = client.new_key()
+    text = "Timestamps mark every word. The second sentence follows a short pause."
+    plain = {"voice_id": HEART.voice_id, "text": text}
+    # Audio made without timestamps is no hit for a request that asks for them: a new job makes them.
+    first = client.http.post("/v1/synthesize", json=plain, headers=client.auth(key))
+    assert client.wait_job(key, first.json()["job_id"])["status"] == "ready"
+    assert client.http.get(f"/v1/jobs/{first.json()['job_id']}", headers=client.auth(key)).json().get("words") is None
+    r = client.http.post("/v1/synthesize", json={**plain, "timestamps": True}, headers=client.auth(key))
+    assert r.status_code == 202 and r.headers["X-Cache"] == "MISS"
+    job = client.wait_job(key, r.json()["job_id"])
+    words = job["words"]
+    assert [w["word"] for w in words] == text.split()
+    assert all(0 <= w["start"] <= w["end"] <= job["audio_seconds"] + 0.01 for w in words)
+    assert all(a["end"] <= b["start"] for a, b in zip(words, words[1:], strict=False))
+    # The pause between the sentences lies between "word." and "The".
+    assert words[4]["start"] - words[3]["end"] > 0.05
+    # Now the cache entry has them: a plain request and one asking for timestamps both hit it.
+    for body in (plain, {**plain, "timestamps": True}):
+        hit = client.http.post("/v1/synthesize", json=body, headers=client.auth(key))
+        assert hit.headers["X-Cache"] == "HIT" and hit.headers["X-Job-Id"] == job["job_id"]
+
+    # In the SSE stream of the OpenAI route: a live stream, then a hit.
+    for expected_cache in ("MISS", "HIT"):
+        sse = {"model": "tts-1", "voice": "joe", "input": text, "response_format": "pcm", "stream_format": "sse",
+               "timestamps": True}
+        with client.http.stream("POST", "/v1/audio/speech", json=sse, headers=client.auth(key)) as s:
+            assert s.status_code == 200 and s.headers["X-Cache"] == expected_cache
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+        [stamps] = [e for e in events if e["type"] == "speech.audio.timestamps"]
+        assert [w["word"] for w in stamps["words"]] == text.split()
+        assert events[-1]["type"] == "speech.audio.done"

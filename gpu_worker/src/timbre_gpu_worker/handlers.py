@@ -25,6 +25,8 @@ from timbre_common.contracts.voices import VoiceProfiled, VoiceRegistered
 from timbre_common.logging import get_logger
 from timbre_common.ports import MessageBus
 
+from . import alignment
+from .alignment import WordAligner
 from .backends.base import BackendError, SynthesisRequest, SynthesisResult, pcm16
 from .engine import Engine
 
@@ -59,9 +61,12 @@ class StreamSender:
     the gateway sees the gap and ends the stream with an error, while the job itself still completes.
     """
 
-    def __init__(self, bus: MessageBus, order: SynthesisRequested) -> None:
+    def __init__(self, bus: MessageBus, order: SynthesisRequested, *, hold_final: bool = False) -> None:
         self.bus, self.order = bus, order
         self.next_seq = 0
+        # With word timestamps, the last piece waits for them (the listener is still playing earlier pieces).
+        self.hold_final = hold_final
+        self._held: tuple[bytes, int, int, int] | None = None
         self._queue: asyncio.Queue[tuple[np.ndarray, int, int, int] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -78,15 +83,19 @@ class StreamSender:
     async def _pump(self) -> None:
         while (item := await self._queue.get()) is not None:
             samples, rate, index, total = item
+            if self.hold_final and index + 1 >= total:
+                self._held = (pcm16(samples), rate, index, total)
+                continue
             await self.send(pcm16(samples), rate, seq=index, final=index + 1 >= total, total=total)
 
     async def send(self, body: bytes, sample_rate: int, *, seq: int, final: bool, total: int | None,
-                   error_code: str | None = None, error: str | None = None) -> None:
+                   error_code: str | None = None, error: str | None = None,
+                   words: list[dict] | None = None) -> None:
         order = self.order
         assert order.stream_to and order.stream_id
         chunk = SynthesisChunk(job_id=order.job_id, stream_id=order.stream_id, attempt=order.attempt, seq=seq,
                                final=final, sample_rate=sample_rate, total=total, error_code=error_code,
-                               error=error)
+                               error=error, words=words)
         try:
             await self.bus.send(order.stream_to, chunk, body=body, account_id=order.account_id)
         except Exception as exc:  # noqa: BLE001 - the job must finish even if its listener cannot be reached
@@ -102,11 +111,15 @@ class StreamSender:
             await self._task
             self._task = None
 
-    async def finish(self, result: SynthesisResult) -> None:
-        """After a good synthesis: a backend that could not stream sends its whole audio as the one piece."""
+    async def finish(self, result: SynthesisResult, words: list[dict] | None = None) -> None:
+        """After a good synthesis: the held last piece goes (with the words), or, from a backend that could not
+        stream, the whole audio as the one piece."""
         await self.close()
-        if not result.streamed:
-            await self.send(pcm16(result.samples), result.sample_rate, seq=0, final=True, total=1)
+        if self._held is not None:
+            body, rate, seq, total = self._held
+            await self.send(body, rate, seq=seq, final=True, total=total, words=words)
+        elif not result.streamed:
+            await self.send(pcm16(result.samples), result.sample_rate, seq=0, final=True, total=1, words=words)
 
     async def fail(self, code: str, reason: str) -> None:
         """After a final failure: tell the listener, so its client gets the reason rather than a timeout."""
@@ -114,12 +127,32 @@ class StreamSender:
         await self.send(b"", 0, seq=self.next_seq, final=True, total=None, error_code=code, error=reason)
 
 
+async def word_timestamps(order: SynthesisRequested, result: SynthesisResult,
+                          aligner: WordAligner | None) -> list[dict] | None:
+    """The words of the job with their times: the backend's own when it has them, else forced alignment;
+    `[]` for a language that gets none (never wrong ones); None when they could not be made."""
+    if not alignment.supports(order.lang):
+        return []
+    own = result.details.get("words")
+    if own is not None:
+        return own
+    if aligner is None:
+        return None
+    try:
+        return await asyncio.to_thread(aligner.align, result.samples, result.sample_rate, order.text)
+    except Exception as exc:  # noqa: BLE001 - the audio is good; the job goes on without timestamps
+        log.warning("word_alignment_failed", job_id=order.job_id, error=f"{type(exc).__name__}: {exc}")
+        return None
+
+
 async def on_synthesis_requested(order: SynthesisRequested, *, envelope: Envelope, engine: Engine, bus: MessageBus,
-                                 http: httpx.AsyncClient, max_reference_bytes: int) -> None:
+                                 http: httpx.AsyncClient, max_reference_bytes: int,
+                                 aligner: WordAligner | None = None) -> None:
     """Synthesize one job and report it; a final failure is reported, a transient one raised for retry."""
     started = time.perf_counter()
     log.info("synthesis_started", job_id=order.job_id, backend=order.backend, attempt=order.attempt)
-    stream = StreamSender(bus, order) if order.stream_to and order.stream_id else None
+    stream = (StreamSender(bus, order, hold_final=order.timestamps) if order.stream_to and order.stream_id
+              else None)
     try:
         engine.require(order.backend)  # before downloading a reference that no backend here could use
         reference = None
@@ -134,8 +167,9 @@ async def on_synthesis_requested(order: SynthesisRequested, *, envelope: Envelop
         finally:
             if stream:
                 await stream.close()
+        words = await word_timestamps(order, result, aligner) if order.timestamps else None
         if stream:
-            await stream.finish(result)
+            await stream.finish(result, words)
     except BackendError as exc:
         if stream:
             await stream.fail(exc.code, exc.reason)
@@ -152,7 +186,7 @@ async def on_synthesis_requested(order: SynthesisRequested, *, envelope: Envelop
         SynthesisCompleted(job_id=order.job_id, account_id=order.account_id, voice_id=order.voice_id,
                            backend=order.backend, sample_rate=result.sample_rate, audio_seconds=round(seconds, 3),
                            synthesis_ms=synthesis_ms, rtf=round(rtf, 4), job_created_at=order.job_created_at,
-                           details=result.details),
+                           details={**result.details, "words": words} if words is not None else result.details),
         body=wav, message_id=f"{order.job_id}:{order.attempt}:completed")
     log.info("synthesis_completed", job_id=order.job_id, backend=order.backend, attempt=order.attempt,
              synthesis_ms=synthesis_ms, audio_seconds=round(seconds, 3), rtf=round(rtf, 4),

@@ -37,6 +37,8 @@ class SubmitSynthesis(Command):
     # never joins a job in flight (that job's pieces go to another connection); it makes its own.
     stream_to: str | None = None
     stream_id: str | None = None
+    # Word timestamps asked for: the job records them (English only), and a cache entry without them is no hit.
+    timestamps: bool = False
 
 
 class SynthesisAccepted(Reply):
@@ -77,6 +79,8 @@ class JobView(Reply):
     error_code: str | None = None
     synthesis_ms: int | None = None
     audio_seconds: float | None = None
+    # Word timestamps ({"word", "start", "end"}, seconds) when they were asked for and the language has them.
+    words: list[dict[str, Any]] | None = None
 
 
 class FetchJobAudio(Command):
@@ -130,6 +134,8 @@ class SynthesisRequested(Event):
     # Where to send the audio pieces as they are made (a gateway instance's stream queue), when streamed.
     stream_to: str | None = None
     stream_id: str | None = None
+    # Word timestamps wanted (put in the completion's details as "words", and on the final streamed piece).
+    timestamps: bool = False
 
 
 class SynthesisChunk(Event):
@@ -152,6 +158,8 @@ class SynthesisChunk(Event):
     total: int | None = None
     error_code: str | None = None
     error: str | None = None
+    # On the final piece, when word timestamps were asked for: every word of the job.
+    words: list[dict[str, Any]] | None = None
 
 
 class SynthesisCompleted(Event):

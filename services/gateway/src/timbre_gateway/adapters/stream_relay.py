@@ -39,6 +39,7 @@ class Piece:
     sample_rate: int
     final: bool
     total: int | None
+    words: list[dict] | None = None
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class Stream:
                 raise StreamBroken(chunk.error_code, chunk.error or "synthesis failed")
             if chunk.seq < expected or chunk.seq in buffered:
                 continue  # a duplicate (a redelivered work order speaking again)
-            buffered[chunk.seq] = Piece(chunk.seq, body, chunk.sample_rate, chunk.final, chunk.total)
+            buffered[chunk.seq] = Piece(chunk.seq, body, chunk.sample_rate, chunk.final, chunk.total, chunk.words)
             while expected in buffered:
                 piece = buffered.pop(expected)
                 expected += 1

@@ -395,7 +395,8 @@ async def submit_synthesis(ctx, caller, body: SynthesizeRequest, *,  # type: ign
             "dispatcher", SubmitSynthesis(account_id=caller.account_id, voice=snapshot, text=text, lang=lang,
                                           backend=backend, response_format=body.response_format, hold_id=hold_id,
                                           stream_to=stream.target if stream else None,
-                                          stream_id=stream.stream_id if stream else None),
+                                          stream_id=stream.stream_id if stream else None,
+                                          timestamps=body.timestamps),
             expect=SynthesisAccepted)
     except RemoteError as exc:
         # A refusal made no job; a timeout or a server error may have, and that job consumes the hold (else

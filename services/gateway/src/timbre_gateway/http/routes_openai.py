@@ -103,6 +103,8 @@ class SpeechRequest(BaseModel):
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: float = Field(default=1.0, ge=0.25, le=4.0)
     stream_format: Literal["audio", "sse"] = "audio"
+    # Not OpenAI's: word timestamps, as a `speech.audio.timestamps` event of the sse stream (English only).
+    timestamps: bool = False
 
 
 async def _voices(ctx: Any, account_id: str, *, pages: int = 10) -> list[Any]:
@@ -159,7 +161,8 @@ async def speech(ctx: Ctx, caller: CallerDep, body: SpeechRequest) -> Response:
                                  else body.voice.id)
     backend = _backend_for(ctx, body.model, voice)
     request = SynthesizeRequest(voice_id=voice.voice_id, text=body.input, backend=backend,
-                                response_format=body.response_format, stream=True)
+                                response_format=body.response_format, stream=True,
+                                timestamps=body.timestamps and body.stream_format == "sse")
     characters = len(body.input)
 
     def usage(seconds: float) -> dict[str, Any]:

@@ -95,11 +95,19 @@ class SynthesizeRequest(BaseModel):
     response_format: Literal[tuple(RESPONSE_FORMATS)] = "wav"  # type: ignore[valid-type]
     stream: bool = Field(default=False, description="Answer 200 with the audio as it is made (chunked), even "
                          "on a cache miss; the job is still created, stored and cached")
+    timestamps: bool = Field(default=False, description="Record each word's start and end (seconds) on the job "
+                             "(`words`); English only, other languages get an empty list")
 
 
 class JobAccepted(BaseModel):
     job_id: str
     status: Literal["pending"]
+
+
+class Word(BaseModel):
+    word: str
+    start: float = Field(description="Seconds from the start of the audio")
+    end: float
 
 
 class JobOut(BaseModel):
@@ -118,6 +126,8 @@ class JobOut(BaseModel):
     error_code: str | None = None
     synthesis_ms: int | None = None
     audio_seconds: float | None = None
+    words: list[Word] | None = Field(default=None, description="Word timestamps, when asked for "
+                                     "(`timestamps: true`); an empty list for a language that has none")
 
 
 class CompletionCallback(BaseModel):

@@ -12,6 +12,8 @@ from typing import Any
 
 from fastapi import Response
 
+from timbre_common.contracts.synthesis import GetJob, JobView
+
 from ..adapters.stream_relay import StreamBroken
 from .errors import ApiError
 from .schemas import SynthesizeRequest
@@ -39,8 +41,14 @@ async def streamed_synthesis(ctx: Any, caller: Any, body: SynthesizeRequest, *, 
     if accepted.cache_hit:
         stream.close()
         rate, pieces = stored_pieces(audio or b"")
+        words = None
+        if sse and body.timestamps:
+            view, _ = await ctx.bus.call("dispatcher", GetJob(account_id=caller.account_id,
+                                                              job_id=accepted.job_id or ""), expect=JobView)
+            words = view.words
         return audio_stream_response(fmt, headers, sample_rate=rate, stored=pieces, speed=speed,
-                                     out_rate=out_rate, sse=sse, on_done=on_done)
+                                     out_rate=out_rate, sse=sse, on_done=on_done, timestamps=body.timestamps,
+                                     words=words)
     if accepted.status == "failed":
         stream.close()
         raise ApiError(500, "synthesis_failed", "the job could not be started",
@@ -51,7 +59,7 @@ async def streamed_synthesis(ctx: Any, caller: Any, body: SynthesizeRequest, *, 
         raise ApiError(_FIRST_PIECE_STATUS.get(exc.code, 422 if exc.code in _REQUEST_FAILURES else 500),
                        exc.code, exc.message, details={"job_id": accepted.job_id}) from None
     return audio_stream_response(fmt, headers, stream=stream, sample_rate=first.sample_rate, speed=speed,
-                                 out_rate=out_rate, sse=sse, on_done=on_done)
+                                 out_rate=out_rate, sse=sse, on_done=on_done, timestamps=body.timestamps)
 
 
 # Worker failures that are the request's own (nothing another attempt would change).

@@ -167,8 +167,10 @@ async def _encode(encoder: Encoder, samples: np.ndarray) -> bytes:
     return await asyncio.to_thread(encoder.encode, samples)
 
 
-async def _live_samples(stream: Stream) -> AsyncIterator[np.ndarray]:
+async def _live_samples(stream: Stream, words: list[dict]) -> AsyncIterator[np.ndarray]:
     async for piece in stream.pieces():
+        if piece.words is not None:
+            words.extend(piece.words)
         yield _float(piece.pcm)
 
 
@@ -177,8 +179,8 @@ async def _stored_samples(pieces: list[np.ndarray]) -> AsyncIterator[np.ndarray]
         yield piece
 
 
-def _source(stream: Stream | None, stored: list[np.ndarray] | None) -> AsyncIterator[np.ndarray]:
-    return _live_samples(stream) if stream is not None else _stored_samples(stored or [])
+def _source(stream: Stream | None, stored: list[np.ndarray] | None, words: list[dict]) -> AsyncIterator[np.ndarray]:
+    return _live_samples(stream, words) if stream is not None else _stored_samples(stored or [])
 
 
 async def open_stream(stream: Stream) -> Piece:
@@ -193,9 +195,12 @@ async def open_stream(stream: Stream) -> Piece:
 def audio_stream_response(fmt: str, headers: dict[str, str], *, stream: Stream | None = None,
                           sample_rate: int, stored: list[np.ndarray] | None = None, speed: float = 1.0,
                           out_rate: int | None = None, sse: bool = False,
-                          on_done: Callable[[float], dict[str, Any]] | None = None) -> StreamingResponse:
+                          on_done: Callable[[float], dict[str, Any]] | None = None,
+                          timestamps: bool = False, words: list[dict] | None = None) -> StreamingResponse:
     """A 200 whose body is the audio as it comes: from a live `stream` (its first piece already taken by
-    `open_stream`) or from `stored` pieces (a cache hit). With `sse`, OpenAI's speech events instead."""
+    `open_stream`) or from `stored` pieces (a cache hit). With `sse`, OpenAI's speech events instead, and
+    with `timestamps` a `speech.audio.timestamps` event of every word (from the last live piece, or `words`)
+    before the closing `speech.audio.done`."""
     encoder = Encoder(fmt, sample_rate, speed=speed, out_rate=out_rate)
     job_id = headers.get("X-Job-Id", "")
 
@@ -205,7 +210,7 @@ def audio_stream_response(fmt: str, headers: dict[str, str], *, stream: Stream |
             head = encoder.start()
             if head:
                 yield head
-            async for samples in _source(stream, stored):
+            async for samples in _source(stream, stored, []):
                 seconds += samples.size / sample_rate
                 data = await _encode(encoder, samples)
                 if data:
@@ -226,7 +231,8 @@ def audio_stream_response(fmt: str, headers: dict[str, str], *, stream: Stream |
         try:
             head = encoder.start()
             pending = head
-            async for samples in _source(stream, stored):
+            heard: list[dict] = list(words or [])
+            async for samples in _source(stream, stored, heard):
                 seconds += samples.size / sample_rate
                 data = pending + await _encode(encoder, samples)
                 pending = b""
@@ -235,6 +241,9 @@ def audio_stream_response(fmt: str, headers: dict[str, str], *, stream: Stream |
             tail = pending + await asyncio.to_thread(encoder.close)
             if tail:
                 yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode("ascii")})
+            if timestamps:
+                yield _sse({"type": "speech.audio.timestamps", "words": [
+                    {**w, "start": round(w["start"] / speed, 3), "end": round(w["end"] / speed, 3)} for w in heard]})
             done = {"type": "speech.audio.done", **(on_done(seconds) if on_done else {})}
             yield _sse(done)
         except StreamBroken as exc:
