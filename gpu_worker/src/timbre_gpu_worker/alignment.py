@@ -184,5 +184,18 @@ def tighten(timed: list[dict[str, Any]], samples: np.ndarray, sample_rate: int) 
             end = b
         if out and start < out[-1]["end"]:
             start = out[-1]["end"]
-        out.append({"word": w["word"], "start": round(start, 3), "end": round(max(end, start), 3)})
-    return out
+        out.append({"word": w["word"], "start": start, "end": max(end, start)})
+    # Sound no word was given (a trailing breath, a word the recogniser placed elsewhere) belongs to the word
+    # nearest to it: that word's edge moves out to cover it.
+    for r, (a, b) in enumerate(regions):
+        if r in owners:
+            continue
+        before = [k for k, w in enumerate(out) if w["end"] <= a]
+        after = [k for k, w in enumerate(out) if w["start"] >= b]
+        gap_before = a - out[before[-1]]["end"] if before else float("inf")
+        gap_after = out[after[0]]["start"] - b if after else float("inf")
+        if gap_before <= gap_after and before:
+            out[before[-1]]["end"] = b
+        elif after:
+            out[after[0]]["start"] = a
+    return [{"word": w["word"], "start": round(w["start"], 3), "end": round(w["end"], 3)} for w in out]
