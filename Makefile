@@ -45,6 +45,7 @@ bench: install
 	$(PY) bench/tts_quality.py embedded --voice heart
 	$(PY) bench/tts_speed.py qwen3-0.6b
 	$(PY) bench/tts_quality.py qwen3-0.6b
+	$(PY) bench/stream_latency.py
 
 clean:
 	rm -rf var $(VENV)
