@@ -21,6 +21,9 @@ from .streaming import audio_stream_response, open_stream, stored_pieces
 
 # The status of a stream that fails before its first piece.
 _FIRST_PIECE_STATUS = {"stream_timeout": 504, "worker_lost": 502, "stream_gap": 502}
+# Worker failures that are the request's own (nothing another attempt would change): 422.
+_REQUEST_FAILURES = frozenset({"unsupported_language", "empty_text", "unknown_voice", "missing_voice",
+                               "invalid_reference", "reference_missing"})
 
 
 async def streamed_synthesis(ctx: Any, caller: Any, body: SynthesizeRequest, *, speed: float = 1.0,
@@ -60,8 +63,3 @@ async def streamed_synthesis(ctx: Any, caller: Any, body: SynthesizeRequest, *, 
                        exc.code, exc.message, details={"job_id": accepted.job_id}) from None
     return audio_stream_response(fmt, headers, stream=stream, sample_rate=first.sample_rate, speed=speed,
                                  out_rate=out_rate, sse=sse, on_done=on_done, timestamps=body.timestamps)
-
-
-# Worker failures that are the request's own (nothing another attempt would change).
-_REQUEST_FAILURES = frozenset({"unsupported_language", "empty_text", "unknown_voice", "missing_voice",
-                               "invalid_reference", "reference_missing"})
