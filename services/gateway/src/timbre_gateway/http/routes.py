@@ -314,11 +314,12 @@ def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ign
                               "headers": SYNTHESIS_HEADERS | {"X-Job-Id": _header("The job that made the audio")}},
                         202: {"description": "Cache miss: a pending job (X-Cache: MISS)",
                               "headers": SYNTHESIS_HEADERS | {"Location": _header("The job to poll")}},
-                        **error_responses(400, 401, 402, 404, 409, 422, 429, 500, 503, codes={
+                        **error_responses(400, 401, 402, 404, 409, 422, 429, 500, 502, 503, 504, codes={
                             400: ["missing_field", "invalid_json", "invalid_body", "invalid_idempotency_key"],
                             402: ["quota_exceeded"], 404: ["voice_not_found"], 409: ["idempotency_in_progress"],
                             422: ["text_too_long", "invalid_backend", "backend_unavailable", "unsupported_language",
-                                  "invalid_request", "idempotency_key_reused"]})})
+                                  "invalid_request", "idempotency_key_reused"],
+                            502: ["worker_lost", "stream_gap"], 504: ["stream_timeout"]})})
 async def synthesize(ctx: Ctx, caller: CallerDep, body: SynthesizeRequest,
                      idempotency_key: IdempotencyKey = None) -> Response:
     if body.stream:

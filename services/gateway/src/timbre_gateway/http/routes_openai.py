@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from timbre_common.catalogue import KNOWN_BACKENDS, SYSTEM_VOICES
 from timbre_common.contracts.voices import ListVoices, VoiceList
@@ -29,7 +30,7 @@ from timbre_common.ids import is_canonical_uuid
 from timbre_common.messaging import RemoteError, RpcTimeout
 
 from .deps import CallerDep, Ctx
-from .errors import ApiError, _validation_error, error_response
+from .errors import _HTTP_CODES, ApiError, _validation_error, error_response
 from .schemas import SynthesizeRequest, Text
 from .speech import streamed_synthesis
 
@@ -81,11 +82,35 @@ class OpenAIRoute(APIRoute):
             except RpcTimeout:
                 return openai_error(error_response(503, "service_unavailable", "a backing service did not answer "
                                                    "in time; retry shortly", headers={"Retry-After": "5"}))
+            except StarletteHTTPException as exc:  # e.g. a body that cannot be parsed at all
+                code = _HTTP_CODES.get(exc.status_code, "error")
+                return openai_error(error_response(exc.status_code, code,
+                                                   exc.detail if isinstance(exc.detail, str) else code,
+                                                   headers=getattr(exc, "headers", None)))
 
         return route
 
 
 router = APIRouter(prefix="/v1", route_class=OpenAIRoute, tags=["openai"])
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str
+
+
+class OpenAIErrorBody(BaseModel):
+    """The body of every error on the OpenAI-compatible routes."""
+
+    error: OpenAIErrorDetail
+
+
+def openai_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses for these error statuses, in OpenAI's error shape."""
+    return {s: {"model": OpenAIErrorBody,
+                "description": f"Error in OpenAI's shape ({_ERROR_TYPES.get(s, 'server_error')})"} for s in statuses}
 
 
 class VoiceRef(BaseModel):
@@ -150,7 +175,8 @@ def _backend_for(ctx: Any, model: str, voice: Any) -> str:
              response_class=Response,
              responses={200: {"content": {"audio/mpeg": {}, "audio/ogg": {}, "audio/flac": {}, "audio/wav": {},
                                           "audio/pcm": {}, "text/event-stream": {}},
-                              "description": "The audio, streamed (or speech.audio.delta events with sse)"}})
+                              "description": "The audio, streamed (or speech.audio.delta events with sse)"},
+                        **openai_error_responses(400, 401, 402, 403, 404, 422, 429, 500, 502, 503, 504)})
 async def speech(ctx: Ctx, caller: CallerDep, body: SpeechRequest) -> Response:
     if not body.input.strip():
         raise ApiError(400, "missing_field", "input is required", details={"fields": ["input"]})
@@ -175,7 +201,8 @@ async def speech(ctx: Ctx, caller: CallerDep, body: SpeechRequest) -> Response:
                                     sse=body.stream_format == "sse", on_done=usage)
 
 
-@router.get("/audio/voices", summary="The caller's voices, and OpenAI's built-in names, as speech clients list them")
+@router.get("/audio/voices", summary="The caller's voices, and OpenAI's built-in names, as speech clients list them",
+            responses=openai_error_responses(401, 403, 429, 503))
 async def audio_voices(ctx: Ctx, caller: CallerDep) -> dict[str, Any]:
     voices = await _voices(ctx, caller.account_id)
     listed = [{"id": v.voice_id, "voice_id": v.voice_id, "name": v.name, "kind": v.kind, "backend": v.backend,
@@ -186,7 +213,8 @@ async def audio_voices(ctx: Ctx, caller: CallerDep) -> dict[str, Any]:
     return {"object": "list", "voices": listed + aliases}
 
 
-@router.get("/models", summary="The speech models (OpenAI's names and the backends) this API accepts")
+@router.get("/models", summary="The speech models (OpenAI's names and the backends) this API accepts",
+            responses=openai_error_responses(401, 403, 429, 503))
 async def models(ctx: Ctx, caller: CallerDep) -> dict[str, Any]:
     available = set(ctx.backends.available())
     names = [*OPENAI_MODELS, *(b for b in KNOWN_BACKENDS if b in available)]
