@@ -227,3 +227,17 @@ def test_word_timestamps_on_the_job_and_in_the_sse_stream(client):
         [stamps] = [e for e in events if e["type"] == "speech.audio.timestamps"]
         assert [w["word"] for w in stamps["words"]] == text.split()
         assert events[-1]["type"] == "speech.audio.done"
+
+
+def test_a_stream_in_flight_holds_its_keys_concurrency_slot(client):
+    key = client.new_key(label="one-at-a-time", max_concurrent=1)
+    text = " ".join(f"Sentence {i} of a reading that takes a while to speak." for i in range(20))
+    body = {"voice_id": JOE.voice_id, "text": text, "stream": True, "response_format": "pcm"}
+    with client.http.stream("POST", "/v1/synthesize", json=body, headers=client.auth(key)) as r:
+        assert r.status_code == 200
+        chunks = r.iter_raw()
+        next(chunks)
+        second = client.http.get("/v1/voices", headers=client.auth(key))
+        assert second.status_code == 429 and second.json()["error"]["code"] == "too_many_concurrent_requests"
+        b"".join(chunks)
+    assert client.http.get("/v1/voices", headers=client.auth(key)).status_code == 200
