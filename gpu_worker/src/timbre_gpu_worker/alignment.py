@@ -6,8 +6,8 @@ misheard or unheard word takes its time from its neighbours rather than shifting
 edges are then pulled in to where the audio is not silent, since the recogniser tends to stretch a word into
 the pause that follows it. Languages other than English get no timestamps: tiny.en would time them wrongly.
 
-None of the bundled backends exposes its own alignment in a form that maps to the input's words (Piper has
-phoneme durations, but for espeak's words, which split numbers and merge clitics), so every backend uses this.
+Piper (the `joe` voice) gives its own word times from its phoneme durations when espeak speaks as many
+words as the text has; those are fitted to the sound with `tighten` too. Every other case uses this.
 """
 from __future__ import annotations
 

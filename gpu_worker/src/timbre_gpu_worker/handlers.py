@@ -129,13 +129,15 @@ class StreamSender:
 
 async def word_timestamps(order: SynthesisRequested, result: SynthesisResult,
                           aligner: WordAligner | None) -> list[dict] | None:
-    """The words of the job with their times: the backend's own when it has them, else forced alignment;
+    """The words of the job with their times: the backend's own when it has them (Piper's phoneme durations),
+    else forced alignment;
     `[]` for a language that gets none (never wrong ones); None when they could not be made."""
     if not alignment.supports(order.lang):
         return []
-    own = result.details.get("words")
-    if own is not None:
-        return own
+    if result.words is not None:
+        # The model's durations, with each word's edges fitted to the sound as forced alignment's are (a
+        # sentence's last phoneme runs on past what is heard).
+        return alignment.tighten(result.words, result.samples, result.sample_rate)
     if aligner is None:
         return None
     try:

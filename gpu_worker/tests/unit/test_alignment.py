@@ -100,3 +100,39 @@ def test_word_boundaries_within_80_ms_of_each_sentences_real_edges(backend, alig
         assert abs(words[first]["start"] - start) < 0.08, (voice, words[first], start)
         assert abs(words[last]["end"] - end) < 0.08, (voice, words[last], end)
         first = last + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streamed", [False, True])
+def test_piper_gives_its_own_word_times_and_they_meet_the_sound_and_forced_alignment(backend, aligner, streamed):
+    """joe (Piper) times words from its own phoneme durations: each sentence's first and last word sit on the
+    edges of that sentence's sound, and within 80 ms of where forced alignment puts them."""
+    from timbre_gpu_worker.backends.base import SynthesisRequest
+
+    text = " ".join(SENTENCES)
+    request = SynthesisRequest(job_id="j", text=text, lang="en", voice_id="v", system_voice="joe",
+                               on_chunk=(lambda *_: None) if streamed else None)
+    [result] = backend.synthesize_batch([request])
+    assert result.words is not None and [w["word"] for w in result.words] == text.split()
+    # What the job records: the model's own times (no ASR model given), fitted to the sound.
+    own = asyncio.run(word_timestamps(_order("en").model_copy(update={"text": text}), result, aligner=None))
+    assert [w["word"] for w in own] == text.split()
+    forced = aligner.align(result.samples, result.sample_rate, text)
+    regions = speech_regions(result.samples, result.sample_rate, min_silence_s=0.1)
+    starts, ends = [a for a, _ in regions], [b for _, b in regions]
+    first = 0
+    for sentence in SENTENCES:
+        last = first + len(sentence.split()) - 1
+        own_start, own_end = own[first]["start"], own[last]["end"]
+        assert min(abs(own_start - s) for s in starts) < 0.08, (sentence, own_start, starts)
+        assert min(abs(own_end - e) for e in ends) < 0.08, (sentence, own_end, ends)
+        assert abs(own_start - forced[first]["start"]) < 0.08 and abs(own_end - forced[last]["end"]) < 0.08
+        first = last + 1
+
+
+def test_a_number_spoken_as_two_words_leaves_piper_times_to_forced_alignment(backend):
+    from timbre_gpu_worker.backends.base import SynthesisRequest
+
+    [result] = backend.synthesize_batch([SynthesisRequest(job_id="j", text="I have 42 cats.", lang="en",
+                                                          voice_id="v", system_voice="joe")])
+    assert result.words is None

@@ -62,6 +62,8 @@ class SynthesisResult:
     details: dict = field(default_factory=dict)
     # True when every piece of the audio already went to the request's on_chunk.
     streamed: bool = False
+    # The text's words with their times ({"word", "start", "end"}, seconds) when the model itself gives them.
+    words: list[dict] | None = None
 
     @property
     def audio_seconds(self) -> float:
