@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import time
 
 import httpx
 import numpy as np
@@ -117,8 +118,11 @@ def test_streaming_starts_before_the_worker_made_the_last_piece(client):
         chunks = r.iter_raw()
         first = next(chunks)
         assert first
-        # What the worker had done when the client held its first audio.
-        sent_then = _worker_events(client, "stream_piece_sent", job_id)
+        # What the worker had done when the client held its first audio (its log line for a piece is written
+        # just after the piece left, so it may trail the audio by a moment).
+        deadline = time.monotonic() + 10
+        while not (sent_then := _worker_events(client, "stream_piece_sent", job_id)) and time.monotonic() < deadline:
+            time.sleep(0.01)
         status_then = client.http.get(f"/v1/jobs/{job_id}", headers=client.auth(key)).json()["status"]
         rest = b"".join(chunks)
     assert sent_then and sent_then[0]["seq"] == 0
