@@ -132,16 +132,9 @@ async def word_timestamps(order: SynthesisRequested, result: SynthesisResult,
     """The words of the job with their times: the backend's own when it has them (Piper's phoneme durations),
     else forced alignment;
     `[]` for a language that gets none (never wrong ones); None when they could not be made."""
-    if not alignment.supports(order.lang):
-        return []
-    if result.words is not None:
-        # The model's durations, with each word's edges fitted to the sound as forced alignment's are (a
-        # sentence's last phoneme runs on past what is heard).
-        return alignment.tighten(result.words, result.samples, result.sample_rate)
-    if aligner is None:
-        return None
     try:
-        return await asyncio.to_thread(aligner.align, result.samples, result.sample_rate, order.text)
+        return await asyncio.to_thread(alignment.job_words, order.lang, order.text, result.samples,
+                                       result.sample_rate, result.words, aligner)
     except Exception as exc:  # noqa: BLE001 - the audio is good; the job goes on without timestamps
         log.warning("word_alignment_failed", job_id=order.job_id, error=f"{type(exc).__name__}: {exc}")
         return None

@@ -23,6 +23,7 @@ from typing import Any
 
 from timbre_common.logging import get_logger
 
+from .alignment import job_words
 from .backends.base import BackendError, SynthesisRequest, SynthesisResult, pcm16
 
 log = get_logger(__name__)
@@ -83,6 +84,9 @@ class ChunkPoster:
 
     def __init__(self, post: PayloadPost, payload: Mapping[str, Any], *, attempts: int = 2) -> None:
         self.post, self.attempts = post, attempts
+        # With word timestamps, the last piece waits for them.
+        self.hold_final = bool(payload.get("timestamps"))
+        self._held: dict[str, Any] | None = None
         self.url = str(payload["chunk_url"])
         self.secret = str(payload.get("callback_secret", ""))
         self.base = {"job_id": payload.get("job_id"), "stream_to": payload.get("stream_to"),
@@ -94,9 +98,13 @@ class ChunkPoster:
 
     def __call__(self, samples: Any, sample_rate: int, index: int, total: int) -> None:
         """The backend's on_chunk."""
-        self._queue.put({"seq": index, "final": index + 1 >= total, "total": total, "sample_rate": sample_rate,
-                         "pcm_b64": base64.b64encode(pcm16(samples)).decode("ascii")})
+        piece = {"seq": index, "final": index + 1 >= total, "total": total, "sample_rate": sample_rate,
+                 "pcm_b64": base64.b64encode(pcm16(samples)).decode("ascii")}
         self.next_seq = index + 1
+        if self.hold_final and piece["final"]:
+            self._held = piece
+        else:
+            self._queue.put(piece)
 
     def _run(self) -> None:
         while (piece := self._queue.get()) is not None:
@@ -109,10 +117,12 @@ class ChunkPoster:
         self._queue.put(None)
         self._thread.join(60)
 
-    def finish(self, result: SynthesisResult) -> None:
+    def finish(self, result: SynthesisResult, words: list[dict[str, Any]] | None = None) -> None:
         """After a good synthesis; a backend that could not stream sends its whole audio as the one piece."""
         if not result.streamed:
             self(result.samples, result.sample_rate, 0, 1)
+        if self._held is not None:
+            self._queue.put({**self._held, "words": words})
         self.close()
 
     def fail(self, code: str, reason: str) -> None:
@@ -124,7 +134,7 @@ class ChunkPoster:
 def synthesize_payloads(payloads: Sequence[Mapping[str, Any]], backend_for: Callable[[str], Any],
                         fetch: Callable[[str], bytes], *, encode_wav: Callable[[Any, int], bytes] | None = None,
                         clock: Callable[[], float] = time.perf_counter,
-                        post: PayloadPost | None = None) -> list[dict[str, Any]]:
+                        post: PayloadPost | None = None, aligner: Any = None) -> list[dict[str, Any]]:
     """One callback body per payload, in order: the WAV (base64) and timings, or the error. With `post`, the
     pieces of streamed payloads (those with a `chunk_url`) are posted as they are made."""
     if encode_wav is None:
@@ -163,10 +173,18 @@ def synthesize_payloads(payloads: Sequence[Mapping[str, Any]], backend_for: Call
         for (i, req), result in zip(items, results, strict=True):
             body = bodies[i]
             poster = posters.get(i)
+            words = None
+            if not isinstance(result, BackendError) and payloads[i].get("timestamps"):
+                try:
+                    words = job_words(req.lang, req.text, result.samples, result.sample_rate, result.words, aligner)
+                except Exception as exc:  # the audio is good; the job goes on without timestamps
+                    log.warning("word_alignment_failed", job_id=req.job_id, error=type(exc).__name__)
+                if words is not None:
+                    body["words"] = words
             if poster is not None and isinstance(result, BackendError):
                 poster.fail(result.code, result.reason)
             elif poster is not None:
-                poster.finish(result)
+                poster.finish(result, words)
             if isinstance(result, BackendError):
                 body.update(error=result.reason, error_code=result.code, synthesis_ms=elapsed_ms)
                 log.warning("synthesis_failed", job_id=req.job_id, backend=name, code=result.code,
@@ -185,12 +203,13 @@ def process_jobs(payloads: Sequence[Mapping[str, Any]], backend_for: Callable[[s
                  fetch: Callable[[str], bytes], post: PayloadPost, *,
                  encode_wav: Callable[[Any, int], bytes] | None = None,
                  clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
+                 sleep: Callable[[float], None] = time.sleep, aligner: Any = None) -> list[dict[str, Any]]:
     """Synthesize a batch of job payloads and POST one callback per job; returns the bodies sent.
 
     Every payload gets exactly one callback, with `error` set when anything about that job failed.
     """
-    bodies = synthesize_payloads(payloads, backend_for, fetch, encode_wav=encode_wav, clock=clock, post=post)
+    bodies = synthesize_payloads(payloads, backend_for, fetch, encode_wav=encode_wav, clock=clock, post=post,
+                                 aligner=aligner)
     for payload, body in zip(payloads, bodies, strict=True):
         status = post_with_retry(post, str(payload["callback_url"]), body, str(payload.get("callback_secret", "")),
                                  sleep=sleep)

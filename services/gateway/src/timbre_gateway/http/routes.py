@@ -488,7 +488,8 @@ async def complete_job(request: Request, ctx: Ctx, _: CallbackSecretDep, job_id:
             job_id=job_id, account_id=owner.account_id, voice_id=owner.voice_id, backend=owner.backend,
             sample_rate=info.sample_rate, audio_seconds=round(seconds, 3), synthesis_ms=synthesis_ms,
             rtf=body.rtf if body.rtf is not None else (synthesis_ms / 1000 / seconds if seconds else 0.0),
-            job_created_at=owner.created_at, details={"executor": "modal"}), body=wav)
+            job_created_at=owner.created_at, details={"executor": "modal", **(
+                {"words": [w.model_dump() for w in body.words]} if body.words is not None else {})}), body=wav)
     else:
         code = body.error_code or "synthesis_failed"
         await ctx.bus.publish(SynthesisFailed(job_id=job_id, account_id=owner.account_id, code=code,

@@ -140,6 +140,7 @@ class CompletionCallback(BaseModel):
     synthesis_ms: int | None = Field(default=None, ge=0)
     audio_seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     rtf: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    words: list[Word] | None = Field(default=None, max_length=10_000)
 
 
 class CallbackOutcome(BaseModel):
