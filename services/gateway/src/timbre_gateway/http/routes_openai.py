@@ -194,7 +194,7 @@ async def speech(ctx: Ctx, caller: CallerDep, body: SpeechRequest) -> Response:
     def usage(seconds: float) -> dict[str, Any]:
         # Usage is billed in characters; OpenAI's token fields carry them so clients that sum usage keep working.
         return {"usage": {"input_tokens": characters, "output_tokens": 0, "total_tokens": characters,
-                          "characters": characters, "audio_seconds": round(seconds / body.speed, 3)}}
+                          "characters": characters, "audio_seconds": round(seconds, 3)}}
 
     return await streamed_synthesis(ctx, caller, request, speed=body.speed,
                                     out_rate=OPENAI_PCM_RATE if body.response_format == "pcm" else None,

@@ -7,6 +7,7 @@ audio lands in storage and the cache, whether or not the client stays to the end
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -43,13 +44,13 @@ async def streamed_synthesis(ctx: Any, caller: Any, body: SynthesizeRequest, *, 
     fmt = body.response_format
     if accepted.cache_hit:
         stream.close()
-        rate, pieces = stored_pieces(audio or b"")
+        rate, pieces = await asyncio.to_thread(stored_pieces, audio or b"", speed)
         words = None
         if sse and body.timestamps:
             view, _ = await ctx.bus.call("dispatcher", GetJob(account_id=caller.account_id,
                                                               job_id=accepted.job_id or ""), expect=JobView)
             words = view.words
-        return audio_stream_response(fmt, headers, sample_rate=rate, stored=pieces, speed=speed,
+        return audio_stream_response(fmt, headers, sample_rate=rate, stored=pieces, speed=1.0, stretched=speed,
                                      out_rate=out_rate, sse=sse, on_done=on_done, timestamps=body.timestamps,
                                      words=words)
     if accepted.status == "failed":

@@ -152,10 +152,15 @@ class Encoder:
         return self._sink.take()
 
 
-def stored_pieces(wav: bytes) -> tuple[int, list[np.ndarray]]:
-    """Stored audio (a cache hit) cut into pieces, to go through the same encoder as live ones."""
+def stored_pieces(wav: bytes, speed: float = 1.0) -> tuple[int, list[np.ndarray]]:
+    """Stored audio (a cache hit) cut into pieces, to go through the same encoder as live ones. A change of
+    speed is made over the whole audio first (cut points fall mid-word, unlike live pieces' pauses)."""
     samples, rate = decode_wav(wav)
     mono = to_mono(samples).astype(np.float32)
+    if speed != 1.0 and mono.size:
+        import librosa  # deferred: only a change of speed needs it
+
+        mono = np.clip(librosa.effects.time_stretch(mono, rate=speed), -1.0, 1.0).astype(np.float32)
     step = max(1, int(rate * STORED_PIECE_S))
     return rate, [mono[i:i + step] for i in range(0, mono.size, step)] or [mono]
 
@@ -196,12 +201,14 @@ def audio_stream_response(fmt: str, headers: dict[str, str], *, stream: Stream |
                           sample_rate: int, stored: list[np.ndarray] | None = None, speed: float = 1.0,
                           out_rate: int | None = None, sse: bool = False,
                           on_done: Callable[[float], dict[str, Any]] | None = None,
-                          timestamps: bool = False, words: list[dict] | None = None) -> StreamingResponse:
+                          timestamps: bool = False, words: list[dict] | None = None,
+                          stretched: float | None = None) -> StreamingResponse:
     """A 200 whose body is the audio as it comes: from a live `stream` (its first piece already taken by
     `open_stream`) or from `stored` pieces (a cache hit). With `sse`, OpenAI's speech events instead, and
     with `timestamps` a `speech.audio.timestamps` event of every word (from the last live piece, or `words`)
-    before the closing `speech.audio.done`."""
+    before the closing `speech.audio.done`. `stretched`: the speed stored pieces were already changed by."""
     encoder = Encoder(fmt, sample_rate, speed=speed, out_rate=out_rate)
+    timing = stretched or speed
     job_id = headers.get("X-Job-Id", "")
 
     async def audio_bytes() -> AsyncIterator[bytes]:
@@ -243,8 +250,9 @@ def audio_stream_response(fmt: str, headers: dict[str, str], *, stream: Stream |
                 yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(tail).decode("ascii")})
             if timestamps:
                 yield _sse({"type": "speech.audio.timestamps", "words": [
-                    {**w, "start": round(w["start"] / speed, 3), "end": round(w["end"] / speed, 3)} for w in heard]})
-            done = {"type": "speech.audio.done", **(on_done(seconds) if on_done else {})}
+                    {**w, "start": round(w["start"] / timing, 3), "end": round(w["end"] / timing, 3)} for w in heard]})
+            # on_done gets the seconds of audio as sent (after any change of speed).
+            done = {"type": "speech.audio.done", **(on_done(seconds / speed) if on_done else {})}
             yield _sse(done)
         except StreamBroken as exc:
             log.warning("audio_stream_broken", job_id=job_id, code=exc.code, reason=exc.message)
