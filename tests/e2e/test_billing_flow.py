@@ -441,6 +441,21 @@ def test_a_burst_of_synthesis_requests_cannot_overrun_the_quota(billing: Billing
     assert _used(billing, sub.key) == QUOTA
 
 
+def test_openai_speech_counts_usage_and_meets_the_quota(billing: BillingPlatform) -> None:
+    """The OpenAI-compatible route bills like the rest: a streamed answer's characters become usage, and past
+    the quota the refusal comes in OpenAI's error shape."""
+    sub = billing.subscribe()
+    speech = {"model": "tts-1", "voice": "onyx", "input": _padded("spoken the OpenAI way", QUOTA),
+              "response_format": "pcm"}
+    r = billing.http.post("/v1/audio/speech", json=speech, headers=billing.auth(sub.key))
+    assert r.status_code == 200 and len(r.content) > 0, r.text
+    _until(lambda: _used(billing, sub.key) == QUOTA, "the streamed job's usage recorded")
+    r = billing.http.post("/v1/audio/speech", json={**speech, "input": "One more."}, headers=billing.auth(sub.key))
+    assert r.status_code == 402, r.text
+    assert r.json()["error"] | {"message": ""} == {"message": "", "type": "insufficient_quota", "param": None,
+                                                   "code": "quota_exceeded"}
+
+
 def test_a_cache_hit_gives_its_hold_back(billing: BillingPlatform) -> None:
     """A repeated text is served from the cache: not billed, and its reservation does not linger."""
     sub = billing.subscribe()

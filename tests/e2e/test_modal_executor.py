@@ -36,10 +36,12 @@ class FakeModal:
     """
 
     def __init__(self) -> None:
+        from timbre_gpu_worker.alignment import WordAligner
         from timbre_gpu_worker.backends.embedded import EmbeddedBackend
 
         self.backend = EmbeddedBackend()
         self.backend.load()
+        self.aligner = WordAligner()
         self.mode = "accept"
         self.spawned: list[dict[str, Any]] = []
         self.refused: list[str] = []
@@ -106,7 +108,7 @@ class FakeModal:
             batch = [first]
             while not self._jobs.empty() and len(batch) < 8:
                 batch.append(self._jobs.get_nowait())
-            sent = process_jobs(batch, self.backend_for, httpx_fetch, httpx_post)
+            sent = process_jobs(batch, self.backend_for, httpx_fetch, httpx_post, aligner=self.aligner)
             with self._lock:
                 self.sent.extend(sent)
 
@@ -199,6 +201,40 @@ def test_a_job_goes_spawn_callback_storage_ready(platform, modal: FakeModal):
     assert parse_wav(audio).duration_s == pytest.approx(sent["audio_seconds"], abs=0.01)
     spawned = rf'"modal_call_spawned".*{job_id}|{job_id}.*"modal_call_spawned"'
     assert re.search(spawned, platform.platform.log("dispatcher"))
+
+
+def test_a_streamed_job_on_modal_posts_its_pieces_as_chunk_callbacks(platform, modal: FakeModal):
+    key = platform.new_key()
+    text = ("Spoken on a remote machine, piece by piece. Each piece is posted back as it is made. The gateway "
+            "forwards it to the connection that waits. And the whole lands in storage.")
+    body = {"voice_id": JOE.voice_id, "text": text, "stream": True, "response_format": "pcm", "timestamps": True}
+    with platform.http.stream("POST", "/v1/synthesize", json=body, headers=platform.auth(key)) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["X-Cache"] == "MISS" and r.headers["content-type"].startswith("audio/pcm; rate=22050")
+        job_id = r.headers["X-Job-Id"]
+        streamed = b"".join(r.iter_bytes())
+    [payload] = [p for p in modal.spawned if p["job_id"] == job_id]
+    assert payload["chunk_url"] == f"{platform.base_url}/v1/jobs/{job_id}/chunks?attempt=1"
+    assert payload["stream_to"].startswith(f"{platform.env['BUS_NAMESPACE']}.gateway.stream.")
+    job = platform.wait_job(key, job_id)
+    assert job["status"] == "ready", job
+    # Word timestamps travel in the completion callback too.
+    assert [w["word"] for w in job["words"]] == text.split()
+    # The completion callback's WAV is exactly the pieces streamed.
+    [sent] = modal.sent_for(job_id)
+    samples, rate = decode_wav(base64.b64decode(sent["wav_b64"]))
+    assert rate == 22050 and np.array_equal(np.round(samples.reshape(-1) * 32767).astype("<i2").tobytes(), streamed)
+    # The chunk callback takes the attempt's token (never the secret itself) and only names this deployment's
+    # stream queues.
+    piece = {"job_id": job_id, "stream_to": payload["stream_to"], "stream_id": payload["stream_id"], "seq": 0,
+             "sample_rate": 22050, "pcm_b64": ""}
+    url = f"/v1/jobs/{job_id}/chunks?attempt=1"
+    assert platform.http.post(url, json=piece).status_code == 401
+    secret = {"Authorization": f"Bearer {platform.env['MODAL_CALLBACK_SECRET']}"}
+    assert platform.http.post(url, json=piece, headers=secret).status_code == 401
+    token = {"Authorization": f"Bearer {callback_token(platform.env['MODAL_CALLBACK_SECRET'], job_id, 1)}"}
+    wrong = platform.http.post(url, json={**piece, "stream_to": "other.queue"}, headers=token)
+    assert wrong.status_code == 422 and wrong.json()["error"]["code"] == "invalid_stream"
 
 
 def test_wrong_token_is_refused_and_a_replay_is_ignored(platform, modal: FakeModal):

@@ -17,6 +17,7 @@ from timbre_common.messaging import Bus, local_work_queue, voice_profile_queue
 from timbre_common.metrics import start_at_zero_for
 
 from . import handlers
+from .alignment import WordAligner
 from .backends.base import Backend
 from .engine import Engine, build_backends
 from .settings import WorkerSettings
@@ -57,9 +58,11 @@ class WorkerService:
         start_at_zero_for(self.engine.names, worker=True)
         deps = {"engine": self.engine, "bus": self.bus, "http": self.http,
                 "max_reference_bytes": self.settings.max_reference_bytes}
+        # Word timestamps by forced alignment (loaded on the first job that asks for them).
+        aligner = WordAligner() if WordAligner.available() else None
         for backend in self.engine.names:
-            await self.bus.consume(local_work_queue(backend, self.settings.work_queue_max_length),
-                                   {SynthesisRequested: partial(handlers.on_synthesis_requested, **deps)})
+            await self.bus.consume(local_work_queue(backend, self.settings.work_queue_max_length), {
+                SynthesisRequested: partial(handlers.on_synthesis_requested, aligner=aligner, **deps)})
         for backend in self.engine.names:
             await self.bus.consume(voice_profile_queue(backend), {VoiceRegistered: partial(
                 handlers.on_voice_registered, only_backend=backend, **deps)})

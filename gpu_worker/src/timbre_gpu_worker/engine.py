@@ -68,11 +68,17 @@ class Engine:
         backend = self.backends[name]
         while True:
             batch = [await queue.get()]
-            deadline = asyncio.get_running_loop().time() + self.batch_window
+            # A streamed job's listener is waiting for its first audio: it takes what is queued already but
+            # waits for no one else.
+            window = 0.0 if batch[0].request.on_chunk is not None else self.batch_window
+            deadline = asyncio.get_running_loop().time() + window
             while len(batch) < self.max_batch:
                 timeout = deadline - asyncio.get_running_loop().time()
                 if timeout <= 0:
-                    break
+                    if queue.empty():
+                        break
+                    batch.append(queue.get_nowait())
+                    continue
                 try:
                     batch.append(await asyncio.wait_for(queue.get(), timeout))
                 except TimeoutError:

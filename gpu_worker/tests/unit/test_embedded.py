@@ -287,3 +287,22 @@ def test_concurrent_batches_from_worker_threads(backend: EmbeddedBackend) -> Non
     for voice, result in zip(voices, results, strict=True):
         res = _ok(result)
         assert res.details["voice"] == voice and 1.5 <= res.audio_seconds <= 8.0
+
+
+@pytest.mark.parametrize("voice", VOICE_NAMES)
+def test_a_streamed_request_hands_over_pieces_that_make_the_whole_audio(backend: EmbeddedBackend,
+                                                                       voice: str) -> None:
+    text = ("The harbour was calm at dawn, and the gulls were still asleep on the pier. Fishermen loaded "
+            "their nets. A bell rang twice across the water. Then the first boat left the quay.")
+    got: list[tuple[np.ndarray, int, int, int]] = []
+    result = backend.synthesize_batch([_request(text, system_voice=voice,
+                                                on_chunk=lambda s, r, i, n: got.append((s.copy(), r, i, n)))])[0]
+    assert isinstance(result, SynthesisResult) and result.streamed
+    parts = backend.stream_parts(text)
+    assert len(parts) >= 3 and len(parts[0]) <= backend.first_stream_chunk_chars
+    assert [i for _, _, i, _ in got] == list(range(len(parts))) and {n for *_, n in got} == {len(parts)}
+    assert {r for _, r, _, _ in got} == {result.sample_rate}
+    assert np.array_equal(np.concatenate([s for s, *_ in got]), result.samples)
+    # The first piece is a short clause: much less than the whole.
+    assert got[0][0].size < result.samples.size / 3
+    assert float(np.max(np.abs(result.samples))) <= 0.9 + 1e-6

@@ -1,7 +1,7 @@
 """The interface every TTS backend of the GPU worker implements."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +24,14 @@ class BackendUnavailable(Exception):
     """The backend cannot run on this deployment (weights absent, no device)."""
 
 
+ChunkSink = Callable[[np.ndarray, int, int, int], None]
+
+
+def pcm16(samples: np.ndarray) -> bytes:
+    """Float samples in [-1, 1] as 16-bit little-endian PCM (how pieces of a streamed job travel)."""
+    return np.round(np.clip(np.asarray(samples, np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
 @dataclass(frozen=True)
 class SynthesisRequest:
     """One job as a backend sees it."""
@@ -39,6 +47,10 @@ class SynthesisRequest:
     system_voice: str | None = None
     # Hints computed earlier for this voice (e.g. the embedded backend's nearest bundled voice).
     voice_profile: dict | None = None
+    # Set for a streamed request: called (from the backend's thread) with each piece of audio as soon as it is
+    # made, as on_chunk(samples, sample_rate, index, total). The pieces concatenate to the result's samples.
+    # A backend that cannot stream ignores it; the transport then sends the whole result as one piece.
+    on_chunk: ChunkSink | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,10 @@ class SynthesisResult:
     samples: np.ndarray
     sample_rate: int
     details: dict = field(default_factory=dict)
+    # True when every piece of the audio already went to the request's on_chunk.
+    streamed: bool = False
+    # The text's words with their times ({"word", "start", "end"}, seconds) when the model itself gives them.
+    words: list[dict] | None = None
 
     @property
     def audio_seconds(self) -> float:

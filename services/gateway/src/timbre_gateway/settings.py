@@ -53,6 +53,11 @@ class GatewaySettings(CommonSettings):
     queue_poll_interval_s: float = Field(default=15.0, gt=0)
     # A backend is advertised while a worker's heartbeat is younger than this many intervals.
     heartbeat_grace: float = 3.0
+    # Streamed synthesis: how long to wait for the first piece (the job may queue behind others), between
+    # pieces once audio flows (longer and the worker is taken for dead), and for a piece missing in the order.
+    stream_start_timeout_s: float = Field(default=120.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=20.0, gt=0)
+    stream_gap_timeout_s: float = Field(default=3.0, gt=0)
 
     def checkout_sealing_secret(self) -> str:
         """The secret checkout keys are sealed with: CHECKOUT_KEY_SECRET, else ADMIN_SECRET (HKDF separates the

@@ -142,6 +142,8 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
     """Answer from the cache, join an identical job in flight, or create a job and hand it out."""
     key = domain.cache_key(cmd.voice.voice_id, cmd.text, cmd.lang, cmd.backend)
     entry = await cache.get(cmd.account_id, key)
+    if entry is not None and cmd.timestamps and not await jobs.has_words(str(entry["job_id"])):
+        entry = None  # audio made without word timestamps: make it again, with them
     if entry is not None:
         started = time.perf_counter()
         try:
@@ -161,12 +163,19 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
                                      cache_key=key, synthesis_ms=entry["synthesis_ms"] or 0,
                                      expires_at=stored.expires_at, content_type=stored.content_type), audio or b""
     metrics.CACHE_LOOKUPS.labels(cmd.backend, "miss").inc()
-    in_flight = await jobs.pending_for(cmd.account_id, key, cmd.response_format)
+    # A streamed request makes its own job (the pieces of a job in flight go to another client's connection), and
+    # so does one asking for word timestamps (the job in flight may not make them).
+    own_job = bool(cmd.stream_to or cmd.timestamps)
+    in_flight = None if own_job else await jobs.pending_for(cmd.account_id, key, cmd.response_format)
     if in_flight is not None:
         return SynthesisAccepted(cache_hit=False, job_id=str(in_flight["job_id"]), cache_key=key)
     profile = (cmd.voice.profile or {}).get(cmd.backend)
     request = {"ref_text": cmd.voice.ref_text, "system_voice": cmd.voice.system_voice, "voice_profile": profile,
                "reference_key": cmd.voice.reference_key if cmd.voice.kind == "custom" else None}
+    if cmd.stream_to:
+        request |= {"stream_to": cmd.stream_to, "stream_id": cmd.stream_id}
+    if cmd.timestamps:
+        request["timestamps"] = True
     job_id = str(uuid.uuid4())
     row = await jobs.create(job_id=job_id, account_id=cmd.account_id, voice_id=cmd.voice.voice_id, text=cmd.text,
                             lang=cmd.lang, backend=cmd.backend, cache_key=key,
@@ -205,7 +214,7 @@ async def _view(row: Any, *, bus: MessageBus, with_url: bool = True) -> JobView:
                    response_format=row["response_format"], created_at=row["created_at"],
                    completed_at=row["completed_at"], audio_url=audio_url, expires_at=row["audio_expires_at"],
                    error=row["error"], error_code=row["error_code"], synthesis_ms=row["synthesis_ms"],
-                   audio_seconds=row["audio_seconds"])
+                   audio_seconds=row["audio_seconds"], words=row.get("words"))
 
 
 async def _self_heal(row: Any, *, expired: bool, jobs: JobRepository, cache: CacheIndex, bus: MessageBus) -> None:
@@ -327,6 +336,8 @@ async def _apply_audio_stored(event: AudioStored, *, jobs: JobRepository, cache:
     transitioned = row is not None
     if row is not None:
         _job_finished(row, "ready")
+        if event.words is not None:
+            await jobs.set_words(event.job_id, event.words)
     if row is None:
         existing = await jobs.get(event.job_id)
         if existing is None:

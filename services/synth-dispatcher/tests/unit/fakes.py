@@ -53,6 +53,13 @@ class FakeJobRepository:
         }
         return self._snap(self.rows[job_id])  # type: ignore[return-value]
 
+    async def set_words(self, job_id: str, words: list[dict[str, Any]]) -> None:
+        if job_id in self.rows:
+            self.rows[job_id]["words"] = copy.deepcopy(words)
+
+    async def has_words(self, job_id: str) -> bool:
+        return self.rows.get(job_id, {}).get("words") is not None
+
     async def get(self, job_id: str, account_id: str | None = None) -> dict[str, Any] | None:
         row = self.rows.get(job_id)
         if row is None or (account_id is not None and row["account_id"] != account_id):

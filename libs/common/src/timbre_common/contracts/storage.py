@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -107,6 +107,8 @@ class AudioStored(Event):
     expires_at: datetime | None = None
     synthesis_ms: int | None = None
     audio_seconds: float | None = None
+    # The synthesis's word timestamps, passed on from synthesis.completed for the job to keep.
+    words: list[dict[str, Any]] | None = None
 
 
 class ObjectsExpired(Event):

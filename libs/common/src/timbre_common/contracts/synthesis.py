@@ -33,6 +33,12 @@ class SubmitSynthesis(Command):
     response_format: str = "wav"
     # Billing's quota hold for these characters; the job carries it to job.ready / job.failed.
     hold_id: str | None = None
+    # A streamed request: the gateway instance's stream queue and the stream's id there. A streamed request
+    # never joins a job in flight (that job's pieces go to another connection); it makes its own.
+    stream_to: str | None = None
+    stream_id: str | None = None
+    # Word timestamps asked for: the job records them (English only), and a cache entry without them is no hit.
+    timestamps: bool = False
 
 
 class SynthesisAccepted(Reply):
@@ -77,6 +83,8 @@ class JobView(Reply):
     audio_seconds: float | None = None
     # Set on FetchJobAudio's reply: the media type of the binary body (the format asked for).
     content_type: str | None = None
+    # Word timestamps ({"word", "start", "end"}, seconds) when they were asked for and the language has them.
+    words: list[dict[str, Any]] | None = None
 
 
 class FetchJobAudio(Command):
@@ -132,6 +140,35 @@ class SynthesisRequested(Event):
     ref_text: str | None = None
     system_voice: str | None = None
     voice_profile: dict[str, Any] | None = None
+    # Where to send the audio pieces as they are made (a gateway instance's stream queue), when streamed.
+    stream_to: str | None = None
+    stream_id: str | None = None
+    # Word timestamps wanted (put in the completion's details as "words", and on the final streamed piece).
+    timestamps: bool = False
+
+
+class SynthesisChunk(Event):
+    """One piece of a streamed synthesis, worker -> the gateway instance holding the client's connection.
+
+    The body is mono 16-bit little-endian PCM at `sample_rate`; pieces concatenate to the job's whole audio.
+    `seq` counts from 0 within an attempt; the piece with `final` is the last. A piece with `error_code` set
+    (and an empty body) says the attempt failed and no more pieces follow.
+    """
+
+    TYPE: ClassVar[str] = "synthesis.chunk"
+    BINARY: ClassVar[bool] = True
+    job_id: str
+    stream_id: str
+    attempt: int = 1
+    seq: int
+    final: bool = False
+    sample_rate: int = 0
+    # How many pieces this attempt will send in all, when the worker knows it up front (the embedded voices).
+    total: int | None = None
+    error_code: str | None = None
+    error: str | None = None
+    # On the final piece, when word timestamps were asked for: every word of the job.
+    words: list[dict[str, Any]] | None = None
 
 
 class SynthesisCompleted(Event):

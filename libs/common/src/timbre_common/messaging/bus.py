@@ -55,6 +55,7 @@ class Bus:
         self._events: aio_pika.abc.AbstractExchange | None = None
         self._rpc: RpcClient | None = None
         self._rpc_lock = asyncio.Lock()
+        self._direct_channel: aio_pika.abc.AbstractChannel | None = None
         self._consumers: list[Consumer] = []
         self._servers: list[RpcServer] = []
 
@@ -159,6 +160,39 @@ class Bus:
                 log.warning("subscription_message_dropped", error=str(exc))
 
         await queue.consume(on_message, no_ack=True)
+
+    async def send(self, queue: str, message: Message, *, body: bytes | None = None,
+                   account_id: str | None = None) -> None:
+        """Send straight to one named queue (a gateway instance's stream queue): no confirm, not persisted.
+
+        For live data whose reader is one process: if that queue is gone (the process died), the message is
+        dropped, which is what its reader would want.
+        """
+        assert self.connection is not None, "Bus.connect() first"
+        if self._direct_channel is None:
+            self._direct_channel = await self.connection.channel(publisher_confirms=False)
+        envelope = envelope_for(message, correlation_id=correlation_id_var.get(),
+                                account_id=account_id or getattr(message, "account_id", None))
+        out = encode(message, envelope, body=body)
+        out.delivery_mode = aio_pika.DeliveryMode.NOT_PERSISTENT
+        await self._direct_channel.default_exchange.publish(out, routing_key=queue, mandatory=False)
+
+    async def open_inbox(self, queue: str, handler: Handler) -> None:
+        """Consume a queue private to this process, by name (exclusive, gone with the connection): the
+        counterpart of `send`. Messages are taken without ack; one that fails to decode is dropped."""
+        assert self.connection is not None, "Bus.connect() first"
+        channel = await self.connection.channel(publisher_confirms=False)
+        inbox = await channel.declare_queue(queue, exclusive=True, auto_delete=True,
+                                            arguments={"x-message-ttl": 60_000})
+
+        async def on_message(incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
+            try:
+                msg, envelope, body = decode(incoming)
+                await handler(msg, envelope=envelope, body=body)
+            except Exception as exc:  # live data: a bad piece is dropped; its reader notices the gap
+                log.warning("inbox_message_dropped", queue=queue, error=str(exc))
+
+        await inbox.consume(on_message, no_ack=True)
 
     @property
     async def rpc(self) -> RpcClient:

@@ -117,6 +117,10 @@ class Names:
     def retry_queue(self, name: str, delay: int) -> str:
         return f"{self.ns}.{name}.retry.{delay}s"
 
+    def stream_queue(self, instance: str) -> str:
+        """The queue of one gateway instance that receives the audio pieces of the streams it relays."""
+        return f"{self.ns}.gateway.stream.{instance}"
+
     def rpc_queue(self, service: str) -> str:
         return f"{self.ns}.rpc.{service}"
 

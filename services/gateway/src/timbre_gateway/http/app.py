@@ -20,6 +20,8 @@ from .errors import document_error_body, install_error_handlers
 from .limits import RateLimitHeadersMiddleware
 from .routes import router
 from .routes_billing import router as billing_router
+from .routes_openai import router as openai_router
+from .routes_stream import router as stream_router
 from .routes_webhooks import router as webhooks_router
 
 log = get_logger("timbre_gateway.access")
@@ -86,6 +88,8 @@ def create_app(ctx: Any, *, extra_routers: list[Any] | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(billing_router)
     app.include_router(webhooks_router)
+    app.include_router(stream_router)
+    app.include_router(openai_router)
     for extra in extra_routers or []:
         app.include_router(extra)
     app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)

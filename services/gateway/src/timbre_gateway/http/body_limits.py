@@ -67,6 +67,7 @@ def body_limits(settings: Any) -> BodyLimits:
         _route("POST", "/v1/voices", upload),
         _route("POST", "/v1/uploads", upload),
         _route("POST", "/v1/jobs/[^/]+/complete", callback),
+        _route("POST", "/v1/jobs/[^/]+/chunks", callback),
         _route("POST", "/v1/webhooks/stripe", webhook),
     ))
 

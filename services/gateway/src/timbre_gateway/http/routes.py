@@ -36,6 +36,7 @@ from timbre_common.logging import get_logger, scrub_urls
 from timbre_common.messaging import RemoteError
 from timbre_common.text import SUPPORTED_LANGUAGES
 
+from ..adapters.stream_relay import Stream
 from .deps import AdminDep, CallbackAttemptDep, CallerDep, Ctx
 from .errors import ApiError, error_responses
 from .idempotency import IdempotencyKey, ReplayRef, StoredResponse, about, fingerprint, idempotent
@@ -347,15 +348,22 @@ def _check_backend_lang(backend: str, lang: str, ctx=None) -> None:  # type: ign
                               "headers": SYNTHESIS_HEADERS | {"X-Job-Id": _header("The job that made the audio")}},
                         202: {"description": "Cache miss: a pending job (X-Cache: MISS)",
                               "headers": SYNTHESIS_HEADERS | {"Location": _header("The job to poll")}},
-                        **error_responses(400, 401, 402, 404, 409, 422, 429, 500, 503, codes={
+                        **error_responses(400, 401, 402, 404, 409, 422, 429, 500, 502, 503, 504, codes={
                             400: ["missing_field", "invalid_json", "invalid_body", "invalid_idempotency_key"],
                             402: ["quota_exceeded"], 404: ["voice_not_found"], 409: ["idempotency_in_progress"],
                             422: ["text_too_long", "invalid_backend", "backend_unavailable", "unsupported_language",
                                   "invalid_request", "idempotency_key_reused", "webhook_not_registered"],
                             429: ["rate_limited", "too_many_concurrent_requests", "too_many_pending_jobs"],
-                            503: ["service_unavailable", "work_queue_full"]})})
+                            502: ["worker_lost", "stream_gap"], 503: ["service_unavailable", "work_queue_full"],
+                            504: ["stream_timeout"]})})
 async def synthesize(ctx: Ctx, caller: CallerDep, body: SynthesizeRequest,
                      idempotency_key: IdempotencyKey = None) -> Response:
+    if body.stream:
+        from .speech import streamed_synthesis  # speech builds on this module's submit_synthesis
+
+        # A stream cannot be kept and replayed; a repeated streamed request is answered from the cache instead.
+        return await streamed_synthesis(ctx, caller, body)
+
     async def replay_audio(stored: StoredResponse) -> Response:
         """The first answer was audio: read it again (encoded once, kept by storage with the job)."""
         view, audio = await ctx.bus.call("dispatcher", FetchJobAudio(
@@ -381,6 +389,19 @@ async def _release_hold(ctx, account_id: str, hold_id: str | None) -> None:  # t
 
 
 async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type: ignore[no-untyped-def]
+    accepted, audio, headers = await submit_synthesis(ctx, caller, body)
+    voice_id = headers["X-Voice-Id"]
+    if accepted.cache_hit:
+        answer = await _audio(audio or b"", body.response_format, headers, content_type=accepted.content_type)
+        return about(answer, ReplayRef(voice_id=voice_id, job_id=accepted.job_id, audio_format=body.response_format))
+    return about(JSONResponse({"job_id": accepted.job_id, "status": "pending"}, status_code=202, headers=headers),
+                 ReplayRef(voice_id=voice_id))
+
+
+async def submit_synthesis(ctx, caller, body: SynthesizeRequest, *,  # type: ignore[no-untyped-def]
+                           stream: Stream | None = None) -> tuple[SynthesisAccepted, bytes | None, dict[str, str]]:
+    """Check, hold quota, and submit to the dispatcher: (its answer, the cached WAV on a hit, the headers).
+    With `stream`, a miss's worker sends its pieces to that stream."""
     text = body.text
     if not text.strip():
         raise ApiError(400, "missing_field", "text is required", details={"fields": ["text"]})
@@ -423,7 +444,10 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
     try:
         accepted, audio = await ctx.bus.call(
             "dispatcher", SubmitSynthesis(account_id=caller.account_id, voice=snapshot, text=text, lang=lang,
-                                          backend=backend, response_format=body.response_format, hold_id=hold_id),
+                                          backend=backend, response_format=body.response_format, hold_id=hold_id,
+                                          stream_to=stream.target if stream else None,
+                                          stream_id=stream.stream_id if stream else None,
+                                          timestamps=body.timestamps),
             expect=SynthesisAccepted)
     except RemoteError as exc:
         # A refusal made no job; a timeout or a server error may have, and that job consumes the hold (else
@@ -443,14 +467,11 @@ async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type
                     "X-Job-Id": accepted.job_id or ""}
         if accepted.expires_at:
             headers["X-Expires-At"] = accepted.expires_at.isoformat()
-        answer = await _audio(audio or b"", body.response_format, headers, content_type=accepted.content_type)
-        return about(answer, ReplayRef(voice_id=voice.voice_id, job_id=accepted.job_id,
-                                       audio_format=body.response_format))
+        return accepted, audio, headers
     if webhook_id is not None and accepted.job_id:
         await ctx.webhooks.attach_job(accepted.job_id, webhook_id, caller.account_id)
     headers |= {"X-Cache": "MISS", "X-Synthesis-Time-Ms": "-1", "Location": f"/v1/jobs/{accepted.job_id}"}
-    return about(JSONResponse({"job_id": accepted.job_id, "status": "pending"}, status_code=202, headers=headers),
-                 ReplayRef(voice_id=voice.voice_id))
+    return accepted, None, headers
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, response_model_exclude_none=True, tags=["synthesis"],
@@ -528,7 +549,8 @@ async def complete_job(request: Request, ctx: Ctx, attempt: CallbackAttemptDep, 
             job_id=job_id, account_id=owner.account_id, voice_id=owner.voice_id, backend=owner.backend,
             sample_rate=sample_rate, audio_seconds=round(seconds, 3), synthesis_ms=synthesis_ms,
             rtf=body.rtf if body.rtf is not None else (synthesis_ms / 1000 / seconds if seconds else 0.0),
-            job_created_at=owner.created_at, details={"executor": "modal"}), body=wav)
+            job_created_at=owner.created_at, details={"executor": "modal", **(
+                {"words": [w.model_dump() for w in body.words]} if body.words is not None else {})}), body=wav)
     else:
         code = body.error_code or "synthesis_failed"
         reason = scrub_urls(body.error or "the GPU worker reported no audio")[:2000]

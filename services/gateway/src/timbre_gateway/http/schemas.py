@@ -104,11 +104,21 @@ class SynthesizeRequest(BaseModel):
     webhook_url: Text | None = Field(default=None, max_length=2048,
                                      description="A webhook endpoint registered with POST /v1/webhooks: this job's "
                                                  "job.ready or job.failed goes there")
+    stream: bool = Field(default=False, description="Answer 200 with the audio as it is made (chunked), even "
+                         "on a cache miss; the job is still created, stored and cached")
+    timestamps: bool = Field(default=False, description="Record each word's start and end (seconds) on the job "
+                             "(`words`); English only, other languages get an empty list")
 
 
 class JobAccepted(BaseModel):
     job_id: str
     status: Literal["pending"]
+
+
+class Word(BaseModel):
+    word: str
+    start: float = Field(description="Seconds from the start of the audio")
+    end: float
 
 
 class JobOut(BaseModel):
@@ -127,6 +137,8 @@ class JobOut(BaseModel):
     error_code: str | None = None
     synthesis_ms: int | None = None
     audio_seconds: float | None = None
+    words: list[Word] | None = Field(default=None, description="Word timestamps, when asked for "
+                                     "(`timestamps: true`); an empty list for a language that has none")
 
 
 class CompletionCallback(BaseModel):
@@ -139,6 +151,7 @@ class CompletionCallback(BaseModel):
     synthesis_ms: int | None = Field(default=None, ge=0)
     audio_seconds: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     rtf: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    words: list[Word] | None = Field(default=None, max_length=10_000)
 
 
 class CallbackOutcome(BaseModel):

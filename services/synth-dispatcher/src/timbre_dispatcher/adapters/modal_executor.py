@@ -62,9 +62,14 @@ class SpawnRefused(Exception):
     """The remote host did not accept the call; the work order is retried."""
 
 
-def payload_for(order: SynthesisRequested, *, callback_url: str, callback_token: str) -> dict[str, Any]:
-    """What the Modal function receives: the work order plus where to report and the token of this attempt."""
-    return {**order.model_dump(mode="json"), "callback_url": callback_url, "callback_token": callback_token}
+def payload_for(order: SynthesisRequested, *, callback_url: str, callback_token: str,
+                chunk_url: str | None = None) -> dict[str, Any]:
+    """What the Modal function receives: the work order plus where to report and the token of this attempt (and,
+    for a streamed job, where to post its pieces as they are made, with the same token)."""
+    payload = {**order.model_dump(mode="json"), "callback_url": callback_url, "callback_token": callback_token}
+    if chunk_url and order.stream_to:
+        payload["chunk_url"] = chunk_url
+    return payload
 
 
 async def spawn_work_order(order: SynthesisRequested, *, envelope: Envelope, spawner: Spawner, jobs: Any,
@@ -79,10 +84,13 @@ async def spawn_work_order(order: SynthesisRequested, *, envelope: Envelope, spa
         log.info("work_order_skipped", job_id=order.job_id, reason="superseded by a newer attempt",
                  attempt=order.attempt, current=row["attempts"])
         return
-    callback_url = f"{public_base_url.rstrip('/')}/v1/jobs/{order.job_id}/complete?attempt={order.attempt}"
+    base = public_base_url.rstrip("/")
+    callback_url = f"{base}/v1/jobs/{order.job_id}/complete?attempt={order.attempt}"
+    chunk_url = f"{base}/v1/jobs/{order.job_id}/chunks?attempt={order.attempt}"
     token = callback_token(callback_secret, order.job_id, order.attempt)
     # A spawn that hangs must not hold its work order (and a prefetch slot) forever: time out and retry.
     call_id = await asyncio.wait_for(
-        spawner.spawn(payload_for(order, callback_url=callback_url, callback_token=token)), spawn_timeout_s)
+        spawner.spawn(payload_for(order, callback_url=callback_url, callback_token=token, chunk_url=chunk_url)),
+        spawn_timeout_s)
     await jobs.set_executor_ref(order.job_id, call_id)
     log.info("modal_call_spawned", job_id=order.job_id, call_id=call_id, attempt=order.attempt)

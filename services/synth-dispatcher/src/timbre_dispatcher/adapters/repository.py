@@ -33,6 +33,13 @@ class JobRepository:
                 job_id, account_id, voice_id, text, lang, backend, cache_key, response_format, len(text), request,
                 deadline_s, hold_id)
 
+    async def set_words(self, job_id: str, words: list[dict[str, Any]]) -> None:
+        """The job's word timestamps (kept beside its audio; a cache hit asking for them reads them here)."""
+        await self.pool.execute("UPDATE jobs SET words = $2 WHERE job_id = $1", job_id, words)
+
+    async def has_words(self, job_id: str) -> bool:
+        return bool(await self.pool.fetchval("SELECT words IS NOT NULL FROM jobs WHERE job_id = $1", job_id))
+
     async def get(self, job_id: str, account_id: str | None = None) -> asyncpg.Record | None:
         if account_id is None:
             return await self.pool.fetchrow("SELECT * FROM jobs WHERE job_id = $1", job_id)
