@@ -145,6 +145,10 @@ class OutboxBus:
     async def call(self, service: str, command: Command, **kwargs: Any) -> Any:
         return await self.bus.call(service, command, **kwargs)
 
+    async def send(self, queue: str, message: Any, **kwargs: Any) -> None:
+        """A message to one queue (a stream's pieces): live data, straight to the broker."""
+        await self.bus.send(queue, message, **kwargs)
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[None]:
         """State changes and the events published inside commit together; the relay runs right after."""
