@@ -228,6 +228,9 @@ def test_word_timestamps_on_the_job_and_in_the_sse_stream(client):
         with client.http.stream("POST", "/v1/audio/speech", json=sse, headers=client.auth(key)) as s:
             assert s.status_code == 200 and s.headers["X-Cache"] == expected_cache
             events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+            streamed_job = s.headers["X-Job-Id"]
+        # The stream ends with its last piece; the job is stored and cached a moment later.
+        assert client.wait_job(key, streamed_job)["status"] == "ready"
         [stamps] = [e for e in events if e["type"] == "speech.audio.timestamps"]
         assert [w["word"] for w in stamps["words"]] == text.split()
         assert events[-1]["type"] == "speech.audio.done"
