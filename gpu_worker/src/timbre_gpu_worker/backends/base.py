@@ -1,7 +1,7 @@
 """The interface every TTS backend of the GPU worker implements."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -72,6 +72,12 @@ class Backend(Protocol):
         """Precompute what the backend keeps per voice; returns a JSON-able summary."""
         ...
 
-    def synthesize_batch(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult | BackendError]:
-        """Synthesize several requests together; one result or error per request, in order."""
+    def synthesize_batch(self, requests: Sequence[SynthesisRequest],
+                         on_result: Callable[[int, SynthesisResult | BackendError], None] | None = None,
+                         ) -> list[SynthesisResult | BackendError]:
+        """Synthesize several requests together; one result or error per request, in order.
+
+        `on_result(index, result)`, when given, is called from the backend's thread for each request as
+        soon as it is done, so the caller can deliver it before the rest of the batch ends.
+        """
         ...

@@ -144,6 +144,9 @@ class Qwen3Backend:
     """Qwen3-TTS Base model cloning a voice from reference audio (+ transcript for in-context mode)."""
 
     languages: frozenset[str] = frozenset(LANGUAGE_NAMES)
+    # Calls from several threads interleave (step by step, or through the CUDA scheduler's slots), so the
+    # engine may run a short-text lane beside a long-text lane.
+    concurrent_lanes = True
 
     def __init__(
         self,
