@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,10 @@ def test_tiny_dir_is_available_and_cpu_float32(backend: Qwen3Backend) -> None:
 
     assert backend.available()
     assert backend.resolved_dtype() == torch.float32
+    # CPU runs the reference decode and never imports the CUDA-only graph code.
+    assert backend.decode_path == "reference"
+    assert "timbre_gpu_worker.backends.qwen3_cuda" not in sys.modules
+    assert "faster_qwen3_tts" not in sys.modules
     assert next(backend.model.model.parameters()).dtype == torch.float32
 
 

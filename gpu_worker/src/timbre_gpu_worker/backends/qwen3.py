@@ -165,7 +165,7 @@ class Qwen3Backend:
         max_new_tokens_cap: int = 2048,
         attn_implementation: str | None = None,
         graphs: str = "auto",
-        max_seq_len: int = 2048,
+        max_seq_len: int = 4096,
     ) -> None:
         if name not in MODEL_NAMES:
             raise ValueError(f"unknown Qwen3 backend {name!r}; expected one of {MODEL_NAMES}")
@@ -570,9 +570,11 @@ class Qwen3Backend:
             return on_row
 
         # Similar lengths together: the batch pads to its longest prompt and runs to its longest output.
+        # The CUDA scheduler takes everything at once and fills its slots as earlier rows end.
         work.sort(key=lambda w: len(w.text))
-        for start in range(0, len(work), self.max_batch):
-            batch = work[start : start + self.max_batch]
+        step = max(1, len(work)) if self._graph_decoder is not None else self.max_batch
+        for start in range(0, len(work), step):
+            batch = work[start : start + step]
             for w in batch:
                 batch_sizes[w.request_index] = max(batch_sizes.get(w.request_index, 0), len(batch))
             try:
@@ -659,8 +661,7 @@ class Qwen3Backend:
         def run() -> None:
             try:
                 if self._graph_decoder is not None:
-                    self._graph_decoder.stream(work, sink, cancel)
-                    events.put(("done", None))
+                    events.put(("done", self._graph_decoder.stream(work, sink, cancel)))
                 else:
                     codes = self._talker_generate([work], sink, cancel)[0]
                     events.put(("done", codes))
