@@ -282,3 +282,36 @@ def test_stream_of_several_sentences_and_early_close(tiny_model_dir: Path) -> No
     stream.close()
     bound = long_b.max_new_tokens_for("A long text that would take a while to speak aloud.", "en")
     assert stats["frames_generated"] < bound - 1
+
+
+def test_prompt_store_spares_a_new_process_the_prompt(tiny_model_dir: Path) -> None:
+    store: dict[str, bytes] = {}
+
+    class DictStore:
+        def get(self, key: str) -> bytes | None:
+            return store.get(key)
+
+        def put(self, key: str, value: bytes) -> None:
+            store[key] = value
+
+    first = Qwen3Backend("qwen3-0.6b", tiny_model_dir, device="cpu", min_new_tokens=6, tokens_per_char=0.2,
+                         prompt_store=DictStore())
+    req = _req("ps1", "Stored prompts travel.", voice="stored", ref_text="A reference line.", seed=31)
+    [a] = first.synthesize_batch([req])
+    assert a.details["prompt_cached"] is False and len(store) == 1
+    # A fresh backend (a new container) reads the prompt instead of encoding the reference again.
+    second = Qwen3Backend("qwen3-0.6b", tiny_model_dir, device="cpu", min_new_tokens=6, tokens_per_char=0.2,
+                          prompt_store=DictStore())
+    second.load()
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the prompt was recomputed")
+
+    second.model.create_voice_clone_prompt = no_encoding
+    [b] = second.synthesize_batch([req])
+    assert not isinstance(b, BackendError), b
+    assert second.prompt_store_hits == 1 and b.details["prompt_cached"] is True and b.details["mode"] == "icl"
+    original = first._prompts[first.prompt_key("stored", req.reference_wav, "A reference line.")].item
+    restored = second._prompts[second.prompt_key("stored", req.reference_wav, "A reference line.")].item
+    assert restored.ref_text == original.ref_text
+    assert (restored.ref_code.cpu() == original.ref_code.cpu()).all()

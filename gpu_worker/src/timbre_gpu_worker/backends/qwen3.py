@@ -14,6 +14,7 @@ without clicks.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -23,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -132,6 +133,14 @@ class _Work:
     max_new_tokens: int
 
 
+class PromptStore(Protocol):
+    """Somewhere voice prompts outlive a process (a Modal Dict on Modal): get and put bytes by key."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes) -> None: ...
+
+
 class GenerationCancelled(Exception):
     """A streaming consumer went away: the generation behind it stops at its next step."""
 
@@ -166,6 +175,7 @@ class Qwen3Backend:
         attn_implementation: str | None = None,
         graphs: str = "auto",
         max_seq_len: int = 4096,
+        prompt_store: PromptStore | None = None,
     ) -> None:
         if name not in MODEL_NAMES:
             raise ValueError(f"unknown Qwen3 backend {name!r}; expected one of {MODEL_NAMES}")
@@ -185,6 +195,10 @@ class Qwen3Backend:
         # "auto": the CUDA-graph decode on CUDA when faster-qwen3-tts is installed; "off": reference only.
         self.graphs = graphs
         self.max_seq_len = max_seq_len
+        # Prompts shared beyond this process: a new container reads a voice's prompt instead of
+        # recomputing it from the reference.
+        self.prompt_store = prompt_store
+        self.prompt_store_hits = 0
         self.prompt_cache_hits = 0
         self.prompt_cache_misses = 0
         self.generate_calls = 0
@@ -254,6 +268,17 @@ class Qwen3Backend:
             return None
         return GraphDecoder(model, max_batch=self.max_batch, max_seq_len=self.max_seq_len)
 
+    @contextlib.contextmanager
+    def reference_decode(self) -> Iterator[None]:
+        """Run the reference decode even where the CUDA graphs are loaded (benchmarks compare the two in
+        one process); not for serving: concurrent callers would see the switch too."""
+        self.load()
+        saved, self._graph_decoder = self._graph_decoder, None
+        try:
+            yield
+        finally:
+            self._graph_decoder = saved
+
     @property
     def decode_path(self) -> str:
         """"cuda-graphs" or "reference"."""
@@ -316,6 +341,82 @@ class Qwen3Backend:
                 self.prompt_cache_hits += 1
                 return cached, True
             self.prompt_cache_misses += 1
+        stored = self._stored_prompt(key)
+        if stored is not None:
+            self._keep(key, stored)
+            return stored, True
+        prompt = self._compute_prompt(reference_wav, ref_text)
+        self._keep(key, prompt)
+        if self.prompt_store is not None:
+            try:
+                self.prompt_store.put(self.store_key(key), self.export_prompt(prompt))
+            except Exception:  # the store is an optimisation: a failure costs a recomputation later
+                log.warning("%s: could not store the prompt of voice %s", self.name, key[0], exc_info=True)
+        return prompt, False
+
+    def store_key(self, key: tuple[str, str]) -> str:
+        """The prompt store's key: backend, voice, reference hash (a re-upload is a new prompt)."""
+        return f"{self.name}:{key[0]}:{key[1]}"
+
+    def _stored_prompt(self, key: tuple[str, str]) -> _Prompt | None:
+        if self.prompt_store is None:
+            return None
+        try:
+            data = self.prompt_store.get(self.store_key(key))
+            prompt = self.import_prompt(data) if data else None
+        except Exception:
+            log.warning("%s: stored prompt of voice %s unreadable; recomputing", self.name, key[0], exc_info=True)
+            return None
+        if prompt is not None:
+            self.prompt_store_hits += 1
+        return prompt
+
+    def _keep(self, key: tuple[str, str], prompt: _Prompt) -> None:
+        with self._cache_lock:
+            self._prompts[key] = prompt
+            self._prompts.move_to_end(key)
+            while len(self._prompts) > self.prompt_cache_size:
+                self._prompts.popitem(last=False)
+
+    def export_prompt(self, prompt: _Prompt) -> bytes:
+        """A voice prompt as bytes (tensors on CPU), for a prompt store or a work order."""
+        import io
+
+        import torch
+
+        item = prompt.item
+        data = {
+            "ref_code": None if item.ref_code is None else item.ref_code.detach().to("cpu"),
+            "ref_spk_embedding": item.ref_spk_embedding.detach().to("cpu"),
+            "x_vector_only_mode": bool(item.x_vector_only_mode),
+            "icl_mode": bool(item.icl_mode),
+            "ref_text": item.ref_text,
+            "mode": prompt.mode,
+            "reference": prompt.reference,
+        }
+        buf = io.BytesIO()
+        torch.save(data, buf)
+        return buf.getvalue()
+
+    def import_prompt(self, blob: bytes) -> _Prompt:
+        """The inverse of export_prompt, with tensors on this model's device."""
+        import io
+
+        import torch
+        from qwen_tts.inference.qwen3_tts_model import VoiceClonePromptItem
+
+        data = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        device = self.model.model.talker.device
+        item = VoiceClonePromptItem(
+            ref_code=None if data["ref_code"] is None else data["ref_code"].to(device),
+            ref_spk_embedding=data["ref_spk_embedding"].to(device),
+            x_vector_only_mode=data["x_vector_only_mode"],
+            icl_mode=data["icl_mode"],
+            ref_text=data["ref_text"],
+        )
+        return _Prompt(item=item, mode=data["mode"], reference=dict(data["reference"]))
+
+    def _compute_prompt(self, reference_wav: bytes, ref_text: str | None) -> _Prompt:
         try:
             samples, sr = decode_wav(reference_wav)
         except Exception as exc:  # AudioError or anything a malformed upload raises
@@ -337,13 +438,7 @@ class Qwen3Backend:
             ref_text=ref_text,
             x_vector_only_mode=xvector_only,
         )
-        prompt = _Prompt(item=items[0], mode="xvector" if xvector_only else "icl", reference=info)
-        with self._cache_lock:
-            self._prompts[key] = prompt
-            self._prompts.move_to_end(key)
-            while len(self._prompts) > self.prompt_cache_size:
-                self._prompts.popitem(last=False)
-        return prompt, False
+        return _Prompt(item=items[0], mode="xvector" if xvector_only else "icl", reference=info)
 
     def profile_voice(self, voice_id: str, reference_wav: bytes, ref_text: str | None) -> dict:
         """Compute (or reuse) the voice-clone prompt for a voice; returns a JSON-able summary."""
@@ -649,26 +744,40 @@ class Qwen3Backend:
     def _stream_chunk(self, work: _Work, chunk_frames: int, stats: dict) -> Iterator[tuple[np.ndarray, bool]]:
         import torch
 
-        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # The reference generation waits for a consumer that falls more than two pieces behind (its own
+        # thread); the CUDA scheduler never waits (it serves every slot of its batch).
+        events: queue.Queue[tuple[str, Any]] = queue.Queue(
+            maxsize=2 * chunk_frames if self._graph_decoder is None else 0)
         cancel = threading.Event()
         eos = self._eos_id
+
+        def put(event: tuple[str, Any]) -> None:
+            while True:
+                try:
+                    events.put(event, timeout=0.1)
+                    return
+                except queue.Full:
+                    if cancel.is_set():
+                        raise GenerationCancelled() from None
 
         def sink(step: Any) -> None:
             if int(step[0, 0]) != eos:
                 stats["frames_generated"] += 1
-                events.put(("frame", step[0]))
+                put(("frame", step[0]))
 
         def run() -> None:
             try:
-                if self._graph_decoder is not None:
-                    events.put(("done", self._graph_decoder.stream(work, sink, cancel)))
-                else:
-                    codes = self._talker_generate([work], sink, cancel)[0]
-                    events.put(("done", codes))
-            except GenerationCancelled:
-                events.put(("done", None))
-            except BaseException as exc:  # handed to the consumer, raised there
-                events.put(("error", exc))
+                try:
+                    if self._graph_decoder is not None:
+                        put(("done", self._graph_decoder.stream(work, sink, cancel)))
+                    else:
+                        put(("done", self._talker_generate([work], sink, cancel)[0]))
+                except GenerationCancelled:
+                    put(("done", None))
+                except BaseException as exc:  # handed to the consumer, raised there
+                    put(("error", exc))
+            except GenerationCancelled:  # the consumer is gone: nobody to tell
+                pass
 
         thread = threading.Thread(target=run, name=f"{self.name}-stream", daemon=True)
         thread.start()
