@@ -167,7 +167,6 @@ class Qwen3Backend:
         max_batch: int = 8,
         max_chunk_chars: int = 300,
         prompt_cache_size: int = 128,
-        pause_ms: int = 120,
         tokens_per_char: float = 1.6,
         dense_tokens_per_char: float = 3.0,
         min_new_tokens: int = 12,
@@ -186,7 +185,6 @@ class Qwen3Backend:
         self.max_batch = max(1, max_batch)
         self.max_chunk_chars = max_chunk_chars
         self.prompt_cache_size = prompt_cache_size
-        self.pause_ms = pause_ms
         self.tokens_per_char = tokens_per_char
         self.dense_tokens_per_char = dense_tokens_per_char
         self.min_new_tokens = min_new_tokens
