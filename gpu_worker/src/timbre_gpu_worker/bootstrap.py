@@ -91,7 +91,7 @@ async def build(settings: WorkerSettings | None = None, *,
         wanted = [b.strip() for b in settings.backends.split(",") if b.strip()]
         backends = build_backends(wanted, backend_factories(settings))
     engine = Engine(backends, max_batch=settings.max_batch, batch_window_ms=settings.batch_window_ms,
-                    batch_timeout_s=settings.batch_timeout_s)
+                    batch_timeout_s=settings.batch_timeout_s, short_lane_chars=settings.short_lane_chars)
     bus = await Bus(url=settings.amqp_url.get_secret_value(), namespace=settings.bus_namespace,
                     service="gpu_worker", rpc_timeout=settings.rpc_timeout_s).connect(
                         declare=[*(local_work_queue(b, settings.work_queue_max_length) for b in engine.names),

@@ -17,6 +17,7 @@ callback.
 from __future__ import annotations
 
 import base64
+import inspect
 import queue
 import threading
 import time
@@ -138,14 +139,28 @@ class ChunkPoster:
 def synthesize_payloads(payloads: Sequence[Mapping[str, Any]], backend_for: Callable[[str], Any],
                         fetch: Callable[[str], bytes], *, encode_wav: Callable[[Any, int], bytes] | None = None,
                         clock: Callable[[], float] = time.perf_counter,
-                        post: PayloadPost | None = None, aligner: Any = None) -> list[dict[str, Any]]:
+                        post: PayloadPost | None = None, aligner: Any = None,
+                        on_body: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """One callback body per payload, in order: the WAV (base64) and timings, or the error. With `post`, the
-    pieces of streamed payloads (those with a `chunk_url`) are posted as they are made."""
+    pieces of streamed payloads (those with a `chunk_url`) are posted as they are made.
+
+    `on_body(index, body)` is called once per payload as soon as that job is done (a backend that reports
+    jobs one by one lets a finished job go before the rest of its batch).
+    """
     if encode_wav is None:
         from timbre_common.audio import encode_wav
 
     bodies: list[dict[str, Any]] = []
     posters: dict[int, ChunkPoster] = {}
+    finished: set[int] = set()
+
+    def finish(i: int) -> None:
+        if i in finished:
+            return
+        finished.add(i)
+        if on_body is not None:
+            on_body(i, bodies[i])
+
     groups: dict[str, list[tuple[int, SynthesisRequest]]] = {}
     for i, p in enumerate(payloads):
         body: dict[str, Any] = {"job_id": p.get("job_id"), "voice_id": p.get("voice_id"),
@@ -161,6 +176,7 @@ def synthesize_payloads(payloads: Sequence[Mapping[str, Any]], backend_for: Call
                         error_code="reference_unavailable")
             if poster is not None:
                 poster.fail("reference_unavailable", "could not fetch the reference audio")
+            finish(i)
             continue
         if poster is not None:
             posters[i] = poster
@@ -169,14 +185,12 @@ def synthesize_payloads(payloads: Sequence[Mapping[str, Any]], backend_for: Call
 
     for name, items in groups.items():
         started = clock()
-        try:
-            results = backend_for(name).synthesize_batch([req for _, req in items])
-        except Exception as exc:  # backend missing or crashed: every job of the group fails, none hang
-            log.exception("remote_batch_failed", backend=name, batch_size=len(items))
-            results = [BackendError("backend_unavailable", f"{name}: {exc}")] * len(items)
-        elapsed_ms = int((clock() - started) * 1000)
-        log.info("batch_synthesized", backend=name, batch_size=len(items), wall_ms=elapsed_ms)
-        for (i, req), result in zip(items, results, strict=True):
+
+        def fill(k: int, result: Any, name: str = name, items: list = items, started: float = started) -> None:
+            i, req = items[k]
+            if i in finished:
+                return
+            elapsed_ms = int((clock() - started) * 1000)
             body = bodies[i]
             poster = posters.get(i)
             words = None
@@ -195,14 +209,39 @@ def synthesize_payloads(payloads: Sequence[Mapping[str, Any]], backend_for: Call
                 body.update(error=result.reason, error_code=result.code, synthesis_ms=elapsed_ms)
                 log.warning("synthesis_failed", job_id=req.job_id, backend=name, code=result.code,
                             reason=result.reason)
-                continue
-            seconds = float(result.audio_seconds)
-            rtf = round(elapsed_ms / 1000 / seconds, 4) if seconds > 0 else None
-            body.update(wav_b64=base64.b64encode(encode_wav(result.samples, result.sample_rate)).decode("ascii"),
-                        synthesis_ms=elapsed_ms, audio_seconds=round(seconds, 3), rtf=rtf)
-            log.info("synthesis_completed", job_id=req.job_id, backend=name, synthesis_ms=elapsed_ms,
-                     audio_seconds=round(seconds, 3), rtf=rtf, characters=len(req.text), details=result.details)
+            else:
+                seconds = float(result.audio_seconds)
+                rtf = round(elapsed_ms / 1000 / seconds, 4) if seconds > 0 else None
+                body.update(wav_b64=base64.b64encode(encode_wav(result.samples, result.sample_rate)).decode("ascii"),
+                            synthesis_ms=elapsed_ms, audio_seconds=round(seconds, 3), rtf=rtf,
+                            details=result.details)
+                log.info("synthesis_completed", job_id=req.job_id, backend=name, synthesis_ms=elapsed_ms,
+                         audio_seconds=round(seconds, 3), rtf=rtf, characters=len(req.text),
+                         details=result.details)
+            finish(i)
+
+        requests = [req for _, req in items]
+        try:
+            backend = backend_for(name)
+            if _accepts_on_result(backend):
+                results = backend.synthesize_batch(requests, on_result=fill)
+            else:
+                results = backend.synthesize_batch(requests)
+        except Exception as exc:  # backend missing or crashed: every job not yet delivered fails, none hang
+            log.exception("remote_batch_failed", backend=name, batch_size=len(items))
+            results = [BackendError("backend_unavailable", f"{name}: {exc}")] * len(items)
+        for k, result in enumerate(results):
+            fill(k, result)
+        log.info("batch_synthesized", backend=name, batch_size=len(items),
+                 wall_ms=int((clock() - started) * 1000))
     return bodies
+
+
+def _accepts_on_result(backend: Any) -> bool:
+    try:
+        return "on_result" in inspect.signature(backend.synthesize_batch).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def process_jobs(payloads: Sequence[Mapping[str, Any]], backend_for: Callable[[str], Any],
@@ -210,18 +249,21 @@ def process_jobs(payloads: Sequence[Mapping[str, Any]], backend_for: Callable[[s
                  encode_wav: Callable[[Any, int], bytes] | None = None,
                  clock: Callable[[], float] = time.perf_counter,
                  sleep: Callable[[float], None] = time.sleep, aligner: Any = None) -> list[dict[str, Any]]:
-    """Synthesize a batch of job payloads and POST one callback per job; returns the bodies sent.
+    """Synthesize a batch of job payloads and POST one callback per job, each as soon as that job is done;
+    returns the bodies sent.
 
-    Every payload gets exactly one callback, with `error` set when anything about that job failed.
+    Every payload gets exactly one callback, with `error` set when anything about that job failed. A call
+    killed mid-batch has already reported the jobs it finished; only the others are retried.
     """
-    bodies = synthesize_payloads(payloads, backend_for, fetch, encode_wav=encode_wav, clock=clock, post=post,
-                                 aligner=aligner)
-    for payload, body in zip(payloads, bodies, strict=True):
+    def send(i: int, body: dict[str, Any]) -> None:
+        payload = payloads[i]
         status = post_with_retry(post, str(payload["callback_url"]), body, str(payload.get("callback_token", "")),
                                  sleep=sleep)
         if status is None or status >= 300:
             log.error("callback_not_accepted", job_id=body["job_id"], status=status)
-    return bodies
+
+    return synthesize_payloads(payloads, backend_for, fetch, encode_wav=encode_wav, clock=clock, post=post,
+                               aligner=aligner, on_body=send)
 
 
 class ReferenceTooLarge(Exception):

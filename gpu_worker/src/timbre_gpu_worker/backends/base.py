@@ -88,6 +88,12 @@ class Backend(Protocol):
         """Precompute what the backend keeps per voice; returns a JSON-able summary."""
         ...
 
-    def synthesize_batch(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult | BackendError]:
-        """Synthesize several requests together; one result or error per request, in order."""
+    def synthesize_batch(self, requests: Sequence[SynthesisRequest],
+                         on_result: Callable[[int, SynthesisResult | BackendError], None] | None = None,
+                         ) -> list[SynthesisResult | BackendError]:
+        """Synthesize several requests together; one result or error per request, in order.
+
+        `on_result(index, result)`, when given, is called from the backend's thread for each request as
+        soon as it is done, so the caller can deliver it before the rest of the batch ends.
+        """
         ...

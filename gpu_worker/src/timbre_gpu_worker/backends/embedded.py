@@ -371,19 +371,28 @@ class EmbeddedBackend:
 
     # -- synthesis ---------------------------------------------------------------------------
 
-    def synthesize_batch(self, requests: Sequence[SynthesisRequest]) -> list[SynthesisResult | BackendError]:
-        """Synthesize each request in order; a failing request yields a BackendError in its slot."""
+    def synthesize_batch(self, requests: Sequence[SynthesisRequest],
+                         on_result: Callable[[int, SynthesisResult | BackendError], None] | None = None,
+                         ) -> list[SynthesisResult | BackendError]:
+        """Synthesize each request in order; a failing request yields a BackendError in its slot.
+
+        Each result goes to `on_result` as soon as it is ready.
+        """
         results: list[SynthesisResult | BackendError] = []
         for request in requests:
+            result: SynthesisResult | BackendError
             try:
-                results.append(self._synthesize_one(request))
+                result = self._synthesize_one(request)
             except BackendError as exc:
-                results.append(exc)
+                result = exc
             except BackendUnavailable:
                 raise  # the deployment is broken, not this request: let the worker stop taking jobs
             except Exception as exc:  # one broken request must not sink the batch
                 log.exception("embedded synthesis failed for job %s", request.job_id)
-                results.append(BackendError("synthesis_failed", f"{type(exc).__name__}: {exc}"))
+                result = BackendError("synthesis_failed", f"{type(exc).__name__}: {exc}")
+            results.append(result)
+            if on_result is not None:
+                on_result(len(results) - 1, result)
         return results
 
     def _synthesize_one(self, request: SynthesisRequest) -> SynthesisResult:

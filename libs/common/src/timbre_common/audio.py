@@ -24,6 +24,7 @@ __all__ = [
     "parse_wav",
     "decode_wav",
     "to_mono",
+    "crossfade_join",
     "resample",
     "encode_wav",
     "validate_reference",
@@ -558,13 +559,57 @@ def quality_report(data: bytes) -> QualityReport:
 # Synthesized output
 
 
+def _ramp(n: int) -> np.ndarray:
+    """A raised-cosine ramp from 0 to 1 over n samples."""
+    return (0.5 - 0.5 * np.cos(np.linspace(0.0, math.pi, n, dtype=np.float64))).astype(np.float32)
+
+
+def crossfade_join(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Join two pieces by overlapping a's end with b's start (raised-cosine, gains summing to one).
+
+    The overlap is as long as the shorter of the two; the result is len(a) + len(b) - overlap samples.
+    """
+    a = np.asarray(a, dtype=np.float32).reshape(-1)
+    b = np.asarray(b, dtype=np.float32).reshape(-1)
+    n = min(a.size, b.size)
+    if n == 0:
+        return np.concatenate([a, b])
+    up = _ramp(n)
+    mixed = a[a.size - n :] * (1.0 - up) + b[:n] * up
+    return np.concatenate([a[: a.size - n], mixed, b[n:]]).astype(np.float32, copy=False)
+
+
 def join_chunks(
-    chunks: list[np.ndarray], sample_rate: int, pause_ms: int = 120, fade_ms: int = 10
+    chunks: list[np.ndarray], sample_rate: int, pause_ms: int = 120, fade_ms: int = 10,
+    crossfade_ms: int | None = None,
 ) -> np.ndarray:
-    """Concatenate sentence audio with a raised-cosine fade at every edge and a pause between sentences."""
+    """Concatenate sentence audio.
+
+    By default every edge gets a raised-cosine fade and sentences are separated by a pause. With
+    `crossfade_ms`, neighbouring sentences overlap by that much instead (no pause, no dip to silence);
+    only the outer edges are faded.
+    """
     if sample_rate <= 0:
         raise ValueError(f"invalid sample rate {sample_rate}")
     fade_len = max(0, int(sample_rate * fade_ms / 1000))
+    if crossfade_ms is not None:
+        overlap = max(0, int(sample_rate * crossfade_ms / 1000))
+        out = np.zeros(0, dtype=np.float32)
+        for chunk in chunks:
+            mono = to_mono(chunk).astype(np.float32, copy=False)
+            if mono.size == 0:
+                continue
+            if out.size == 0:
+                out = mono.copy()
+                continue
+            n = min(overlap, out.size // 2, mono.size // 2)
+            out = np.concatenate([out[: out.size - n], crossfade_join(out[out.size - n :], mono)])
+        n = min(fade_len, out.size // 2)
+        if n > 0:
+            ramp = _ramp(n)
+            out[:n] *= ramp
+            out[-n:] *= ramp[::-1]
+        return out.astype(np.float32, copy=False)
     pause = np.zeros(max(0, int(sample_rate * pause_ms / 1000)), dtype=np.float32)
     pieces: list[np.ndarray] = []
     for chunk in chunks:
@@ -573,7 +618,7 @@ def join_chunks(
             continue
         n = min(fade_len, mono.size // 2)
         if n > 0:
-            ramp = (0.5 - 0.5 * np.cos(np.linspace(0.0, math.pi, n, dtype=np.float64))).astype(np.float32)
+            ramp = _ramp(n)
             mono[:n] *= ramp
             mono[-n:] *= ramp[::-1]
         if pieces:

@@ -77,3 +77,21 @@ BACKEND_LANGUAGES: dict[str, tuple[str, ...]] = {
     EMBEDDED_BACKEND: ("en",),
     **{name: ALL_LANGUAGES for name in QWEN3_BACKENDS},
 }
+
+# How long a job may take, from its length: wall seconds per character of text and a floor, per backend.
+# One figure for everything that waits on a synthesis: the dispatcher's job deadline (after which the job
+# is handed out again), the Modal call timeout and the worker's batch timeout. Set from the slowest decode
+# a deployment may run, with a margin: the Qwen3 reference decode on a GPU runs at about 0.44x real time,
+# ~0.15 s per character at ~15 characters per second of speech, doubled here; the embedded CPU voices run
+# at 0.02-0.08 RTF.
+SYNTHESIS_SECONDS_PER_CHAR: dict[str, float] = {EMBEDDED_BACKEND: 0.02, "qwen3-0.6b": 0.3, "qwen3-1.7b": 0.4}
+SYNTHESIS_FLOOR_S: dict[str, float] = {EMBEDDED_BACKEND: 30.0, "qwen3-0.6b": 60.0, "qwen3-1.7b": 90.0}
+_DEFAULT_SECONDS_PER_CHAR = 0.4
+_DEFAULT_FLOOR_S = 90.0
+
+
+def expected_synthesis_seconds(backend: str, chars: int) -> float:
+    """Seconds a synthesis of `chars` characters on `backend` may take before it is presumed lost."""
+    rate = SYNTHESIS_SECONDS_PER_CHAR.get(backend, _DEFAULT_SECONDS_PER_CHAR)
+    floor = SYNTHESIS_FLOOR_S.get(backend, _DEFAULT_FLOOR_S)
+    return max(floor, max(0, chars) * rate)

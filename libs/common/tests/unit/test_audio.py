@@ -20,6 +20,7 @@ from timbre_common.audio import (
     AudioError,
     QualityReport,
     WavInfo,
+    crossfade_join,
     decode_wav,
     encode_wav,
     join_chunks,
@@ -442,6 +443,28 @@ def test_join_chunks_fades_every_edge_and_pauses_between() -> None:
     assert not np.any(joined[4800 : 4800 + pause])
     # No click: the largest step is one step of a 10 ms raised-cosine ramp, far below a 0.8 jump.
     assert np.max(np.abs(np.diff(joined))) < 0.01
+
+
+def test_join_chunks_crossfade_overlaps_without_pause_or_dip() -> None:
+    sr = 24000
+    a, b = np.full(4800, 0.5, dtype=np.float32), np.full(2400, 0.5, dtype=np.float32)
+    joined = join_chunks([a, b], sr, crossfade_ms=30, fade_ms=10)
+    overlap = int(sr * 0.03)
+    assert joined.shape == (4800 + 2400 - overlap,)
+    # A constant signal stays constant across the join: gains sum to one, no dip to silence, no pause.
+    inner = joined[int(sr * 0.01) : -int(sr * 0.01)]
+    assert np.allclose(inner, 0.5, atol=1e-6)
+    assert joined[0] == pytest.approx(0) and joined[-1] == pytest.approx(0)
+
+
+def test_crossfade_join_blends_the_overlap() -> None:
+    a = np.ones(100, dtype=np.float32)
+    b = -np.ones(300, dtype=np.float32)
+    out = crossfade_join(a[-50:], b)
+    assert out.shape == (300,)
+    assert out[0] == pytest.approx(1.0) and out[49] == pytest.approx(-1.0) and out[-1] == -1.0
+    assert np.max(np.abs(np.diff(out))) < 0.1  # a ramp, not a step from +1 to -1
+    assert crossfade_join(np.zeros(0), b).shape == (300,)
 
 
 def test_join_chunks_edge_cases() -> None:
