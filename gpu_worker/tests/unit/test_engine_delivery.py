@@ -120,7 +120,7 @@ async def test_short_job_finishes_while_a_long_one_runs(tmp_path_factory: pytest
 
     tiny = load_module("timbre_qwen_tiny", Path(__file__).resolve().parents[1] / "qwen_tiny.py")
     model_dir = tiny.build_tiny_model(tmp_path_factory.mktemp("qwen3-tiny"))
-    backend = Qwen3Backend("qwen3-0.6b", model_dir, device="cpu", min_new_tokens=4, tokens_per_char=2.0)
+    backend = Qwen3Backend("qwen3-0.6b", model_dir, device="cpu", min_new_tokens=4, tokens_per_char=1.2)
     backend.load()
     sr = 16000
     t = np.arange(int(sr * 1.5)) / sr
@@ -136,6 +136,8 @@ async def test_short_job_finishes_while_a_long_one_runs(tmp_path_factory: pytest
     try:
         long_job = asyncio.create_task(engine.synthesize("qwen3-0.6b", req("long", long_text)))
         while backend.generate_calls == 0:  # the long batch is generating
+            if long_job.done():
+                long_job.result()  # it failed before generating: show why
             await asyncio.sleep(0.01)
         short = await asyncio.wait_for(engine.synthesize("qwen3-0.6b", req("short", "Hi there.")), 120)
         assert not long_job.done(), "the short job waited for the long batch"
