@@ -360,7 +360,12 @@ async def _apply_audio_stored(event: AudioStored, *, jobs: JobRepository, cache:
                     synthesis_ms=event.synthesis_ms)
     await bus.publish(JobReady(job_id=event.job_id, account_id=row["account_id"], voice_id=row["voice_id"],
                                backend=row["backend"], characters=row["characters"], audio_key=event.key,
-                               expires_at=event.expires_at, hold_id=row.get("hold_id")),
+                               expires_at=event.expires_at, hold_id=row.get("hold_id"),
+                               cache_key=row.get("cache_key"), lang=row.get("lang"),
+                               response_format=row.get("response_format"), created_at=row.get("created_at"),
+                               completed_at=row.get("completed_at"), synthesis_ms=event.synthesis_ms,
+                               audio_seconds=event.audio_seconds,
+                               has_words=event.words is not None or row.get("words") is not None),
                       message_id=f"job.ready:{event.job_id}")
     return transitioned
 

@@ -209,6 +209,16 @@ class JobReady(Event):
     audio_key: str
     expires_at: datetime | None = None
     hold_id: str | None = None
+    # What a gateway's read models need to answer a cache hit, a poll and a download without asking (all
+    # optional: an older dispatcher's event still decodes, and a gateway then asks as before).
+    cache_key: str | None = None
+    lang: str | None = None
+    response_format: str | None = None
+    created_at: datetime | None = None
+    completed_at: datetime | None = None
+    synthesis_ms: int | None = None
+    audio_seconds: float | None = None
+    has_words: bool = False
 
 
 class JobFailed(Event):
