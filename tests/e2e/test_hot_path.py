@@ -50,6 +50,10 @@ def test_hit_poll_and_download_are_answered_without_the_dispatcher(client):
     key = client.new_key()
     text = f"The hot path answers alone, take {uuid.uuid4().hex[:8]}."
     job = _ready(client, key, JOE.voice_id, text)
+    # The job's timings: queued, synthesizing, storing, within its time from creation to ready.
+    timings = job["timings"]
+    assert timings["synthesis_ms"] == job["synthesis_ms"] and timings["total_ms"] > 0
+    assert timings["queued_ms"] + timings["synthesis_ms"] + timings["stored_ms"] <= timings["total_ms"] + 5
     # The job.ready event reaches the gateway's read models shortly after the job is ready.
     _poll("hit served by the gateway", lambda: _served_by_gateway(client, key, JOE.voice_id, text))
     before = _dispatcher_hits(client)

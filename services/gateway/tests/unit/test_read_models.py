@@ -96,6 +96,8 @@ def test_what_it_cannot_answer_is_left_to_the_services() -> None:
     # A job with word timestamps takes over its cache key at the dispatcher: the older entry goes here.
     asyncio.run(models.on_event(_ready("job-2w", key="k2", has_words=True)))
     assert models.cached(ACCOUNT, "k2", NOW) is None
+    models.forget_cache_key(ACCOUNT, "k1")
+    assert models.cached(ACCOUNT, "k1", NOW) is None and models.ready_job(ACCOUNT, "job-1", NOW) is None
     models.clear()
     assert models.ready_job(ACCOUNT, "job-2", NOW) is None and models.voice(OTHER, SYSTEM_VOICES[0].voice_id)
 

@@ -85,6 +85,9 @@ class JobView(Reply):
     content_type: str | None = None
     # Word timestamps ({"word", "start", "end"}, seconds) when they were asked for and the language has them.
     words: list[dict[str, Any]] | None = None
+    # When the worker announced the audio, and when storage had stored it (ready jobs).
+    synthesized_at: datetime | None = None
+    stored_at: datetime | None = None
 
 
 class FetchJobAudio(Command):
@@ -219,6 +222,8 @@ class JobReady(Event):
     synthesis_ms: int | None = None
     audio_seconds: float | None = None
     has_words: bool = False
+    synthesized_at: datetime | None = None
+    stored_at: datetime | None = None
 
 
 class JobFailed(Event):

@@ -48,6 +48,8 @@ class ReadyJob:
     synthesis_ms: int | None
     audio_seconds: float | None
     cache_key: str | None
+    synthesized_at: datetime | None = None
+    stored_at: datetime | None = None
 
     def live(self, now: datetime) -> bool:
         return self.expires_at is None or self.expires_at > now
@@ -119,7 +121,8 @@ class ReadModels:
                        backend=event.backend, lang=event.lang, characters=event.characters,
                        response_format=event.response_format, audio_key=event.audio_key,
                        created_at=event.created_at, completed_at=event.completed_at, expires_at=event.expires_at,
-                       synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds, cache_key=event.cache_key)
+                       synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds, cache_key=event.cache_key,
+                       synthesized_at=event.synthesized_at, stored_at=event.stored_at)
         self._jobs[job.job_id] = job
         self._by_audio_key[job.audio_key] = job.job_id
         if job.cache_key is not None:
@@ -159,6 +162,12 @@ class ReadModels:
         for voice in [v for v in self._voices.values() if v.account_id == account_id]:
             self._voices.pop(voice.voice_id, None)
             self._deleted_voices.add(voice.voice_id)
+
+    def forget_cache_key(self, account_id: str, cache_key: str) -> None:
+        """The dispatcher answered a miss for this key: the entry known here is no longer its cache entry."""
+        job_id = self._cache.pop((account_id, cache_key), None)
+        if job_id is not None:
+            self._drop_job(job_id)
 
     def clear(self) -> None:
         """Forget everything learned from events (the subscription was lost: events may have been missed)."""

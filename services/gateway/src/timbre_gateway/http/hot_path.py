@@ -94,7 +94,8 @@ async def job_view(ctx: Any, caller: Any, job_id: str) -> dict[str, Any] | None:
     return {"job_id": job.job_id, "status": "ready", "voice_id": job.voice_id, "backend": job.backend,
             "lang": job.lang, "characters": job.characters, "response_format": job.response_format,
             "created_at": job.created_at, "completed_at": job.completed_at, "audio_url": url,
-            "expires_at": job.expires_at, "synthesis_ms": job.synthesis_ms, "audio_seconds": job.audio_seconds}
+            "expires_at": job.expires_at, "synthesis_ms": job.synthesis_ms, "audio_seconds": job.audio_seconds,
+            "synthesized_at": job.synthesized_at, "stored_at": job.stored_at}
 
 
 async def job_audio(ctx: Any, caller: Any, job_id: str) -> Response | None:

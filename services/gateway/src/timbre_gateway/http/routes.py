@@ -58,6 +58,7 @@ from .schemas import (
     UploadOut,
     VoiceOut,
     VoiceSummary,
+    job_timings,
 )
 
 log = get_logger(__name__)
@@ -476,6 +477,10 @@ async def submit_synthesis(ctx, caller, body: SynthesizeRequest, *,  # type: ign
         if accepted.expires_at:
             headers["X-Expires-At"] = accepted.expires_at.isoformat()
         return accepted, audio, headers
+    if (models := getattr(ctx, "read_models", None)) is not None:
+        # A miss (or a request for word timestamps) makes a new job for this key: what this instance knew of the
+        # key answers no more; job.ready teaches it the new one.
+        models.forget_cache_key(caller.account_id, accepted.cache_key)
     if webhook_id is not None and accepted.job_id:
         await ctx.webhooks.attach_job(accepted.job_id, webhook_id, caller.account_id)
     headers |= {"X-Cache": "MISS", "X-Synthesis-Time-Ms": "-1", "Location": f"/v1/jobs/{accepted.job_id}"}
@@ -488,10 +493,11 @@ async def submit_synthesis(ctx, caller, body: SynthesizeRequest, *,  # type: ign
 async def get_job(ctx: Ctx, caller: CallerDep, job_id: str) -> JobOut:
     from . import hot_path
 
-    if (known := await hot_path.job_view(ctx, caller, job_id)) is not None:
-        return JobOut.model_validate(known)
-    view, _ = await ctx.bus.call("dispatcher", GetJob(account_id=caller.account_id, job_id=job_id), expect=JobView)
-    return JobOut.model_validate(view.model_dump())
+    if (known := await hot_path.job_view(ctx, caller, job_id)) is None:
+        view, _ = await ctx.bus.call("dispatcher", GetJob(account_id=caller.account_id, job_id=job_id),
+                                     expect=JobView)
+        known = view.model_dump()
+    return JobOut.model_validate({**known, "timings": job_timings(known)})
 
 
 @router.get("/jobs/{job_id}/audio", tags=["synthesis"], summary="Download a ready job's audio",
