@@ -58,6 +58,7 @@ bench: install
 	$(PY) bench/tts_quality.py qwen3-0.6b
 	$(PY) bench/downloads.py
 	$(PY) bench/stream_latency.py
+	$(PY) bench/load.py
 
 # Fault injection under load (tests/chaos/chaos.py) on a private RabbitMQ node and PostgreSQL cluster:
 # every service SIGKILLed and restarted, broker connections dropped, broker and database restarted.

@@ -174,6 +174,20 @@ def test_core_flow_on_s3(s3_client, moto, wavs):
     assert client.http.get(job["audio_url"]).content == audio.content
     hit = client.http.post("/v1/synthesize", json={"voice_id": voice_id, "text": text}, headers=client.auth(key))
     assert hit.status_code == 200 and hit.headers["X-Cache"] == "HIT" and hit.content == audio.content
+
+    # The gateway reads the hit from the bucket itself (GetObject with storage's credentials, read-only): once
+    # job.ready has reached it, a hit leaves the dispatcher's cache-lookup counter where it was.
+    def dispatcher_hits() -> float:
+        return sum(v for (name, labels), v in client.scrape("dispatcher").items()
+                   if name == "timbre_synthesis_cache_lookups_total" and dict(labels).get("result") == "hit")
+
+    def served_by_gateway() -> bool:
+        before = dispatcher_hits()
+        again = client.http.post("/v1/synthesize", json={"voice_id": voice_id, "text": text},
+                                 headers=client.auth(key))
+        return again.status_code == 200 and again.content == audio.content and dispatcher_hits() == before
+
+    _poll("a hit read from the bucket by the gateway", served_by_gateway)
     # Uploads: a generic one (30 days) and a voice-clone one (a day, unless a voice is made from it), each with a
     # working presigned URL.
     data = wavs.valid_wav(6.0)

@@ -17,16 +17,19 @@ from timbre_common.contracts.voices import VoiceDeleted
 from timbre_common.contracts.webhooks import WebhookDeliveryDue
 from timbre_common.db import create_pool, migrate
 from timbre_common.logging import get_logger
-from timbre_common.messaging import QUEUES, Bus, OutboxBus, PgDeduper, TransactionalPool
+from timbre_common.messaging import QUEUES, Bus, OutboxBus, PgDeduper, TransactionalPool, voice_profile_routing_key
 from timbre_common.metrics import poll_queues_forever
 from timbre_common.redrive import consumer_queues
 from timbre_common.runtime import HttpServer
 
 from . import handlers
 from .adapters.backends import BackendRegistry
+from .adapters.bucket import BucketReader
+from .adapters.bucket_factory import bucket_reader
 from .adapters.dependencies import DependencyProbe
 from .adapters.idempotency import IdempotencyStore
 from .adapters.limits import RedisLimiter
+from .adapters.read_models import READ_MODEL_EVENTS, ReadModels
 from .adapters.repository import AccountRepository
 from .adapters.sealing import CheckoutKeySealer
 from .adapters.stream_relay import StreamRelay, StreamTimeouts
@@ -61,6 +64,10 @@ class GatewayContext:
     webhooks: WebhookRepository | None = None
     # This instance's relay of streamed audio (None in tests that stream nothing).
     streams: StreamRelay | None = None
+    # The hot path (http/hot_path.py): read models fed by events, and a read-only reader of the bucket; either
+    # None and every answer comes from the services.
+    read_models: ReadModels | None = None
+    bucket: BucketReader | None = None
 
 
 class GatewayService:
@@ -92,6 +99,16 @@ class GatewayService:
             AccountKeysRestored: partial(handlers.on_keys_restored, **deps),
         }, deduper=deduper)
         await ctx.bus.subscribe([WorkerHeartbeat], ctx.backends.on_heartbeat)
+        if ctx.read_models is not None:
+            # This instance's own fan-out queue: every gateway keeps its own read models.
+            await ctx.bus.subscribe(READ_MODEL_EVENTS, ctx.read_models.on_event,
+                                    routing_keys=(voice_profile_routing_key("*"),))
+            # Events may have been missed while the connection was down: forget what they would have invalidated.
+            models = ctx.read_models
+            for name in ("close_callbacks", "reconnect_callbacks"):
+                callbacks = getattr(ctx.bus.connection, name, None)
+                if callbacks is not None:
+                    callbacks.add(lambda *_: models.clear())
         if ctx.streams is not None:
             await ctx.streams.start()
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
@@ -156,6 +173,8 @@ class GatewayService:
         if self.ctx.outbox is not None:
             await self.ctx.outbox.stop()
         await self.ctx.bus.close()
+        if self.ctx.bucket is not None:
+            await self.ctx.bucket.close()
         if self._webhook_sender is not None:
             await self._webhook_sender.close()
         if self.ctx.redis is not None:
@@ -185,7 +204,10 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
                           webhooks=WebhookRepository(pool),
                           streams=StreamRelay(bus, timeouts=StreamTimeouts(
                               start_s=settings.stream_start_timeout_s, idle_s=settings.stream_idle_timeout_s,
-                              gap_s=settings.stream_gap_timeout_s)))
+                              gap_s=settings.stream_gap_timeout_s)),
+                          read_models=ReadModels(max_entries=settings.read_model_max_entries)
+                          if settings.read_models else None,
+                          bucket=bucket_reader(settings) if settings.read_models else None)
 
 
 async def build(settings: GatewaySettings | None = None) -> GatewayService:

@@ -59,6 +59,26 @@ class GatewaySettings(CommonSettings):
     stream_idle_timeout_s: float = Field(default=20.0, gt=0)
     stream_gap_timeout_s: float = Field(default=3.0, gt=0)
 
+    # The hot path: cache hits, polls and downloads answered from read models fed by events and from the bucket
+    # (read-only), falling back to the services whenever these do not know (READ_MODELS=false: always ask).
+    read_models: bool = True
+    read_model_max_entries: int = Field(default=100_000, gt=0)
+    # The bucket storage writes to, read here with storage's own settings (STORAGE_BACKEND, STORAGE_ROOT, S3_*,
+    # R2_*).
+    storage_backend: str = "fs"
+    storage_root: str = "./var/blobs"
+    storage_public_url: str = "http://127.0.0.1:8001"
+    storage_signing_key: SecretStr | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_bucket: str | None = None
+    r2_account_id: str | None = None
+    r2_access_key_id: str | None = None
+    r2_secret_access_key: SecretStr | None = None
+    r2_bucket_name: str | None = None
+
     def checkout_sealing_secret(self) -> str:
         """The secret checkout keys are sealed with: CHECKOUT_KEY_SECRET, else ADMIN_SECRET (HKDF separates the
         uses); empty only in development without either."""

@@ -127,7 +127,8 @@ async def on_synthesis_completed(event: SynthesisCompleted, *, envelope: Envelop
         # while another attempt's late completion is announced, so the dispatcher can release audio nobody owns.
         await bus.publish(c.AudioStored(job_id=event.job_id, account_id=event.account_id, key=obj.key,
                                         size=obj.size, expires_at=obj.expires_at, synthesis_ms=event.synthesis_ms,
-                                        audio_seconds=event.audio_seconds, words=event.details.get("words")),
+                                        audio_seconds=event.audio_seconds, words=event.details.get("words"),
+                                        synthesized_at=envelope.occurred_at, stored_at=utcnow()),
                           message_id=f"audio.stored:{event.job_id}:{envelope.message_id}")
 
 

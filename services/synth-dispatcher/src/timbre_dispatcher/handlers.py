@@ -214,7 +214,8 @@ async def _view(row: Any, *, bus: MessageBus, with_url: bool = True) -> JobView:
                    response_format=row["response_format"], created_at=row["created_at"],
                    completed_at=row["completed_at"], audio_url=audio_url, expires_at=row["audio_expires_at"],
                    error=row["error"], error_code=row["error_code"], synthesis_ms=row["synthesis_ms"],
-                   audio_seconds=row["audio_seconds"], words=row.get("words"))
+                   audio_seconds=row["audio_seconds"], words=row.get("words"),
+                   synthesized_at=row.get("synthesized_at"), stored_at=row.get("stored_at"))
 
 
 async def _self_heal(row: Any, *, expired: bool, jobs: JobRepository, cache: CacheIndex, bus: MessageBus) -> None:
@@ -332,7 +333,9 @@ async def _apply_audio_stored(event: AudioStored, *, jobs: JobRepository, cache:
                               bus: MessageBus) -> bool | None:
     """True: the job became ready now; False: re-announced; None: nothing to announce."""
     row = await jobs.mark_ready(event.job_id, audio_key=event.key, expires_at=event.expires_at,
-                                synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds)
+                                synthesis_ms=event.synthesis_ms, audio_seconds=event.audio_seconds,
+                                **({"synthesized_at": event.synthesized_at, "stored_at": event.stored_at}
+                                   if event.stored_at is not None else {}))
     transitioned = row is not None
     if row is not None:
         _job_finished(row, "ready")
@@ -360,7 +363,13 @@ async def _apply_audio_stored(event: AudioStored, *, jobs: JobRepository, cache:
                     synthesis_ms=event.synthesis_ms)
     await bus.publish(JobReady(job_id=event.job_id, account_id=row["account_id"], voice_id=row["voice_id"],
                                backend=row["backend"], characters=row["characters"], audio_key=event.key,
-                               expires_at=event.expires_at, hold_id=row.get("hold_id")),
+                               expires_at=event.expires_at, hold_id=row.get("hold_id"),
+                               cache_key=row.get("cache_key"), lang=row.get("lang"),
+                               response_format=row.get("response_format"), created_at=row.get("created_at"),
+                               completed_at=row.get("completed_at"), synthesis_ms=event.synthesis_ms,
+                               audio_seconds=event.audio_seconds,
+                               has_words=event.words is not None or row.get("words") is not None,
+                               synthesized_at=row.get("synthesized_at"), stored_at=row.get("stored_at")),
                       message_id=f"job.ready:{event.job_id}")
     return transitioned
 

@@ -109,6 +109,9 @@ class AudioStored(Event):
     audio_seconds: float | None = None
     # The synthesis's word timestamps, passed on from synthesis.completed for the job to keep.
     words: list[dict[str, Any]] | None = None
+    # When the worker announced the audio (synthesis.completed) and when storage had stored it.
+    synthesized_at: datetime | None = None
+    stored_at: datetime | None = None
 
 
 class ObjectsExpired(Event):

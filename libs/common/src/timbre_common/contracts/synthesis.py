@@ -85,6 +85,9 @@ class JobView(Reply):
     content_type: str | None = None
     # Word timestamps ({"word", "start", "end"}, seconds) when they were asked for and the language has them.
     words: list[dict[str, Any]] | None = None
+    # When the worker announced the audio, and when storage had stored it (ready jobs).
+    synthesized_at: datetime | None = None
+    stored_at: datetime | None = None
 
 
 class FetchJobAudio(Command):
@@ -209,6 +212,18 @@ class JobReady(Event):
     audio_key: str
     expires_at: datetime | None = None
     hold_id: str | None = None
+    # What a gateway's read models need to answer a cache hit, a poll and a download without asking (all
+    # optional: an older dispatcher's event still decodes, and a gateway then asks as before).
+    cache_key: str | None = None
+    lang: str | None = None
+    response_format: str | None = None
+    created_at: datetime | None = None
+    completed_at: datetime | None = None
+    synthesis_ms: int | None = None
+    audio_seconds: float | None = None
+    has_words: bool = False
+    synthesized_at: datetime | None = None
+    stored_at: datetime | None = None
 
 
 class JobFailed(Event):

@@ -144,13 +144,15 @@ class Bus:
         self._servers.append(server)
         return server
 
-    async def subscribe(self, event_types: list[type[Event]], handler: Handler) -> None:
-        """Fan-out for live state (heartbeats): a private queue that dies with the connection, no retries."""
+    async def subscribe(self, event_types: list[type[Event]], handler: Handler,
+                        routing_keys: tuple[str, ...] = ()) -> None:
+        """Fan-out for live state (heartbeats, read models): a private queue that dies with the connection, no
+        retries. `routing_keys` adds bindings (topic patterns) for events routed under keys of their own."""
         assert self.connection is not None, "Bus.connect() first"
         channel = await self.connection.channel(publisher_confirms=False)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True, arguments={"x-message-ttl": 60_000})
-        for cls in event_types:
-            await queue.bind(self.names.events, routing_key=cls.routing_key())
+        for routing_key in (*(cls.routing_key() for cls in event_types), *routing_keys):
+            await queue.bind(self.names.events, routing_key=routing_key)
 
         async def on_message(incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
             try:

@@ -58,6 +58,7 @@ from .schemas import (
     UploadOut,
     VoiceOut,
     VoiceSummary,
+    job_timings,
 )
 
 log = get_logger(__name__)
@@ -307,6 +308,8 @@ async def get_voice(ctx: Ctx, caller: CallerDep, voice_id: str) -> VoiceOut:
                                                                            404: ["voice_not_found"]}))
 async def delete_voice(ctx: Ctx, caller: CallerDep, voice_id: str) -> Response:
     await ctx.bus.call("voices", DeleteVoice(account_id=caller.account_id, voice_id=voice_id))
+    if (models := getattr(ctx, "read_models", None)) is not None:
+        models.voice_deleted(voice_id)  # here at once; other instances by voice.deleted
     # Done now so the client sees no job of the voice after the 204; the voice.deleted event repeats it.
     await ctx.bus.call("dispatcher", PurgeVoiceJobs(account_id=caller.account_id, voice_id=voice_id))
     if ctx.idempotency is not None:
@@ -389,6 +392,12 @@ async def _release_hold(ctx, account_id: str, hold_id: str | None) -> None:  # t
 
 
 async def _synthesize(ctx, caller, body: SynthesizeRequest) -> Response:  # type: ignore[no-untyped-def]
+    from . import hot_path  # hot_path imports this module
+
+    fast = await hot_path.cache_hit(ctx, caller, body)
+    if fast is not None:
+        return about(fast, ReplayRef(voice_id=fast.headers["X-Voice-Id"], job_id=fast.headers["X-Job-Id"],
+                                     audio_format=body.response_format))
     accepted, audio, headers = await submit_synthesis(ctx, caller, body)
     voice_id = headers["X-Voice-Id"]
     if accepted.cache_hit:
@@ -468,6 +477,10 @@ async def submit_synthesis(ctx, caller, body: SynthesizeRequest, *,  # type: ign
         if accepted.expires_at:
             headers["X-Expires-At"] = accepted.expires_at.isoformat()
         return accepted, audio, headers
+    if (models := getattr(ctx, "read_models", None)) is not None:
+        # A miss (or a request for word timestamps) makes a new job for this key: what this instance knew of the
+        # key answers no more; job.ready teaches it the new one.
+        models.forget_cache_key(caller.account_id, accepted.cache_key)
     if webhook_id is not None and accepted.job_id:
         await ctx.webhooks.attach_job(accepted.job_id, webhook_id, caller.account_id)
     headers |= {"X-Cache": "MISS", "X-Synthesis-Time-Ms": "-1", "Location": f"/v1/jobs/{accepted.job_id}"}
@@ -478,8 +491,13 @@ async def submit_synthesis(ctx, caller, body: SynthesizeRequest, *,  # type: ign
             summary="Poll a synthesis job",
             responses=error_responses(401, 404, 429, 503, codes={404: ["job_not_found"]}))
 async def get_job(ctx: Ctx, caller: CallerDep, job_id: str) -> JobOut:
-    view, _ = await ctx.bus.call("dispatcher", GetJob(account_id=caller.account_id, job_id=job_id), expect=JobView)
-    return JobOut.model_validate(view.model_dump())
+    from . import hot_path
+
+    if (known := await hot_path.job_view(ctx, caller, job_id)) is None:
+        view, _ = await ctx.bus.call("dispatcher", GetJob(account_id=caller.account_id, job_id=job_id),
+                                     expect=JobView)
+        known = view.model_dump()
+    return JobOut.model_validate({**known, "timings": job_timings(known)})
 
 
 @router.get("/jobs/{job_id}/audio", tags=["synthesis"], summary="Download a ready job's audio",
@@ -492,6 +510,11 @@ async def get_job(ctx: Ctx, caller: CallerDep, job_id: str) -> JobOut:
                                          codes={404: ["job_not_found", "job_not_ready"], 410: ["audio_expired"],
                                                 500: ["audio_missing"]})})
 async def get_job_audio(ctx: Ctx, caller: CallerDep, job_id: str) -> Response:
+    from . import hot_path
+
+    fast = await hot_path.job_audio(ctx, caller, job_id)
+    if fast is not None:
+        return fast
     view, audio = await ctx.bus.call("dispatcher", FetchJobAudio(account_id=caller.account_id, job_id=job_id),
                                      expect=JobView)
     headers = {"X-Job-Id": view.job_id, "X-Voice-Id": view.voice_id, "X-Backend": view.backend}
@@ -616,6 +639,8 @@ async def _purge(ctx, account_id: str) -> PurgeOut:  # type: ignore[no-untyped-d
     async with outbox.transaction():
         purge_id = await ctx.accounts.start_purge(account_id)
         await outbox.publish(AccountPurgeRequested(account_id=account_id, purge_id=purge_id))
+    if (models := getattr(ctx, "read_models", None)) is not None:
+        models.forget_account(account_id)  # here at once; other instances by account.purge_requested
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ctx.settings.purge_wait_s
     row = await ctx.accounts.get_purge(purge_id)

@@ -121,6 +121,30 @@ class Word(BaseModel):
     end: float
 
 
+class JobTimings(BaseModel):
+    """Where a ready job's time went, in milliseconds (from created_at to completed_at)."""
+
+    queued_ms: int = Field(description="Waiting for a worker: from creation until the synthesis began")
+    synthesis_ms: int = Field(description="The worker synthesizing")
+    stored_ms: int = Field(description="From the worker's result until storage had stored the audio")
+    total_ms: int = Field(description="From creation until the job was ready")
+
+
+def job_timings(job: dict) -> JobTimings | None:
+    """A ready job's timings from its timestamps and the worker's own synthesis time; None when not recorded."""
+    created, synthesized, stored, completed = (job.get(k) for k in ("created_at", "synthesized_at", "stored_at",
+                                                                    "completed_at"))
+    if None in (created, synthesized, stored, completed) or job.get("synthesis_ms") is None:
+        return None
+
+    def ms(a: datetime, b: datetime) -> int:
+        return max(0, round((b - a).total_seconds() * 1000))
+
+    synthesis = int(job["synthesis_ms"])
+    return JobTimings(queued_ms=max(0, ms(created, synthesized) - synthesis), synthesis_ms=synthesis,
+                      stored_ms=ms(synthesized, stored), total_ms=ms(created, completed))
+
+
 class JobOut(BaseModel):
     job_id: str
     status: Literal["pending", "ready", "failed"]
@@ -137,6 +161,7 @@ class JobOut(BaseModel):
     error_code: str | None = None
     synthesis_ms: int | None = None
     audio_seconds: float | None = None
+    timings: JobTimings | None = Field(default=None, description="Where a ready job's time went")
     words: list[Word] | None = Field(default=None, description="Word timestamps, when asked for "
                                      "(`timestamps: true`); an empty list for a language that has none")
 

@@ -53,12 +53,15 @@ class JobRepository:
             "AND status = 'pending' ORDER BY created_at LIMIT 1", account_id, cache_key, response_format)
 
     async def mark_ready(self, job_id: str, *, audio_key: str, expires_at: datetime | None,
-                         synthesis_ms: int | None, audio_seconds: float | None) -> asyncpg.Record | None:
+                         synthesis_ms: int | None, audio_seconds: float | None,
+                         synthesized_at: datetime | None = None,
+                         stored_at: datetime | None = None) -> asyncpg.Record | None:
         """First terminal transition wins: only a pending job becomes ready."""
         return await self.pool.fetchrow(
             "UPDATE jobs SET status = 'ready', audio_key = $2, audio_expires_at = $3, synthesis_ms = $4, "
-            "audio_seconds = $5, completed_at = now() WHERE job_id = $1 AND status = 'pending' "
-            "AND completed_at IS NULL RETURNING *", job_id, audio_key, expires_at, synthesis_ms, audio_seconds)
+            "audio_seconds = $5, synthesized_at = $6, stored_at = $7, completed_at = now() "
+            "WHERE job_id = $1 AND status = 'pending' AND completed_at IS NULL RETURNING *",
+            job_id, audio_key, expires_at, synthesis_ms, audio_seconds, synthesized_at, stored_at)
 
     async def mark_failed(self, job_id: str, *, code: str, reason: str,
                           from_status: tuple[str, ...] = (PENDING,)) -> asyncpg.Record | None:
