@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -120,7 +121,10 @@ class HttpServer:
         config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
                                 server_header=False, timeout_graceful_shutdown=max(1, int(shutdown_timeout_s() / 2)))
         self._server = uvicorn.Server(config)
+        # The process's own handlers stay in charge: uvicorn would take SIGTERM over while it serves and raise it
+        # again once it stopped, which the process would take for a second signal and exit mid-shutdown.
         self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

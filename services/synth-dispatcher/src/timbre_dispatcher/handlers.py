@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from timbre_common import metrics
+from timbre_common.catalogue import expected_synthesis_seconds
 from timbre_common.contracts import Envelope
 from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested
 from timbre_common.contracts.storage import (
@@ -71,8 +72,17 @@ class JobPolicy:
     max_pending_per_account: int | None = None
 
     def deadline_for(self, backend: str, characters: int) -> float:
-        """Seconds an attempt of a job of this length on this backend may take before it is sent again."""
-        return max(self.deadline_s, characters * self.deadline_per_char_s.get(backend, 0.0))
+        """Seconds an attempt of a job of this length on this backend may take before it is sent again.
+
+        Never less than the time the worker's batch and a Modal call are given for the same text (the one
+        figure of `catalogue.expected_synthesis_seconds`), plus a minute for queueing and delivery: an attempt
+        still within its time is never sent twice."""
+        return max(self.deadline_s, characters * self.deadline_per_char_s.get(backend, 0.0),
+                   expected_synthesis_seconds(backend, characters) + DELIVERY_SLACK_S)
+
+
+# Beyond the synthesis itself: waiting in the work queue, storing, announcing.
+DELIVERY_SLACK_S = 60.0
 
 
 class WorkQueueFull(RpcError):

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from timbre_common.catalogue import expected_synthesis_seconds
 from timbre_common.contracts.storage import ObjectsReleased
 from timbre_common.contracts.synthesis import (
     FetchJobAudio,
@@ -74,7 +75,10 @@ async def test_a_refused_work_order_fails_its_job_and_tells_the_client_503() -> 
 def test_a_jobs_deadline_grows_with_its_text_above_a_floor() -> None:
     policy = handlers.JobPolicy(deadline_s=300.0, deadline_per_char_s={"qwen3-0.6b": 0.2})
     assert policy.deadline_for("qwen3-0.6b", 10) == 300.0
-    assert policy.deadline_for("qwen3-0.6b", 5000) == pytest.approx(1000.0)
+    # Never below the time the worker and a Modal call are given for the same text, plus delivery.
+    assert policy.deadline_for("qwen3-0.6b", 5000) == pytest.approx(
+        max(1000.0, expected_synthesis_seconds("qwen3-0.6b", 5000) + handlers.DELIVERY_SLACK_S))
+    assert policy.deadline_for("qwen3-0.6b", 5000) > expected_synthesis_seconds("qwen3-0.6b", 5000)
     assert policy.deadline_for("embedded", 5000) == 300.0  # no rate: the floor
 
 
@@ -87,7 +91,7 @@ async def test_a_long_job_is_not_sent_again_while_its_first_attempt_may_still_ru
     attempts = {o.job_id: o.attempt for o in w.orders() if o.attempt > 1}
     assert attempts == {short.job_id: 2}
     assert w.jobs.rows[long.job_id]["attempts"] == 1
-    w.clock.advance(700)
+    w.clock.advance(w.policy.deadline_for(BACKEND, 5000) - 301 + 1)
     await handlers.sweep_overdue(jobs=w.jobs, bus=w.bus, policy=w.policy)
     assert w.jobs.rows[long.job_id]["attempts"] == 2
 
