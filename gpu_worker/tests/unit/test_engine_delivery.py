@@ -110,6 +110,7 @@ _QWEN = importlib.util.find_spec("qwen_tts") is not None and importlib.util.find
 
 
 @pytest.mark.skipif(not _QWEN, reason="the qwen stack is installed from requirements/qwen*.txt")
+@pytest.mark.timeout(480)  # a stuck generation fails the test instead of holding the suite
 async def test_short_job_finishes_while_a_long_one_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
     import io
 
@@ -135,9 +136,11 @@ async def test_short_job_finishes_while_a_long_one_runs(tmp_path_factory: pytest
     long_text = "A long passage that keeps the model busy for many codec frames, well past the short one."
     try:
         long_job = asyncio.create_task(engine.synthesize("qwen3-0.6b", req("long", long_text)))
+        started = asyncio.get_running_loop().time()
         while backend.generate_calls == 0:  # the long batch is generating
             if long_job.done():
                 long_job.result()  # it failed before generating: show why
+            assert asyncio.get_running_loop().time() - started < 120, "the long job never started generating"
             await asyncio.sleep(0.01)
         short = await asyncio.wait_for(engine.synthesize("qwen3-0.6b", req("short", "Hi there.")), 120)
         assert not long_job.done(), "the short job waited for the long batch"
