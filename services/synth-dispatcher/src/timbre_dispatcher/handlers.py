@@ -157,9 +157,11 @@ async def submit(cmd: SubmitSynthesis, *, envelope: Envelope, jobs: JobRepositor
     if entry is not None:
         started = time.perf_counter()
         try:
-            # In the format asked for: storage encodes a format once per job and keeps it.
+            # In the format asked for: storage encodes a format once per job and keeps it. A streamed hit is cut
+            # into pieces from the WAV by the gateway, whatever format it then encodes them in.
+            fmt = "wav" if cmd.stream_to else cmd.response_format
             stored, audio = await bus.call("storage", GetRendition(account_id=cmd.account_id, key=entry["audio_key"],
-                                                                   format=cmd.response_format),
+                                                                   format=fmt),
                                            expect=StoredObject)
         except RemoteError as exc:
             if exc.code not in _GONE:

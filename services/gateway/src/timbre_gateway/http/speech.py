@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import Response
 
-from timbre_common.contracts.synthesis import FetchJobAudio, GetJob, JobView
+from timbre_common.contracts.synthesis import GetJob, JobView
 
 from ..adapters.stream_relay import StreamBroken
 from .errors import ApiError
@@ -44,12 +44,7 @@ async def streamed_synthesis(ctx: Any, caller: Any, body: SynthesizeRequest, *, 
     fmt = body.response_format
     if accepted.cache_hit:
         stream.close()
-        if fmt != "wav":
-            # The cache answers in the format asked for (storage's kept rendition); a stream is cut and
-            # re-encoded from the WAV.
-            _, audio = await ctx.bus.call("dispatcher", FetchJobAudio(account_id=caller.account_id,
-                                                                      job_id=accepted.job_id or "",
-                                                                      response_format="wav"), expect=JobView)
+        # A streamed request's hit comes back as the WAV, to be cut into pieces and encoded as they go.
         rate, pieces = await asyncio.to_thread(stored_pieces, audio or b"", speed)
         words = None
         if sse and body.timestamps:
