@@ -19,8 +19,3 @@ def hash_api_key(key: str) -> str:
 def looks_like_key(value: str) -> bool:
     return value.startswith(KEY_PREFIX) and 20 <= len(value) <= 128 and value.isascii()
 
-
-def cache_key(voice_id: str, text: str, lang: str, backend: str) -> str:
-    """The dispatcher's cache key of a synthesis (sha256 of voice, text, language and backend, null-separated):
-    what the gateway's cache index is keyed by."""
-    return hashlib.sha256("\x00".join((voice_id, text, lang, backend)).encode()).hexdigest()

@@ -8,12 +8,11 @@ from pathlib import Path
 from timbre_common.catalogue import SYSTEM_VOICES
 from timbre_common.contracts.accounts import AccountPurgeRequested
 from timbre_common.contracts.storage import ObjectsExpired
-from timbre_common.contracts.synthesis import JobFailed, JobReady
+from timbre_common.contracts.synthesis import JobFailed, JobReady, cache_key
 from timbre_common.contracts.voices import VoiceDeleted, VoiceRegistered
 from timbre_dispatcher.domain import cache_key as dispatcher_cache_key
 from timbre_gateway.adapters.bucket import FsBucketReader, rendition_key
 from timbre_gateway.adapters.read_models import ReadModels
-from timbre_gateway.domain import cache_key
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 ACCOUNT, OTHER = "acct-1", "acct-2"

@@ -1,6 +1,7 @@
 """Synthesis jobs: submission, the work order to GPU workers, and job outcomes."""
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -21,6 +22,12 @@ class VoiceSnapshot(Reply):
     ref_text: str | None = None
     system_voice: str | None = None
     profile: dict[str, Any] | None = None
+
+
+def cache_key(voice_id: str, text: str, lang: str, backend: str) -> str:
+    """The synthesis cache key, sha256(voice_id \\0 text \\0 lang \\0 backend): the dispatcher's cache index and
+    the gateway's read model of it are keyed by it, so both compute it here."""
+    return hashlib.sha256("\x00".join((voice_id, text, lang, backend)).encode()).hexdigest()
 
 
 class SubmitSynthesis(Command):

@@ -13,11 +13,11 @@ from typing import Any
 from fastapi import Response
 
 from timbre_common import metrics
+from timbre_common.contracts.synthesis import cache_key
 from timbre_common.logging import get_logger
 
 from ..adapters.bucket import rendition_key
 from ..adapters.read_models import ReadyJob
-from ..domain import cache_key
 from .errors import ApiError
 
 log = get_logger(__name__)
