@@ -43,6 +43,7 @@ class Engine:
         self.short_lane_chars = short_lane_chars
         self._queues: dict[tuple[str, str], asyncio.Queue[_Pending]] = {}
         self._loops: list[asyncio.Task[None]] = []
+        self._closing = False
         self.batches_run = 0
 
     @property
@@ -89,7 +90,9 @@ class Engine:
 
     async def _batch_loop(self, name: str, queue: asyncio.Queue[_Pending]) -> None:
         backend = self.backends[name]
-        while True:
+        # Python 3.11's wait_for returns the result and drops a cancellation that arrives as its inner call
+        # completes, so close() also raises this flag: a loop that missed its cancel stops at the next batch.
+        while not self._closing:
             batch = [await queue.get()]
             # A streamed job's listener is waiting for its first audio: it takes what is queued already but
             # waits for no one else.
@@ -158,9 +161,12 @@ class Engine:
             resolve(i, result)
 
     async def close(self) -> None:
+        self._closing = True
         for task in self._loops:
-            task.cancel()
-        for task in self._loops:
+            # Cancel until it takes: one cancel can be swallowed by a wait_for whose call ends at that moment.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 

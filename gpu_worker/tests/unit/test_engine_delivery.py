@@ -82,6 +82,24 @@ async def test_an_overrunning_batch_fails_only_the_jobs_it_has_not_delivered() -
         await engine.close()
 
 
+async def test_close_stops_a_loop_that_missed_its_cancel() -> None:
+    """Python 3.11's wait_for drops a cancel that lands as its inner call ends; close() must not hang on it."""
+    engine = Engine({})
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # as wait_for does when the result is already there
+        await asyncio.sleep(3600)
+
+    engine._loops.append(asyncio.create_task(stubborn()))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(engine.close(), 5)
+    assert swallowed.is_set() and engine._loops[0].cancelled()
+
+
 def test_batch_time_follows_text_length_with_a_floor() -> None:
     engine = Engine({}, batch_timeout_s=10_000)
     short = [_req("a", "Hi.")]
