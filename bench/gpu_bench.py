@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,11 @@ def concurrent_batches(backend: Any, requests: list, meter: Meter, together: boo
     return row
 
 
+def _first_ok(results: list) -> None:
+    if not hasattr(results[0], "samples"):
+        raise RuntimeError(f"the first request failed: {results[0]}")
+
+
 def build_backend(size: str, checkpoint: Path | None, device: str, bound: int, workdir: Path, max_batch: int) -> tuple:
     from timbre_gpu_worker.backends.qwen3 import Qwen3Backend
 
@@ -182,8 +188,18 @@ def run_size(size: str, args: argparse.Namespace, deadline: float, workdir: Path
                                  ref_text=args.ref_text) for i in range(n)]
 
     backend.profile_voice("bench", ref, args.ref_text)  # the prompt is computed once, as in production
-    backend.synthesize_batch(reqs(1, "warm"))  # first-call allocations out of the figures
     paths = ["cuda-graphs", "reference"] if backend.decode_path == "cuda-graphs" else ["reference"]
+    try:
+        _first_ok(backend.synthesize_batch(reqs(1, "warm")))  # first-call allocations out of the figures
+    except Exception:
+        if backend.decode_path != "cuda-graphs":
+            raise
+        traceback.print_exc()
+        print("  the graph path failed its first request: measuring the reference alone", flush=True)
+        paths = ["reference"]
+    if "reference" in paths:
+        with backend.reference_decode():
+            _first_ok(backend.synthesize_batch(reqs(1, "warm-ref")))
     rows: list[dict] = []
     for path in paths:
         ctx = contextlib.nullcontext() if path == "cuda-graphs" else backend.reference_decode()
@@ -194,12 +210,24 @@ def run_size(size: str, args: argparse.Namespace, deadline: float, workdir: Path
                     rows.append({"size": size, "path": path, "concurrency": c, "skipped": "time budget spent"})
                     continue
                 row: dict[str, Any] = {"size": size, "weights": weights, "path": path, "concurrency": c}
-                row.update(streams(backend, reqs(c, f"s{c}"), meter))
+                try:
+                    row.update(streams(backend, reqs(c, f"s{c}"), meter))
+                except Exception as exc:  # the other path and concurrency still get measured
+                    traceback.print_exc()
+                    rows.append({**row, "skipped": f"failed: {type(exc).__name__}: {exc}"[:300]})
+                    continue
                 if c == 1:
                     one_wall = row["wall_s"]
                 else:
                     # The reference batches inside one generate call; the graph path through its scheduler.
-                    batch = concurrent_batches(backend, reqs(c, f"b{c}"), meter, together=(path == "reference"))
+                    try:
+                        batch = concurrent_batches(backend, reqs(c, f"b{c}"), meter, together=(path == "reference"))
+                    except Exception as exc:
+                        traceback.print_exc()
+                        row["batch_failed"] = f"{type(exc).__name__}: {exc}"[:300]
+                        rows.append(row)
+                        print("  " + json.dumps(row), flush=True)
+                        continue
                     row["batch_wall_s"] = batch["wall_s"]
                     row["aggregate_x_real_time"] = batch["aggregate_x_real_time"]
                     row["peak_mem_gib"] = max(row.get("peak_mem_gib", 0), batch.get("peak_mem_gib", 0))
@@ -280,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"size": size, "path": "all", "concurrency": 0, "skipped": "time budget spent"})
                 continue
             print(f"size {size}", flush=True)
-            rows.extend(run_size(size, args, deadline, Path(tmp)))
+            try:
+                rows.extend(run_size(size, args, deadline, Path(tmp)))
+            except Exception as exc:  # one size failing still leaves the other's figures
+                traceback.print_exc()
+                rows.append({"size": size, "path": "all", "concurrency": 0,
+                             "skipped": f"failed: {type(exc).__name__}: {exc}"[:300]})
     print()
     print(table(rows))
     out = args.json or (Path(os.environ["OUT"]) / "gpu_bench.json" if os.environ.get("OUT") else None)

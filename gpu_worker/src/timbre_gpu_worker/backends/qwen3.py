@@ -264,7 +264,13 @@ class Qwen3Backend:
         except ImportError as exc:
             log.warning("%s: CUDA graphs unavailable (%s); using the reference decode", self.name, exc)
             return None
-        return GraphDecoder(model, max_batch=self.max_batch, max_seq_len=self.max_seq_len)
+        try:
+            return GraphDecoder(model, max_batch=self.max_batch, max_seq_len=self.max_seq_len)
+        except Exception:
+            # A capture that fails (a library or driver mismatch) leaves the worker serving, slower: the
+            # health report and the bench name the decode path, and this error says why.
+            log.exception("%s: CUDA graph capture failed; using the reference decode", self.name)
+            return None
 
     @contextlib.contextmanager
     def reference_decode(self) -> Iterator[None]:
