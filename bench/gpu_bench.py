@@ -150,6 +150,30 @@ def concurrent_batches(backend: Any, requests: list, meter: Meter, together: boo
     return row
 
 
+def library_row(backend: Any, request: Any, bound: int, size: str, weights: str) -> dict:
+    """The kept library's own single-stream call on the same weights and prompt, against ours without
+    streaming: how much of a request's time is our scheduling and chunked decoding, not the graphs."""
+    decoder = backend._graph_decoder
+    item = next(iter(backend._prompts.values())).item
+    row: dict[str, Any] = {"size": size, "weights": weights, "path": "faster-qwen3-tts generate", "concurrency": 1}
+    walls = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        audio, sr = decoder.base.generate_voice_clone(text=request.text, language="English", voice_clone_prompt=[item],
+                                                      max_new_tokens=bound, min_new_tokens=bound)
+        walls.append(time.perf_counter() - t0)
+    seconds = sum(len(a) for a in audio) / sr if isinstance(audio, list) else len(audio) / sr
+    t0 = time.perf_counter()
+    ours = backend.synthesize_batch([request])[0]
+    ours_wall = time.perf_counter() - t0
+    wall = min(walls)
+    row.update(wall_s=round(wall, 3), audio_s=round(seconds, 3), x_real_time=round(seconds / wall, 3),
+               rtf=round(wall / seconds, 3), aggregate_x_real_time=round(seconds / wall, 3),
+               ours_whole_text_wall_s=round(ours_wall, 3), ours_x_real_time=round(ours.audio_seconds / ours_wall, 3),
+               first_audio_ms=0, first_audio_ms_max=0)
+    return row
+
+
 def _first_ok(results: list) -> None:
     if not hasattr(results[0], "samples"):
         raise RuntimeError(f"the first request failed: {results[0]}")
@@ -206,6 +230,8 @@ def run_size(size: str, args: argparse.Namespace, deadline: float, workdir: Path
         with ctx:
             one_wall = None
             for c in args.concurrency:
+                if path == "reference" and args.reference_concurrency and c not in args.reference_concurrency:
+                    continue
                 if time.monotonic() > deadline:
                     rows.append({"size": size, "path": path, "concurrency": c, "skipped": "time budget spent"})
                     continue
@@ -235,6 +261,13 @@ def run_size(size: str, args: argparse.Namespace, deadline: float, workdir: Path
                         row["speedup_vs_sequential"] = round(c * one_wall / batch["wall_s"], 2)
                 rows.append(row)
                 print("  " + json.dumps(row), flush=True)
+            if path == "cuda-graphs" and args.library_baseline:
+                try:
+                    lib = library_row(backend, reqs(1, "lib")[0], args.bound, size, weights)
+                    rows.append(lib)
+                    print("  " + json.dumps(lib), flush=True)
+                except Exception:
+                    traceback.print_exc()
     del backend
     if args.device.startswith("cuda"):
         import gc
@@ -283,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bound", type=int, default=100, help="frames per request with random weights (8 s)")
     parser.add_argument("--budget-s", type=float, default=400, help="stop starting measurements after this")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--reference-concurrency", default="",
+                        help="measure the reference decode only at these concurrencies (default: all)")
+    parser.add_argument("--library-baseline", action="store_true",
+                        help="also time faster-qwen3-tts's own single-stream generate on the same weights")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -293,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
         args.device = "cuda:0" if torch.cuda.is_available() else "cpu"
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.reference_concurrency = [int(c) for c in args.reference_concurrency.split(",") if c.strip()]
     deadline = time.monotonic() + args.budget_s
     from timbre_gpu_worker.backends.torchaudio_shim import ensure_torchaudio_importable
 

@@ -320,7 +320,7 @@ def build_random_model(target: Path, preset: str = "tiny", device: str = "cpu") 
         # Real sizes are built on the GPU (a 1.7B fp32 init on 2 CPU cores takes minutes).
         with torch.device(device):
             model = Qwen3TTSForConditionalGeneration(Qwen3TTSConfig(**main)).to(torch.float32)
-        model.save_pretrained(target, safe_serialization=True)
+        model.save_pretrained(target, safe_serialization=True, max_shard_size="100GB")  # one file, as shipped
         _sanitize_speaker_encoder(target / "config.json", main["speaker_encoder_config"])
 
         st_dir = target / "speech_tokenizer"

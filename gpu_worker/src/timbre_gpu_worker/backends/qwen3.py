@@ -62,6 +62,9 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "speech_tokenizer")
 # DECODE_CONTEXT_FRAMES frames of left context (what the codec's own chunked decode uses) and joined to
 # the previous piece with a short crossfade.
 STREAM_CHUNK_FRAMES = 8
+# The first piece of a request comes sooner (0.24 s of audio): time to first audio is what a listener
+# waits for; later pieces are larger, so the codec runs fewer, longer windows.
+STREAM_FIRST_CHUNK_FRAMES = 3
 DECODE_CONTEXT_FRAMES = 25
 SEAM_CROSSFADE_SAMPLES = 240  # 10 ms
 # Sentence chunks of one request are joined with this crossfade instead of fade-out, pause, fade-in.
@@ -718,6 +721,7 @@ class Qwen3Backend:
     # -- streaming -----------------------------------------------------------------------------
 
     def synthesize_stream(self, request: SynthesisRequest, *, chunk_frames: int = STREAM_CHUNK_FRAMES,
+                          first_chunk_frames: int = STREAM_FIRST_CHUNK_FRAMES,
                           stats: dict | None = None) -> Iterator[np.ndarray]:
         """Yield the request's audio (float32, 24 kHz) every `chunk_frames` codec frames as it is generated.
 
@@ -733,7 +737,9 @@ class Qwen3Backend:
         join = int(SAMPLE_RATE * JOIN_CROSSFADE_MS / 1000)
         for index, w in enumerate(works):
             first = True
-            for piece, last in self._stream_chunk(w, chunk_frames, stats):
+            # Only the request's first piece is small: later sentence chunks follow audio already playing.
+            first_frames = min(first_chunk_frames, chunk_frames) if index == 0 else chunk_frames
+            for piece, last in self._stream_chunk(w, chunk_frames, stats, first_frames):
                 if first and held.size:
                     piece = crossfade_join(held, piece)
                     held = np.zeros(0, dtype=np.float32)
@@ -745,7 +751,8 @@ class Qwen3Backend:
         if held.size:
             yield held
 
-    def _stream_chunk(self, work: _Work, chunk_frames: int, stats: dict) -> Iterator[tuple[np.ndarray, bool]]:
+    def _stream_chunk(self, work: _Work, chunk_frames: int, stats: dict,
+                      first_frames: int | None = None) -> Iterator[tuple[np.ndarray, bool]]:
         import torch
 
         # The reference generation waits for a consumer that falls more than two pieces behind (its own
@@ -803,7 +810,8 @@ class Qwen3Backend:
                         stats["truncated"] = True
                         cancel.set()
                         finished = True
-                    elif codes.shape[0] - emitted < chunk_frames:
+                    elif codes.shape[0] - emitted < (chunk_frames if emitted > n_ctx or first_frames is None
+                                                     else first_frames):
                         continue
                 else:
                     finished = True
