@@ -16,7 +16,12 @@ if importlib.util.find_spec("qwen_tts") is None:
     pytest.skip("qwen-tts not installed (requirements/qwen-nodeps.txt)", allow_module_level=True)
 
 from timbre_common.testing import load_module
-from timbre_gpu_worker.backends.base import BackendError, BackendUnavailable, SynthesisRequest  # noqa: E402
+from timbre_gpu_worker.backends.base import (  # noqa: E402
+    BackendError,
+    BackendUnavailable,
+    SynthesisRequest,
+    SynthesisResult,
+)
 from timbre_gpu_worker.backends.qwen3 import (  # noqa: E402
     SAMPLE_RATE,
     SAMPLES_PER_TOKEN,
@@ -284,6 +289,35 @@ def test_stream_of_several_sentences_and_early_close(tiny_model_dir: Path) -> No
     stream.close()
     bound = long_b.max_new_tokens_for("A long text that would take a while to speak aloud.", "en")
     assert stats["frames_generated"] < bound - 1
+
+
+def test_a_streamed_request_in_a_batch_hands_over_pieces_as_they_are_made(tiny_model_dir: Path) -> None:
+    b = Qwen3Backend("qwen3-0.6b", tiny_model_dir, device="cpu", min_new_tokens=24, tokens_per_char=0.5)
+    calls: list[tuple[int, int, int]] = []
+    pieces: list[np.ndarray] = []
+
+    def on_chunk(samples: np.ndarray, rate: int, index: int, total: int) -> None:
+        calls.append((samples.size, index, total))
+        pieces.append(samples)
+
+    streamed = SynthesisRequest(job_id="st1", text="A streamed request beside a plain one.", lang="en",
+                                voice_id="v1", reference_wav=_reference_wav(1), ref_text="A reference.",
+                                on_chunk=on_chunk)
+    plain = _req("st2", "A plain one.", ref_text="A reference.")
+    delivered: list[int] = []
+    results = b.synthesize_batch([streamed, plain], on_result=lambda i, r: delivered.append(i))
+    assert sorted(delivered) == [0, 1]
+    first, second = results
+    assert isinstance(first, SynthesisResult) and isinstance(second, SynthesisResult)
+    assert first.streamed and not second.streamed
+    # Several pieces, each saying that one more follows, then an empty last piece that ends the stream.
+    assert len(calls) >= 3 and all(size > 0 for size, _, _ in calls[:-1])
+    assert [index for _, index, _ in calls] == list(range(len(calls)))
+    assert all(total == index + 2 for _, index, total in calls[:-1])
+    assert calls[-1] == (0, len(calls) - 1, len(calls))
+    # What is stored is exactly what was sent.
+    assert np.array_equal(first.samples, np.concatenate(pieces))
+    assert first.details["pieces"] == len(calls) - 1
 
 
 def test_prompt_store_spares_a_new_process_the_prompt(tiny_model_dir: Path) -> None:

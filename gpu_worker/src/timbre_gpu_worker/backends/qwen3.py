@@ -20,6 +20,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -606,8 +607,12 @@ class Qwen3Backend:
         """Synthesize several requests in shared model calls; one result or error per request, in order.
 
         `on_result(index, result)` is called for each request as soon as its last chunk is decoded,
-        while the rest of the batch keeps running.
+        while the rest of the batch keeps running. A streamed request (`on_chunk` set) is spoken through
+        `synthesize_stream`, its pieces handed over every few codec frames, beside the rest of the batch.
         """
+        streamed = [i for i, r in enumerate(requests) if r.on_chunk is not None]
+        if streamed:
+            return self._with_streams(requests, streamed, on_result)
         results: list[SynthesisResult | BackendError | None] = [None] * len(requests)
 
         def deliver(i: int, result: SynthesisResult | BackendError) -> None:
@@ -697,6 +702,72 @@ class Qwen3Backend:
                         chunk_done(w, None, BackendError("synthesis_failed", str(exc)), False)
 
         return [r if r is not None else BackendError("synthesis_failed", "no result") for r in results]
+
+    def _with_streams(self, requests: Sequence[SynthesisRequest], streamed: list[int],
+                      on_result: Callable[[int, SynthesisResult | BackendError], None] | None,
+                      ) -> list[SynthesisResult | BackendError]:
+        """Streamed requests each in a thread of their own (the step lock, or the CUDA scheduler, lets them
+        share the model with the rest), the others as one batch."""
+        results: list[SynthesisResult | BackendError | None] = [None] * len(requests)
+
+        def deliver(i: int, result: SynthesisResult | BackendError) -> None:
+            results[i] = result
+            if on_result is not None:
+                try:
+                    on_result(i, result)
+                except Exception:
+                    log.exception("delivering job %s failed", requests[i].job_id)
+
+        threads = [threading.Thread(target=lambda i=i: deliver(i, self._stream_request(requests[i])),
+                                    name=f"{self.name}-stream-{i}", daemon=True) for i in streamed]
+        for t in threads:
+            t.start()
+        plain = [i for i in range(len(requests)) if i not in streamed]
+        try:
+            if plain:
+                done = self.synthesize_batch([requests[i] for i in plain],
+                                             on_result=lambda j, r: deliver(plain[j], r))
+                for j, r in enumerate(done):
+                    results[plain[j]] = r
+        finally:
+            for t in threads:
+                t.join()
+        return [r if r is not None else BackendError("synthesis_failed", "no result") for r in results]
+
+    def _stream_request(self, request: SynthesisRequest) -> SynthesisResult | BackendError:
+        """Speak one request piece by piece to its on_chunk; the stored audio is exactly the pieces sent.
+
+        How many pieces there will be is known only at the end: each piece says one more follows
+        (`total` = index + 2), and an empty last piece closes the stream."""
+        assert request.on_chunk is not None
+        started = time.perf_counter()
+        stats: dict[str, Any] = {}
+        pieces: list[np.ndarray] = []
+        try:
+            for piece in self.synthesize_stream(request, stats=stats):
+                request.on_chunk(piece, SAMPLE_RATE, len(pieces), len(pieces) + 2)
+                pieces.append(piece)
+        except BackendError as exc:
+            return exc
+        except BackendUnavailable as exc:
+            return BackendError("backend_unavailable", str(exc))
+        except Exception as exc:
+            log.exception("streaming job %s failed", request.job_id)
+            return BackendError("synthesis_failed", f"{type(exc).__name__}: {exc}")
+        request.on_chunk(np.zeros(0, dtype=np.float32), SAMPLE_RATE, len(pieces), len(pieces) + 1)
+        samples = np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, dtype=np.float32)
+        seconds = samples.size / SAMPLE_RATE
+        details: dict[str, Any] = {
+            "chunks": stats.get("chunks", 1),
+            "pieces": len(pieces),
+            "batch_size": 1,
+            "backend": self.name,
+            "decode": self.decode_path,
+            "truncated": bool(stats.get("truncated")),
+        }
+        if seconds:
+            details["rtf"] = round((time.perf_counter() - started) / seconds, 4)
+        return SynthesisResult(samples=samples, sample_rate=SAMPLE_RATE, details=details, streamed=True)
 
     def _result(self, i: int, req: SynthesisRequest, audio: dict[tuple[int, int], np.ndarray], work: list[_Work],
                 cached: bool, batch_size: int, truncated: list[int]) -> SynthesisResult:
