@@ -126,7 +126,9 @@ def test_a_purged_account_and_a_revoked_key_stop_being_served_at_once(client):
     text = f"An account about to be purged, take {uuid.uuid4().hex[:8]}."
     job = _ready(client, key, JOE.voice_id, text)
     _poll("hit served by the gateway", lambda: _served_by_gateway(client, key, JOE.voice_id, text))
-    # A revoked key: refused at once (keys are checked by the gateway itself, never cached past a revocation).
+    # The second key is used, so the gateway holds it in memory; revoked, it is refused at once (the revocation
+    # drops it here and announces account.keys_changed to the other instances).
+    assert _hit(client, second, JOE.voice_id, text).status_code == 200
     assert client.http.delete(f"/v1/keys/{second['key_id']}", headers=client.admin()).status_code == 204
     revoked = _hit(client, second, JOE.voice_id, text)
     assert revoked.status_code == 401 and revoked.json()["error"]["code"] == "invalid_api_key", revoked.text
@@ -138,3 +140,15 @@ def test_a_purged_account_and_a_revoked_key_stop_being_served_at_once(client):
                  lambda: client.http.get(f"/v1/jobs/{job['job_id']}/audio", headers=client.auth(key))):
         # 401 once the gateway's own share of the purge (the keys) is done; never the audio again either way.
         assert call().status_code in (401, 404)
+
+
+def test_a_changed_key_limit_applies_at_once(client):
+    key = client.new_key()
+    text = f"A key whose limit changes, take {uuid.uuid4().hex[:8]}."
+    _ready(client, key, JOE.voice_id, text)
+    _poll("hit served by the gateway", lambda: _served_by_gateway(client, key, JOE.voice_id, text))
+    changed = client.http.patch(f"/v1/keys/{key['key_id']}", json={"rate_per_minute": 1}, headers=client.admin())
+    assert changed.status_code == 200, changed.text
+    # The key held in memory with its old limit is dropped: the new one (1 a minute) holds from the next request.
+    answers = [_hit(client, key, JOE.voice_id, text).status_code for _ in range(3)]
+    assert 429 in answers, answers

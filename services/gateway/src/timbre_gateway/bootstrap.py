@@ -84,6 +84,7 @@ class GatewayService:
         deduper = PgDeduper(ctx.pool)
         await deduper.ensure()
         deps = {"accounts": ctx.accounts}
+        keys_deps = {**deps, "bus": ctx.outbox or ctx.bus}  # changes to keys are announced (account.keys_changed)
         if ctx.outbox is not None:
             await ctx.outbox.ensure()
             ctx.outbox.start()
@@ -94,9 +95,9 @@ class GatewayService:
             AccountPurgeRequested: partial(handlers.on_purge_requested, bus=ctx.outbox or ctx.bus,
                                            announce_purge=announce_purge, **deps),
             AccountPurged: partial(handlers.on_purged, **deps),
-            AccountProvisioningRequested: partial(handlers.on_provisioning_requested, **deps),
-            AccountKeysRevoked: partial(handlers.on_keys_revoked, **deps),
-            AccountKeysRestored: partial(handlers.on_keys_restored, **deps),
+            AccountProvisioningRequested: partial(handlers.on_provisioning_requested, **keys_deps),
+            AccountKeysRevoked: partial(handlers.on_keys_revoked, **keys_deps),
+            AccountKeysRestored: partial(handlers.on_keys_restored, **keys_deps),
         }, deduper=deduper)
         await ctx.bus.subscribe([WorkerHeartbeat], ctx.backends.on_heartbeat)
         if ctx.read_models is not None:
@@ -104,11 +105,21 @@ class GatewayService:
             await ctx.bus.subscribe(READ_MODEL_EVENTS, ctx.read_models.on_event,
                                     routing_keys=(voice_profile_routing_key("*"),))
             # Events may have been missed while the connection was down: forget what they would have invalidated.
+            # No key is kept from the database while nothing would say it was revoked.
             models = ctx.read_models
-            for name in ("close_callbacks", "reconnect_callbacks"):
+
+            def lost(*_: Any) -> None:
+                models.keys_enabled = False
+                models.clear()
+
+            def back(*_: Any) -> None:
+                models.clear()
+                models.keys_enabled = True
+
+            for name, callback in (("close_callbacks", lost), ("reconnect_callbacks", back)):
                 callbacks = getattr(ctx.bus.connection, name, None)
                 if callbacks is not None:
-                    callbacks.add(lambda *_: models.clear())
+                    callbacks.add(callback)
         if ctx.streams is not None:
             await ctx.streams.start()
         self._tasks.append(asyncio.create_task(self._sweep_forever()))
@@ -205,7 +216,8 @@ async def build_context(settings: GatewaySettings) -> GatewayContext:
                           streams=StreamRelay(bus, timeouts=StreamTimeouts(
                               start_s=settings.stream_start_timeout_s, idle_s=settings.stream_idle_timeout_s,
                               gap_s=settings.stream_gap_timeout_s)),
-                          read_models=ReadModels(max_entries=settings.read_model_max_entries)
+                          read_models=ReadModels(max_entries=settings.read_model_max_entries,
+                                                 key_ttl_s=settings.key_cache_ttl_s)
                           if settings.read_models else None,
                           bucket=bucket_reader(settings) if settings.read_models else None)
 

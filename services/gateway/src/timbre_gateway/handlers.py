@@ -10,10 +10,11 @@ unconfirmed after PURGE_DEADLINE_S ends `failed` and is logged as an alert.
 """
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from timbre_common.contracts import Envelope
-from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurged, AccountPurgeRequested
+from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurged, AccountPurgeRequested, ApiKeysChanged
 from timbre_common.contracts.billing import AccountKeysRestored, AccountKeysRevoked, AccountProvisioningRequested
 from timbre_common.logging import get_logger
 from timbre_common.ports import MessageBus
@@ -61,11 +62,24 @@ async def on_purged(event: AccountPurged, *, envelope: Envelope, accounts: Accou
     log.info("purge_confirmed", purge_id=event.purge_id, confirmed_by=event.service, removed=event.removed)
 
 
+@contextlib.asynccontextmanager
+async def keys_change(bus: MessageBus | None, account_id: str) -> AsyncIterator[None]:
+    """Change an account's keys or standing and announce it in the same transaction (account.keys_changed):
+    every gateway instance then forgets the keys it holds in memory for the account."""
+    if bus is None:
+        yield
+        return
+    async with bus.transaction():
+        yield
+        await bus.publish(ApiKeysChanged(account_id=account_id))
+
+
 async def on_provisioning_requested(event: AccountProvisioningRequested, *, envelope: Envelope,
-                                    accounts: AccountRepository) -> None:
+                                    accounts: AccountRepository, bus: MessageBus | None = None) -> None:
     """A paid checkout: create the account and a key, kept for one read by the success page."""
     if await accounts.account_exists(event.account_id):
-        await accounts.restore_account(event.account_id)
+        async with keys_change(bus, event.account_id):
+            await accounts.restore_account(event.account_id)
         # A checkout whose key is stored is done; one without (a crash between minting and storing, or a
         # returning customer's new checkout) still owes its success page a key.
         if not event.checkout_token or await accounts.checkout_key_stored(event.checkout_token):
@@ -84,10 +98,14 @@ async def sweep_checkout_keys(*, accounts: AccountRepository, max_age_s: float) 
     return erased
 
 
-async def on_keys_revoked(event: AccountKeysRevoked, *, envelope: Envelope, accounts: AccountRepository) -> None:
-    await accounts.revoke_account_keys(event.account_id)
+async def on_keys_revoked(event: AccountKeysRevoked, *, envelope: Envelope, accounts: AccountRepository,
+                          bus: MessageBus | None = None) -> None:
+    async with keys_change(bus, event.account_id):
+        await accounts.revoke_account_keys(event.account_id)
     log.info("account_suspended", account=event.account_id, reason=event.reason)
 
 
-async def on_keys_restored(event: AccountKeysRestored, *, envelope: Envelope, accounts: AccountRepository) -> None:
-    await accounts.restore_account(event.account_id)
+async def on_keys_restored(event: AccountKeysRestored, *, envelope: Envelope, accounts: AccountRepository,
+                           bus: MessageBus | None = None) -> None:
+    async with keys_change(bus, event.account_id):
+        await accounts.restore_account(event.account_id)

@@ -63,6 +63,9 @@ class GatewaySettings(CommonSettings):
     # (read-only), falling back to the services whenever these do not know (READ_MODELS=false: always ask).
     read_models: bool = True
     read_model_max_entries: int = Field(default=100_000, gt=0)
+    # Keys held in memory are dropped by account.keys_changed at once; this bounds how long one is kept anyway
+    # (a lost event, a change made outside the gateway).
+    key_cache_ttl_s: float = Field(default=60.0, ge=0)
     # The bucket storage writes to, read here with storage's own settings (STORAGE_BACKEND, STORAGE_ROOT, S3_*,
     # R2_*).
     storage_backend: str = "fs"

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from timbre_common.catalogue import BACKEND_PREFERENCE
-from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurged, AccountPurgeRequested
+from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurged, AccountPurgeRequested, ApiKeysChanged
 from timbre_common.contracts.billing import AccountKeysRestored, AccountKeysRevoked, AccountProvisioningRequested
 from timbre_common.contracts.synthesis import WorkerHeartbeat
 from timbre_common.testing import FakeBus, envelope
@@ -286,3 +286,17 @@ async def test_unfinished_purges_are_asked_for_again_until_every_service_confirm
     for service in PURGING_SERVICES:
         await accounts.confirm_purge(stuck, service, 0, PURGING_SERVICES)
     assert await handlers.resend_unfinished_purges(accounts=accounts, bus=bus) == 0
+
+
+async def test_suspending_and_restoring_an_account_announce_its_keys_changed(accounts: FakeAccountRepository,
+                                                                             bus: FakeBus) -> None:
+    account_id = str(uuid.uuid4())
+    await handlers.on_provisioning_requested(_provision(account_id), envelope=ENV, accounts=accounts, bus=bus)
+    assert bus.events(ApiKeysChanged) == []  # a new account: no instance holds its keys yet
+    await handlers.on_keys_revoked(AccountKeysRevoked(account_id=account_id, reason="payment_failed"),
+                                   envelope=ENV, accounts=accounts, bus=bus)
+    await handlers.on_keys_restored(AccountKeysRestored(account_id=account_id), envelope=ENV, accounts=accounts,
+                                    bus=bus)
+    await handlers.on_provisioning_requested(_provision(account_id), envelope=ENV, accounts=accounts, bus=bus)
+    assert [e.account_id for e in bus.events(ApiKeysChanged)] == [account_id] * 3
+    assert accounts.accounts[account_id]["status"] == "active"

@@ -6,13 +6,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from timbre_common.catalogue import SYSTEM_VOICES
-from timbre_common.contracts.accounts import AccountPurgeRequested
+from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested, ApiKeysChanged
+from timbre_common.contracts.billing import AccountKeysRestored, AccountKeysRevoked
 from timbre_common.contracts.storage import ObjectsExpired
 from timbre_common.contracts.synthesis import JobFailed, JobReady, cache_key
 from timbre_common.contracts.voices import VoiceDeleted, VoiceRegistered
 from timbre_dispatcher.domain import cache_key as dispatcher_cache_key
 from timbre_gateway.adapters.bucket import FsBucketReader, rendition_key
-from timbre_gateway.adapters.read_models import ReadModels
+from timbre_gateway.adapters.read_models import KnownKey, ReadModels
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 ACCOUNT, OTHER = "acct-1", "acct-2"
@@ -118,3 +119,61 @@ def test_the_fs_reader_reads_storage_files_and_nothing_outside(tmp_path: Path) -
     assert url is not None and url.startswith(f"http://s/blobs/{key}?expires=")
     assert asyncio.run(reader.presign("generations/missing.wav", 60)) is None
     assert rendition_key("voices/x.mp3", "mp3") is None
+
+
+def _key(account: str = ACCOUNT, key_id: str = "key-1", status: str = "active", at: float = 100.0) -> KnownKey:
+    return KnownKey(account_id=account, key_id=key_id, rate_per_minute=60, max_concurrent=2, account_status=status,
+                    read_at=at)
+
+
+def test_keys_are_kept_until_their_account_changes() -> None:
+    models = ReadModels(key_ttl_s=60)
+    models.remember_key("h1", _key(), models.key_epoch)
+    models.remember_key("h2", _key(key_id="key-2"), models.key_epoch)
+    models.remember_key("h3", _key(OTHER, "key-3"), models.key_epoch)
+    assert models.api_key("h1", now=101) == _key()
+    # Another instance changed the account's keys: every key of that account is read again, the others stay.
+    asyncio.run(models.on_event(ApiKeysChanged(account_id=ACCOUNT)))
+    assert models.api_key("h1", now=101) is None and models.api_key("h2", now=101) is None
+    assert models.api_key("h3", now=101) is not None
+    # Billing's suspension and restoration, and the gateway's own share of a purge, drop them too.
+    for event in (AccountKeysRevoked(account_id=OTHER, reason="payment_failed"), AccountKeysRestored(account_id=OTHER),
+                  AccountPurged(account_id=OTHER, purge_id="p", service="gateway"),
+                  AccountPurgeRequested(account_id=OTHER, purge_id="p")):
+        models.remember_key("h3", _key(OTHER, "key-3"), models.key_epoch)
+        asyncio.run(models.on_event(event))
+        assert models.api_key("h3", now=101) is None, event
+    # Another service's purge confirmation says nothing about keys.
+    models.remember_key("h3", _key(OTHER, "key-3"), models.key_epoch)
+    asyncio.run(models.on_event(AccountPurged(account_id=OTHER, purge_id="p", service="voices")))
+    assert models.api_key("h3", now=101) is not None
+
+
+def test_a_key_read_before_an_invalidation_is_not_kept() -> None:
+    models = ReadModels()
+    epoch = models.key_epoch  # a request starts reading the database ...
+    models.forget_account_keys(ACCOUNT)  # ... a revocation lands meanwhile ...
+    models.remember_key("h1", _key(), epoch)  # ... and what it read may predate it
+    assert models.api_key("h1", now=101) is None
+    models.remember_key("h1", _key(), models.key_epoch)
+    assert models.api_key("h1", now=101) is not None
+
+
+def test_keys_expire_and_are_not_kept_while_the_subscription_is_down() -> None:
+    models = ReadModels(key_ttl_s=30)
+    models.remember_key("h1", _key(at=100.0), models.key_epoch)
+    assert models.api_key("h1", now=129) is not None
+    assert models.api_key("h1", now=131) is None
+    models.remember_key("h1", _key(), models.key_epoch)
+    models.clear()  # the connection was lost: events may have been missed
+    assert models.api_key("h1", now=101) is None
+    models.keys_enabled = False
+    models.remember_key("h1", _key(), models.key_epoch)
+    assert models.api_key("h1", now=101) is None
+
+
+def test_keys_held_are_bounded() -> None:
+    models = ReadModels(max_entries=2)
+    for i in range(3):
+        models.remember_key(f"h{i}", _key(key_id=f"key-{i}"), models.key_epoch)
+    assert models.api_key("h0", now=101) is None and models.api_key("h2", now=101) is not None

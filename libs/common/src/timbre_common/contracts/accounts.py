@@ -23,3 +23,12 @@ class AccountPurged(Event):
     purge_id: str
     service: str
     removed: int = 0
+
+
+class ApiKeysChanged(Event):
+    """The gateway changed what an account's keys may do (a key revoked or its limits changed, the account's keys
+    suspended or restored, the account deleted), committed with the change: every gateway instance forgets
+    the keys it holds in memory for the account."""
+
+    TYPE: ClassVar[str] = "account.keys_changed"
+    account_id: str

@@ -4,7 +4,10 @@
   catalogue); a deleted voice leaves a tombstone so a late or repeated registration cannot bring it back;
 - the cache index: (account, cache key) -> the ready job and its stored audio (job.ready), dropped on
   objects.expired, voice.deleted and an account purge, and never answered past its expiry;
-- ready jobs: what a poll and a download answer (job.ready), dropped with the audio or on job.failed.
+- ready jobs: what a poll and a download answer (job.ready), dropped with the audio or on job.failed;
+- API keys: a key's account, limits and the account's standing, read from the gateway's database on first use
+  and dropped for the whole account on account.keys_changed (published with every change, through the outbox),
+  billing's keys revoked / restored and an account purge; at the latest after `key_ttl_s`.
 
 Nothing here is authoritative: a question these models cannot answer goes to the owning service as before, so
 an empty model (a fresh instance, a lost subscription) costs speed, never correctness. Sizes are bounded: the
@@ -12,13 +15,15 @@ oldest entries are forgotten first.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from timbre_common.catalogue import EMBEDDED_BACKEND, SYSTEM_VOICES
-from timbre_common.contracts.accounts import AccountPurgeRequested
+from timbre_common.contracts.accounts import AccountPurged, AccountPurgeRequested, ApiKeysChanged
 from timbre_common.contracts.base import Event
+from timbre_common.contracts.billing import AccountKeysRestored, AccountKeysRevoked
 from timbre_common.contracts.storage import ObjectsExpired
 from timbre_common.contracts.synthesis import JobFailed, JobReady
 from timbre_common.contracts.voices import VoiceDeleted, VoiceRegistered
@@ -55,6 +60,16 @@ class ReadyJob:
         return self.expires_at is None or self.expires_at > now
 
 
+@dataclass(frozen=True, slots=True)
+class KnownKey:
+    account_id: str
+    key_id: str
+    rate_per_minute: int | None
+    max_concurrent: int | None
+    account_status: str
+    read_at: float  # time.monotonic() when it was read from the database
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -62,8 +77,15 @@ def _now() -> datetime:
 class ReadModels:
     """In-process read models of one gateway instance (see the module's docstring)."""
 
-    def __init__(self, *, max_entries: int = 100_000) -> None:
+    def __init__(self, *, max_entries: int = 100_000, key_ttl_s: float = 60.0) -> None:
         self.max_entries = max_entries
+        self.key_ttl_s = key_ttl_s
+        self._keys: OrderedDict[str, KnownKey] = OrderedDict()  # key hash -> what it may do
+        self._account_keys: dict[str, set[str]] = {}  # account -> hashes of its keys held here
+        # Bumped by every invalidation: a database read that began before one is not kept (it may predate it).
+        self.key_epoch = 0
+        # Off while the event subscription is down: nothing would tell this instance about a revocation.
+        self.keys_enabled = True
         self._voices: dict[str, KnownVoice] = {v.voice_id: KnownVoice(v.voice_id, None, EMBEDDED_BACKEND, v.lang)
                                                for v in SYSTEM_VOICES}
         self._deleted_voices: set[str] = set()
@@ -78,6 +100,40 @@ class ReadModels:
         if voice is None or (voice.account_id is not None and voice.account_id != account_id):
             return None
         return voice
+
+    def api_key(self, key_hash: str, now: float | None = None) -> KnownKey | None:
+        """What the key may do, as last read; None: read the database (and `remember_key`)."""
+        known = self._keys.get(key_hash)
+        if known is None:
+            return None
+        if (now if now is not None else time.monotonic()) - known.read_at > self.key_ttl_s:
+            self._forget_key(key_hash)
+            return None
+        return known
+
+    def remember_key(self, key_hash: str, known: KnownKey, epoch: int) -> None:
+        """Keep a key read from the database, unless an invalidation came while it was being read."""
+        if not self.keys_enabled or epoch != self.key_epoch:
+            return
+        self._keys[key_hash] = known
+        self._account_keys.setdefault(known.account_id, set()).add(key_hash)
+        while len(self._keys) > self.max_entries:
+            self._forget_key(next(iter(self._keys)))
+
+    def forget_account_keys(self, account_id: str) -> None:
+        """At once, in the instance that made the change; by account.keys_changed in the others."""
+        self.key_epoch += 1
+        for key_hash in self._account_keys.pop(account_id, set()):
+            self._keys.pop(key_hash, None)
+
+    def _forget_key(self, key_hash: str) -> None:
+        known = self._keys.pop(key_hash, None)
+        if known is not None:
+            hashes = self._account_keys.get(known.account_id)
+            if hashes is not None:
+                hashes.discard(key_hash)
+                if not hashes:
+                    del self._account_keys[known.account_id]
 
     def cached(self, account_id: str, cache_key: str, now: datetime | None = None) -> ReadyJob | None:
         job_id = self._cache.get((account_id, cache_key))
@@ -105,6 +161,10 @@ class ReadModels:
             self.voice_deleted(event.voice_id)
         elif isinstance(event, AccountPurgeRequested):
             self.forget_account(event.account_id)
+        elif isinstance(event, (ApiKeysChanged, AccountKeysRevoked, AccountKeysRestored)):
+            self.forget_account_keys(event.account_id)
+        elif isinstance(event, AccountPurged) and event.service == "gateway":
+            self.forget_account_keys(event.account_id)  # the keys are gone from the database now
 
     def job_ready(self, event: JobReady) -> None:
         if event.lang is None or event.response_format is None or event.created_at is None:
@@ -157,6 +217,7 @@ class ReadModels:
                 self._drop_job(job_id)
 
     def forget_account(self, account_id: str) -> None:
+        self.forget_account_keys(account_id)
         for job in [j for j in self._jobs.values() if j.account_id == account_id]:
             self._drop_job(job.job_id)
         for voice in [v for v in self._voices.values() if v.account_id == account_id]:
@@ -172,6 +233,9 @@ class ReadModels:
     def clear(self) -> None:
         """Forget everything learned from events (the subscription was lost: events may have been missed)."""
         self._voices = {vid: v for vid, v in self._voices.items() if v.account_id is None}
+        self.key_epoch += 1
+        self._keys.clear()
+        self._account_keys.clear()
         self._jobs.clear()
         self._cache.clear()
         self._by_audio_key.clear()
@@ -187,4 +251,5 @@ class ReadModels:
 
 
 READ_MODEL_EVENTS: list[type[Event]] = [JobReady, JobFailed, ObjectsExpired, VoiceRegistered, VoiceDeleted,
-                                        AccountPurgeRequested]
+                                        AccountPurgeRequested, AccountPurged, ApiKeysChanged, AccountKeysRevoked,
+                                        AccountKeysRestored]

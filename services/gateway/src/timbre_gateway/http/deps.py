@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -11,7 +12,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from timbre_common.callback_tokens import token_matches
 
-from ..domain import looks_like_key
+from ..adapters.read_models import KnownKey
+from ..domain import hash_api_key, looks_like_key
 from .errors import ApiError
 from .limits import limit_request
 
@@ -41,13 +43,26 @@ async def require_key(ctx: Ctx, credentials: Credentials) -> Caller:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise ApiError(401, "missing_api_key", "send Authorization: Bearer <api key>", headers=_UNAUTHORIZED)
     token = credentials.credentials
-    row = await ctx.accounts.authenticate(token) if looks_like_key(token) else None
-    if row is None:
+    if not looks_like_key(token):
         raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked", headers=_UNAUTHORIZED)
-    if row["account_status"] != "active":
+    # The instance's read model first (dropped on every change of the account's keys); the database otherwise.
+    models = getattr(ctx, "read_models", None)
+    key_hash = hash_api_key(token)
+    known = models.api_key(key_hash) if models is not None else None
+    if known is None:
+        epoch = models.key_epoch if models is not None else 0
+        row = await ctx.accounts.authenticate(token)
+        if row is None:
+            raise ApiError(401, "invalid_api_key", "the API key is unknown or revoked", headers=_UNAUTHORIZED)
+        known = KnownKey(account_id=str(row["account_id"]), key_id=str(row["key_id"]),
+                         rate_per_minute=row["rate_per_minute"], max_concurrent=row["max_concurrent"],
+                         account_status=row["account_status"], read_at=time.monotonic())
+        if models is not None:
+            models.remember_key(key_hash, known, epoch)
+    if known.account_status != "active":
         raise ApiError(403, "account_suspended", "this account's subscription is not active")
-    return Caller(account_id=str(row["account_id"]), key_id=str(row["key_id"]),
-                  rate_per_minute=row["rate_per_minute"], max_concurrent=row["max_concurrent"])
+    return Caller(account_id=known.account_id, key_id=known.key_id, rate_per_minute=known.rate_per_minute,
+                  max_concurrent=known.max_concurrent)
 
 
 async def require_admin(ctx: Ctx, credentials: Credentials) -> None:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from timbre_common.audio import AudioError, decode_wav, sniff_content_type, transcode
 from timbre_common.catalogue import BACKEND_LANGUAGES, KNOWN_BACKENDS
-from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurgeRequested
+from timbre_common.contracts.accounts import PURGING_SERVICES, AccountPurgeRequested, ApiKeysChanged
 from timbre_common.contracts.billing import CheckQuota, GetUsage, QuotaDecision, ReleaseHold, UsageReport
 from timbre_common.contracts.storage import PutUpload, UploadRecord
 from timbre_common.contracts.synthesis import (
@@ -195,9 +195,14 @@ async def list_keys(ctx: Ctx, _: AdminDep, response: Response, account_id: str |
                   422: ["invalid_request"]}))
 async def update_key(ctx: Ctx, _: AdminDep, key_id: str, body: UpdateKeyLimits) -> KeyInfo:
     _require_uuid(key_id, "key_not_found", "no such key")
-    row = await ctx.accounts.update_key_limits(key_id, body.model_dump(include=body.model_fields_set))
+    outbox = getattr(ctx, "outbox", None) or ctx.bus
+    async with outbox.transaction():
+        row = await ctx.accounts.update_key_limits(key_id, body.model_dump(include=body.model_fields_set))
+        if row is not None:
+            await outbox.publish(ApiKeysChanged(account_id=str(row["account_id"])))
     if row is None:
         raise ApiError(404, "key_not_found", "no such key")
+    _forget_keys(ctx, str(row["account_id"]))
     log.info("api_key_limits_changed", key_id=key_id, rate_per_minute=row["rate_per_minute"],
              max_concurrent=row["max_concurrent"])
     return _key_info(row)
@@ -207,9 +212,21 @@ async def update_key(ctx: Ctx, _: AdminDep, key_id: str, body: UpdateKeyLimits) 
                responses=error_responses(401, 404, codes={401: ["invalid_admin_secret"], 404: ["key_not_found"]}))
 async def revoke_key(ctx: Ctx, _: AdminDep, key_id: str) -> Response:
     _require_uuid(key_id, "key_not_found", "no such key")
-    if await ctx.accounts.revoke_key(key_id) is None:
+    outbox = getattr(ctx, "outbox", None) or ctx.bus
+    async with outbox.transaction():
+        row = await ctx.accounts.revoke_key(key_id)
+        if row is not None:
+            await outbox.publish(ApiKeysChanged(account_id=str(row["account_id"])))
+    if row is None:
         raise ApiError(404, "key_not_found", "no such key")
+    _forget_keys(ctx, str(row["account_id"]))
     return Response(status_code=204)
+
+
+def _forget_keys(ctx, account_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Here at once; the other gateway instances by account.keys_changed."""
+    if (models := getattr(ctx, "read_models", None)) is not None:
+        models.forget_account_keys(account_id)
 
 
 # Voices ---------------------------------------------------------------------------------------------
