@@ -77,6 +77,35 @@ async def test_concurrency_slots_are_taken_and_given_back(redis, namespace):
     await _cleanup(redis, namespace)
 
 
+async def test_admit_counts_the_rate_and_takes_a_slot_in_one_call(redis, namespace):
+    limiter = RedisLimiter(redis, namespace=namespace)
+    key = str(uuid.uuid4())
+    first, second = await limiter.admit(key, 3, 1), await limiter.admit(key, 3, 1)
+    assert first[0].allowed and first[1] is not None and first[0].remaining == 2
+    # Within the rate but every slot taken: no lease (the route answers too_many_concurrent_requests).
+    assert second[0].allowed and second[1] is None
+    await limiter.release(first[1])
+    third = await limiter.admit(key, 3, 1)
+    assert third[1] is not None and await limiter.in_flight(key) == 1
+    # Past the rate: refused with a wait, and no slot taken.
+    await limiter.release(third[1])
+    refused, lease = await limiter.admit(key, 3, 1)
+    assert not refused.allowed and refused.retry_after_s > 0 and lease is None
+    assert await limiter.in_flight(key) == 0
+
+
+async def test_admit_holds_per_process_while_redis_is_down():
+    unreachable = aioredis.from_url("redis://127.0.0.1:1/0", socket_timeout=0.5, socket_connect_timeout=0.5)
+    limiter = RedisLimiter(unreachable, namespace="down")
+    decision, lease = await limiter.admit("k", 3, 1)
+    assert decision.allowed and lease is not None and lease.local
+    assert (await limiter.admit("k", 3, 1))[1] is None  # the one local slot is held
+    limiter.local.release(lease)
+    assert (await limiter.admit("k", 3, 1))[1] is not None
+    assert not (await limiter.admit("k", 3, 1))[0].allowed  # the local rate of 3 is spent
+    await unreachable.aclose()
+
+
 async def test_a_crashed_replicas_lease_lapses(redis, namespace):
     """A replica that dies never releases; its lease expires after the TTL and frees the slot."""
     dead_replica = RedisLimiter(redis, namespace=namespace, lease_ttl_s=0.3)

@@ -58,6 +58,33 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 """
 
+# Both at once, one round trip per request: the rate first (a refused request takes no slot), then a slot.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - period
+if now < allow_at then
+  return {0, allow_at - now, 0, 0, 0}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, new_tat - now))
+local remaining = math.floor((now + period - new_tat) / interval)
+local limit = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local held = redis.call('ZCARD', KEYS[2])
+if held >= limit then
+  return {1, 0, remaining, 0, held}
+end
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[5])
+redis.call('PEXPIRE', KEYS[2], ttl)
+return {1, 0, remaining, 1, held + 1}
+"""
+
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
@@ -161,6 +188,7 @@ class RedisLimiter:
         self._gcra = redis.register_script(_GCRA)
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(_RENEW)
+        self._admit = redis.register_script(_ADMIT)
 
     def _key(self, kind: str, key_id: str) -> str:
         return f"timbre:{self.namespace}:{kind}:{key_id}"
@@ -200,6 +228,26 @@ class RedisLimiter:
             self._failed("rate", exc)
             return self.local.hit(key, limit)
         return RateDecision(bool(allowed), limit, max(0, int(remaining)), int(wait_ms) / 1000)
+
+    async def admit(self, key_id: str, limit_per_minute: int, concurrency: int) -> tuple[RateDecision, Lease | None]:
+        """`hit` and then `acquire` in one round trip; no slot is taken when the rate refuses."""
+        limit = max(1, limit_per_minute)
+        rate_key, slots_key = self._key("rate", f"{key_id}:{limit}"), self._key("inflight", key_id)
+        if self._available():
+            interval = max(1, self.period_ms // limit)
+            token = uuid.uuid4().hex
+            try:
+                allowed, wait_ms, remaining, ok, held = await self._admit(
+                    keys=[rate_key, slots_key],
+                    args=[interval, interval * limit, max(1, concurrency), self.lease_ttl_ms, token])
+            except _FAILURES as exc:
+                self._failed("admit", exc)
+            else:
+                decision = RateDecision(bool(allowed), limit, max(0, int(remaining)), int(wait_ms) / 1000)
+                lease = Lease(slots_key, token, concurrency, int(held)) if allowed and ok else None
+                return decision, lease
+        decision = self.local.hit(rate_key, limit)
+        return decision, self.local.acquire(slots_key, max(1, concurrency)) if decision.allowed else None
 
     async def acquire(self, key_id: str, limit: int) -> Lease | None:
         """A slot among the key's `limit` in-flight requests; None when all are taken."""

@@ -24,13 +24,17 @@ async def limit_request(request: Request, ctx: Any, *, key_id: str, rate_per_min
         yield
         return
     rate = rate_per_minute or ctx.settings.rate_limit_per_minute
-    decision = await limiter.hit(key_id, rate)
+    concurrency = max_concurrent or ctx.settings.max_concurrent_requests
+    admit = getattr(limiter, "admit", None)
+    if admit is not None:  # one round trip for both
+        decision, lease = await admit(key_id, rate, concurrency)
+    else:
+        decision = await limiter.hit(key_id, rate)
+        lease = await limiter.acquire(key_id, concurrency) if decision.allowed else None
     headers = {"X-RateLimit-Limit": str(decision.limit), "X-RateLimit-Remaining": str(decision.remaining)}
     if not decision.allowed:
         raise ApiError(429, "rate_limited", f"more than {decision.limit} requests per minute for this key",
                        headers={"Retry-After": retry_after(decision.retry_after_s), **headers})
-    concurrency = max_concurrent or ctx.settings.max_concurrent_requests
-    lease = await limiter.acquire(key_id, concurrency)
     if lease is None:
         raise ApiError(429, "too_many_concurrent_requests",
                        f"more than {concurrency} requests in flight for this key",
