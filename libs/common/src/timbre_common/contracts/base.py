@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
 REGISTRY: dict[tuple[str, int], type[Message]] = {}
+# (type, version) -> a function turning that version's payload into the next version's.
+UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+# The closed vocabularies of the wire: a value outside them is a malformed message, not a new state.
+JobStatus = Literal["pending", "ready", "failed"]
+VoiceKind = Literal["system", "custom"]
+UploadPurposeName = Literal["upload", "voice_clone", "stt_input", "watermark_input", "audio_job_input"]
+JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
+VOICE_KINDS: tuple[str, ...] = get_args(VoiceKind)
+UPLOAD_PURPOSE_NAMES: tuple[str, ...] = get_args(UploadPurposeName)
 
 
 def utcnow() -> datetime:
@@ -93,3 +104,27 @@ class Ping(Command):
 def lookup(type_: str, version: int) -> type[Message] | None:
     """The class registered for a wire type and version."""
     return REGISTRY.get((type_, version))
+
+
+def upcaster(type_: str, from_version: int) -> Callable[[Callable[[dict[str, Any]], dict[str, Any]]],
+                                                        Callable[[dict[str, Any]], dict[str, Any]]]:
+    """Register how a payload of `type_` at `from_version` becomes one of `from_version + 1`.
+
+    A breaking change is a new class with VERSION + 1 and an upcaster from the old one, so a message written
+    before the change (in a queue, an outbox, a retry tier) is still read after it."""
+    def register(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        UPCASTERS[(type_, from_version)] = fn
+        return fn
+    return register
+
+
+def resolve(type_: str, version: int, payload: dict[str, Any]) -> tuple[type[Message], dict[str, Any]] | None:
+    """The class to read a payload with, upcasting it through newer versions while this code has no class for
+    its own; None when neither a class nor an upcaster chain reaches one."""
+    seen = 0
+    while (cls := REGISTRY.get((type_, version))) is None:
+        step = UPCASTERS.get((type_, version))
+        if step is None or seen > 32:
+            return None
+        payload, version, seen = step(dict(payload)), version + 1, seen + 1
+    return cls, payload

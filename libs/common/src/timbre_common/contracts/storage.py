@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from .base import Command, Event, Reply
+from .base import Command, Event, Reply, UploadPurposeName
 
 
 class StoredObject(Reply):
@@ -42,7 +42,7 @@ class PutUpload(Command):
 class UploadRecord(Reply):
     TYPE: ClassVar[str] = "storage.upload"
     upload_id: str
-    purpose: str
+    purpose: UploadPurposeName
     key: str
     size: int
     content_type: str

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from .base import Command, Event, Reply
+from .base import Command, Event, JobStatus, Reply, VoiceKind
 
 
 class VoiceSnapshot(Reply):
@@ -17,7 +17,7 @@ class VoiceSnapshot(Reply):
     voice_id: str
     backend: str
     lang: str
-    kind: str
+    kind: VoiceKind
     reference_key: str | None = None
     ref_text: str | None = None
     system_voice: str | None = None
@@ -55,7 +55,7 @@ class SynthesisAccepted(Reply):
     BINARY: ClassVar[bool] = True
     cache_hit: bool
     job_id: str | None = None
-    status: str = "pending"
+    status: JobStatus = "pending"
     cache_key: str
     synthesis_ms: int = -1
     expires_at: datetime | None = None
@@ -75,7 +75,7 @@ class JobView(Reply):
     TYPE: ClassVar[str] = "dispatch.job"
     job_id: str
     voice_id: str
-    status: str  # pending | ready | failed
+    status: JobStatus
     backend: str
     lang: str
     characters: int
@@ -119,7 +119,7 @@ class JobOwner(Reply):
     account_id: str
     voice_id: str
     backend: str
-    status: str
+    status: JobStatus
     created_at: datetime
     # The attempt now handed out: a remote callback for another one is stale.
     attempt: int | None = None

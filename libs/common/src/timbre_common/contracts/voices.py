@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field
 
-from .base import Command, Event, Reply
+from .base import Command, Event, Reply, VoiceKind
 
 
 class VoiceRecord(Reply):
@@ -17,7 +17,7 @@ class VoiceRecord(Reply):
     name: str
     backend: str
     lang: str
-    kind: str  # "system" | "custom"
+    kind: VoiceKind
     created_at: datetime
     ref_text: str | None = None
     family: str | None = None

@@ -8,7 +8,7 @@ import aio_pika
 from pydantic import ValidationError
 
 from .. import tracing
-from ..contracts import Envelope, Message, lookup
+from ..contracts import Envelope, Message, lookup, resolve
 
 META_HEADER = "x-timbre-meta"
 
@@ -67,17 +67,25 @@ def decode(incoming: aio_pika.abc.AbstractIncomingMessage) -> tuple[Message, Env
     except (TypeError, ValueError) as exc:
         raise UndecodableMessage("bad x-version header") from exc
     cls = lookup(type_ or "", version)
-    if cls is None:
-        raise UndecodableMessage(f"unknown message type {type_!r} v{version}")
     try:
         meta = headers.get(META_HEADER)
-        if cls.BINARY or meta is not None:
+        if cls is None:
+            # An older version of a message this code reads in a newer one: upcast it, or give up on it.
+            raw = meta if meta is not None else bytes(incoming.body)
+            payload = json.loads(raw.decode() if isinstance(raw, bytes) else str(raw))
+            found = resolve(type_ or "", version, payload) if isinstance(payload, dict) else None
+            if found is None:
+                raise UndecodableMessage(f"unknown message type {type_!r} v{version}")
+            cls, payload = found
+            msg = cls.model_validate(payload)
+            body: bytes | None = bytes(incoming.body) if meta is not None else None
+        elif cls.BINARY or meta is not None:
             if isinstance(meta, bytes):
                 meta = meta.decode()
             if not isinstance(meta, str):
                 raise UndecodableMessage(f"{type_} without its {META_HEADER} header")
             msg = cls.model_validate_json(meta)
-            body: bytes | None = bytes(incoming.body)
+            body = bytes(incoming.body)
         else:
             msg = cls.model_validate_json(incoming.body)
             body = None

@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager, nullcontext
 from typing import Any
 
 from .. import tracing
-from ..contracts import Command, Event, lookup, new_id
+from ..contracts import Command, Event, new_id, resolve
 from ..logging import correlation_id_var, get_logger
 
 log = get_logger(__name__)
@@ -170,12 +170,14 @@ class OutboxBus:
         async with self.pool.pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch("SELECT * FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED", self.batch)
             for row in rows:
-                cls = lookup(row["type"], row["version"])
-                if cls is None:  # written by a newer version of this service: leave it for that one
+                payload = row["payload"]
+                payload = json.loads(payload) if isinstance(payload, str) else payload
+                found = resolve(row["type"], row["version"], payload)  # an older version's row is upcast
+                if found is None:  # written by a newer version of this service: leave it for that one
                     log.error("outbox_type_unknown", type=row["type"], version=row["version"])
                     continue
-                payload = row["payload"]
-                event = cls.model_validate(json.loads(payload) if isinstance(payload, str) else payload)
+                cls, payload = found
+                event = cls.model_validate(payload)
                 traced = row.get("traceparent")
                 try:
                     with (tracing.continued("outbox relay", {"traceparent": traced}, kind="internal") if traced
