@@ -34,6 +34,8 @@ class Doubled(Reply):
 
 
 SPEC = QueueSpec("test.consumer", (PingHappened.routing_key(), BlobHappened.routing_key()), max_attempts=2)
+# The same queue bound to pings alone, for the consumers that handle only those.
+PINGS = QueueSpec("test.consumer", (PingHappened.routing_key(),), max_attempts=2)
 
 
 @pytest.fixture
@@ -92,6 +94,11 @@ async def test_event_round_trip_carries_envelope_and_binary_body(bus: Bus):
     assert msg.name == "x" and body == b"RIFF\x00binary"
 
 
+async def test_a_handler_table_that_does_not_match_its_queue_is_refused(bus: Bus):
+    with pytest.raises(ValueError, match="have no handler"):
+        await bus.consume(SPEC, {PingHappened: lambda msg, *, envelope: None})
+
+
 async def test_failing_handler_is_retried_then_dead_lettered(bus: Bus):
     calls: list[int] = []
 
@@ -99,7 +106,7 @@ async def test_failing_handler_is_retried_then_dead_lettered(bus: Bus):
         calls.append(msg.n)
         raise RuntimeError("backend down")
 
-    await bus.consume(SPEC, {PingHappened: flaky})
+    await bus.consume(PINGS, {PingHappened: flaky})
     await bus.publish(PingHappened(n=1))
     dead = await _drain_dlq(bus, timeout=15)
     assert len(calls) == SPEC.max_attempts  # first try + one retry after the 1 s tier
@@ -117,7 +124,7 @@ async def test_transient_failure_recovers_on_retry(bus: Bus):
             raise ConnectionError("blip")
         done.set()
 
-    await bus.consume(SPEC, {PingHappened: once_failing})
+    await bus.consume(PINGS, {PingHappened: once_failing})
     await bus.publish(PingHappened(n=3))
     await asyncio.wait_for(done.wait(), 10)
     assert seen == [3, 3]
@@ -129,7 +136,7 @@ async def test_poison_message_goes_to_dead_letter_queue_at_once(bus: Bus):
     async def on_ping(msg, *, envelope):
         handled.append(msg)
 
-    await bus.consume(SPEC, {PingHappened: on_ping})
+    await bus.consume(PINGS, {PingHappened: on_ping})
     ch = await bus.connection.channel()
     ex = await ch.get_exchange(bus.names.events)
     await ex.publish(aio_pika.Message(b"{not json", type="test.ping_happened", message_id="poison-1"),
@@ -156,7 +163,7 @@ async def test_duplicate_message_id_is_handled_once(bus: Bus, database_url: str,
         if msg.n == 2:
             done.set()
 
-    await bus.consume(SPEC, {PingHappened: on_ping}, deduper=deduper)
+    await bus.consume(PINGS, {PingHappened: on_ping}, deduper=deduper)
     await bus.publish(PingHappened(n=1), message_id="same-id")
     await bus.publish(PingHappened(n=1), message_id="same-id")
     await bus.publish(PingHappened(n=2))
@@ -254,7 +261,7 @@ async def test_a_deduper_outage_does_not_stall_the_consumer(bus: Bus):
         if set(handled) == {0, 1, 2}:
             done.set()
 
-    await bus.consume(replace(SPEC, prefetch=1), {PingHappened: on_ping}, deduper=FlakyDeduper())
+    await bus.consume(replace(PINGS, prefetch=1), {PingHappened: on_ping}, deduper=FlakyDeduper())
     for n in range(3):
         await bus.publish(PingHappened(n=n))
     await asyncio.wait_for(done.wait(), 10)
@@ -275,7 +282,7 @@ async def test_dead_lettered_messages_are_redriven_once_the_cause_is_fixed(bus: 
         handled.append(msg.n)
         done.set()
 
-    await bus.consume(SPEC, {PingHappened: on_ping})
+    await bus.consume(PINGS, {PingHappened: on_ping})
     await bus.publish(PingHappened(n=99), message_id="parked")
     names = bus.names
     deadline = asyncio.get_running_loop().time() + 15
@@ -317,7 +324,7 @@ async def test_a_database_restart_under_the_inbox_does_not_dead_letter_the_messa
         handled.append(msg.n)
         done.set()
 
-    await bus.consume(SPEC, {PingHappened: on_ping}, deduper=deduper)
+    await bus.consume(PINGS, {PingHappened: on_ping}, deduper=deduper)
     await bus.publish(PingHappened(n=9))
     await asyncio.wait_for(done.wait(), 20)
     assert handled == [9] and deduper.refusals >= 2

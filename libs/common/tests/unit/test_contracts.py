@@ -121,3 +121,19 @@ def test_vocabularies_are_the_owners() -> None:
     with pytest.raises(ValueError):
         JobView(job_id="j", voice_id="v", status="cancelled", backend="embedded", lang="en",
                 created_at="2026-01-01T00:00:00Z")
+
+
+def test_a_handler_table_must_match_its_queue() -> None:
+    from timbre_common.contracts.accounts import AccountPurgeRequested
+    from timbre_common.contracts.synthesis import SynthesisRequested
+    from timbre_common.contracts.voices import VoiceDeleted, VoiceProfiled
+    from timbre_common.messaging.topology import QUEUES, handler_table_problems, local_work_queue
+
+    voices = QUEUES["voices.events"]
+    assert handler_table_problems(voices, [VoiceProfiled, AccountPurgeRequested]) == []
+    # A bound message nobody handles, and a handler nothing feeds: both named.
+    assert handler_table_problems(voices, [VoiceProfiled, VoiceDeleted]) == [
+        f"voices.events: messages bound by {AccountPurgeRequested.routing_key()!r} have no handler",
+        "voices.events: the handler of voice.deleted v1 has no binding"]
+    # Work orders are bound per backend, under the message's own key.
+    assert handler_table_problems(local_work_queue("embedded"), [SynthesisRequested]) == []

@@ -15,7 +15,7 @@ from . import instrument
 from .codec import decode, encode, envelope_for
 from .consumer import Consumer, Deduper, Handler
 from .rpc import BROKER_ERRORS, UNAVAILABLE_WAIT_S, BrokerUnavailable, RpcClient, RpcHandler, RpcServer
-from .topology import QUEUES, Names, QueueSpec, ensure_topology
+from .topology import QUEUES, Names, QueueSpec, ensure_topology, handler_table_problems
 
 log = get_logger(__name__)
 
@@ -125,7 +125,9 @@ class Bus:
 
     async def consume(self, spec: QueueSpec, handlers: dict[type[Message], Handler], *,
                       deduper: Deduper | None = None) -> Consumer:
-        """Start consuming `spec`'s queue on a channel of its own."""
+        """Start consuming `spec`'s queue on a channel of its own; the handler table must match its bindings."""
+        if problems := handler_table_problems(spec, handlers):
+            raise ValueError("handler table does not match the topology: " + "; ".join(problems))
         assert self.connection is not None, "Bus.connect() first"
         channel = await self.connection.channel(publisher_confirms=True)
         consumer = Consumer(names=self.names, spec=spec, handlers=handlers, channel=channel, deduper=deduper)

@@ -2,6 +2,7 @@
 declare the whole topology before it publishes and no event is dropped for want of a queue."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -60,6 +61,22 @@ QUEUES: dict[str, QueueSpec] = {
         QueueSpec("gateway.webhook_deliveries", _keys(webhooks.WebhookDeliveryDue), prefetch=64),
     )
 }
+def handler_table_problems(spec: QueueSpec, handled: Iterable[type]) -> list[str]:
+    """A consumer's handler table against its queue's bindings: a bound message nobody handles would go to the
+    dead letters on every delivery, and a handler nothing is bound to would never run. Empty when they match.
+    A binding under a message's key with a suffix (work orders and registrations, by backend) is that message."""
+    keys = [(cls, cls.routing_key()) for cls in handled]  # type: ignore[attr-defined]
+
+    def covers(key: str, binding: str) -> bool:
+        return binding == key or binding.startswith(key + ".")
+
+    problems = [f"{spec.name}: messages bound by {b!r} have no handler"
+                for b in spec.bindings if not any(covers(k, b) for _, k in keys)]
+    problems += [f"{spec.name}: the handler of {cls.TYPE} v{cls.VERSION} has no binding"  # type: ignore[attr-defined]
+                 for cls, k in keys if not any(covers(k, b) for b in spec.bindings)]
+    return problems
+
+
 def voice_profile_routing_key(backend: str) -> str:
     """Registrations are routed by the voice's backend, like work orders."""
     return f"{voices.VoiceRegistered.routing_key()}.{backend}"
