@@ -177,3 +177,14 @@ def test_keys_held_are_bounded() -> None:
     for i in range(3):
         models.remember_key(f"h{i}", _key(key_id=f"key-{i}"), models.key_epoch)
     assert models.api_key("h0", now=101) is None and models.api_key("h2", now=101) is not None
+
+
+def test_an_account_named_in_capitals_is_still_forgotten() -> None:
+    account = "38c50548-0d3a-4a4e-9a53-1c0c6f1b2a7e"
+    models = ReadModels()
+    models.remember_key("h1", _key(account), models.key_epoch)
+    models.forget_account(account.upper())
+    assert models.api_key("h1", now=101) is None
+    models.remember_key("h1", _key(account), models.key_epoch)
+    asyncio.run(models.on_event(AccountPurged(account_id=account.upper(), purge_id="p", service="gateway")))
+    assert models.api_key("h1", now=101) is None

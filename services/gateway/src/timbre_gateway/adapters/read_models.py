@@ -122,6 +122,7 @@ class ReadModels:
 
     def forget_account_keys(self, account_id: str) -> None:
         """At once, in the instance that made the change; by account.keys_changed in the others."""
+        account_id = account_id.lower()  # as the database spells it, whoever sent the event
         self.key_epoch += 1
         for key_hash in self._account_keys.pop(account_id, set()):
             self._keys.pop(key_hash, None)
@@ -217,6 +218,7 @@ class ReadModels:
                 self._drop_job(job_id)
 
     def forget_account(self, account_id: str) -> None:
+        account_id = account_id.lower()
         self.forget_account_keys(account_id)
         for job in [j for j in self._jobs.values() if j.account_id == account_id]:
             self._drop_job(job.job_id)

@@ -680,6 +680,8 @@ async def delete_account(ctx: Ctx, caller: CallerDep) -> Response:
                summary="Purge any account (admin)", responses=error_responses(401, 404))
 async def purge_account(ctx: Ctx, _: AdminDep, account_id: str) -> Response:
     _require_uuid(account_id, "account_not_found", "no such account")
+    # The canonical spelling: every service and read model names the account as the database returns it.
+    account_id = account_id.lower()
     if not await ctx.accounts.account_exists(account_id):
         raise ApiError(404, "account_not_found", "no such account")
     out = await _purge(ctx, account_id)
