@@ -15,43 +15,45 @@ from timbre_common.logging import get_logger
 
 log = get_logger(__name__)
 
-# GCRA: one theoretical-arrival-time per key. `limit` requests may burst, then one every period/limit.
-# Redis' own clock is used so that replicas with skewed clocks agree.
-_GCRA = """
+# The steps every script shares, as Lua functions, so the arithmetic is written once. Redis' own clock (`now`,
+# in ms) is used so that replicas with skewed clocks agree.
+_LIB = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local interval = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - period
-if now < allow_at then
-  return {0, allow_at - now, 0}
+
+-- GCRA: one theoretical-arrival-time per key. `limit` requests may burst, then one every period/limit.
+-- {allowed, wait ms, remaining}
+local function gcra(key, interval, period)
+  local tat = tonumber(redis.call('GET', key) or now)
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - period
+  if now < allow_at then
+    return {0, allow_at - now, 0}
+  end
+  redis.call('SET', key, new_tat, 'PX', math.max(1, new_tat - now))
+  return {1, 0, math.floor((now + period - new_tat) / interval)}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, new_tat - now))
-return {1, 0, math.floor((now + period - new_tat) / interval)}
+
+-- Concurrency: a sorted set of leases scored by expiry, so a crashed replica's leases lapse by themselves.
+-- {taken, held}
+local function acquire(key, limit, ttl, token)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+  local held = redis.call('ZCARD', key)
+  if held >= limit then
+    return {0, held}
+  end
+  redis.call('ZADD', key, now + ttl, token)
+  redis.call('PEXPIRE', key, ttl)
+  return {1, held + 1}
+end
 """
 
-# Concurrency: a sorted set of leases scored by expiry, so a crashed replica's leases lapse by themselves.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local limit = tonumber(ARGV[1])
-local ttl = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local held = redis.call('ZCARD', KEYS[1])
-if held >= limit then
-  return {0, held}
-end
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ttl)
-return {1, held + 1}
-"""
+_GCRA = _LIB + "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
 
-_RENEW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_ACQUIRE = _LIB + "return acquire(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])"
+
+_RENEW = _LIB + """
 local ttl = tonumber(ARGV[1])
 redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ttl)
@@ -59,30 +61,14 @@ return 1
 """
 
 # Both at once, one round trip per request: the rate first (a refused request takes no slot), then a slot.
-_ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local interval = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + interval
-local allow_at = new_tat - period
-if now < allow_at then
-  return {0, allow_at - now, 0, 0, 0}
+# {allowed, wait ms, remaining, taken, held}
+_ADMIT = _LIB + """
+local rate = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if rate[1] == 0 then
+  return {0, rate[2], 0, 0, 0}
 end
-redis.call('SET', KEYS[1], new_tat, 'PX', math.max(1, new_tat - now))
-local remaining = math.floor((now + period - new_tat) / interval)
-local limit = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[4])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local held = redis.call('ZCARD', KEYS[2])
-if held >= limit then
-  return {1, 0, remaining, 0, held}
-end
-redis.call('ZADD', KEYS[2], now + ttl, ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ttl)
-return {1, 0, remaining, 1, held + 1}
+local slot = acquire(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
+return {1, 0, rate[3], slot[1], slot[2]}
 """
 
 _FAILURES = (RedisError, OSError, asyncio.TimeoutError)

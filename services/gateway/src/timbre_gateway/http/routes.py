@@ -6,7 +6,8 @@ import base64
 import binascii
 import hashlib
 import uuid
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -195,14 +196,10 @@ async def list_keys(ctx: Ctx, _: AdminDep, response: Response, account_id: str |
                   422: ["invalid_request"]}))
 async def update_key(ctx: Ctx, _: AdminDep, key_id: str, body: UpdateKeyLimits) -> KeyInfo:
     _require_uuid(key_id, "key_not_found", "no such key")
-    outbox = getattr(ctx, "outbox", None) or ctx.bus
-    async with outbox.transaction():
-        row = await ctx.accounts.update_key_limits(key_id, body.model_dump(include=body.model_fields_set))
-        if row is not None:
-            await outbox.publish(ApiKeysChanged(account_id=str(row["account_id"])))
+    row = await _change_key(ctx, lambda: ctx.accounts.update_key_limits(
+        key_id, body.model_dump(include=body.model_fields_set)))
     if row is None:
         raise ApiError(404, "key_not_found", "no such key")
-    _forget_keys(ctx, str(row["account_id"]))
     log.info("api_key_limits_changed", key_id=key_id, rate_per_minute=row["rate_per_minute"],
              max_concurrent=row["max_concurrent"])
     return _key_info(row)
@@ -212,21 +209,22 @@ async def update_key(ctx: Ctx, _: AdminDep, key_id: str, body: UpdateKeyLimits) 
                responses=error_responses(401, 404, codes={401: ["invalid_admin_secret"], 404: ["key_not_found"]}))
 async def revoke_key(ctx: Ctx, _: AdminDep, key_id: str) -> Response:
     _require_uuid(key_id, "key_not_found", "no such key")
-    outbox = getattr(ctx, "outbox", None) or ctx.bus
-    async with outbox.transaction():
-        row = await ctx.accounts.revoke_key(key_id)
-        if row is not None:
-            await outbox.publish(ApiKeysChanged(account_id=str(row["account_id"])))
-    if row is None:
+    if await _change_key(ctx, lambda: ctx.accounts.revoke_key(key_id)) is None:
         raise ApiError(404, "key_not_found", "no such key")
-    _forget_keys(ctx, str(row["account_id"]))
     return Response(status_code=204)
 
 
-def _forget_keys(ctx, account_id: str) -> None:  # type: ignore[no-untyped-def]
-    """Here at once; the other gateway instances by account.keys_changed."""
-    if (models := getattr(ctx, "read_models", None)) is not None:
-        models.forget_account_keys(account_id)
+async def _change_key(ctx, change: Callable[[], Awaitable[Any]]) -> Any:  # type: ignore[no-untyped-def]
+    """Run a change to one key (its row back, or None) and announce account.keys_changed in its transaction; the
+    keys held here are dropped at once, those of the other gateway instances by the event."""
+    outbox = getattr(ctx, "outbox", None) or ctx.bus
+    async with outbox.transaction():
+        row = await change()
+        if row is not None:
+            await outbox.publish(ApiKeysChanged(account_id=str(row["account_id"])))
+    if row is not None and (models := getattr(ctx, "read_models", None)) is not None:
+        models.forget_account_keys(str(row["account_id"]))
+    return row
 
 
 # Voices ---------------------------------------------------------------------------------------------
